@@ -1,0 +1,173 @@
+"""The model zoo: each variant is built the way it claims, and every variant can learn."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tunestab.config import VARIANTS, TrialConfig
+from tunestab.model import (GPT, MLRAProjection, SigmaReparamLinear, attend, attention_logits,
+                            flex_capped_attention, plain_attention)
+
+TINY = dict(vocab_size=97, n_layer=2, n_head=4, d_model=64, seq_len=32)
+
+
+def tiny(variant="baseline", **kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(TrialConfig(variant=variant, **{**TINY, **kw}))
+
+
+def batch(B=4, T=32, V=97, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, V, (B, T), generator=g)
+
+
+def test_baseline_is_gpt2_pre_ln():
+    m = tiny()
+    block = m.blocks[0]
+    assert isinstance(block.ln_1, nn.LayerNorm) and isinstance(block.ln_2, nn.LayerNorm)
+    assert isinstance(block.attn.q_norm, nn.Identity) and isinstance(block.attn.post_norm, nn.Identity)
+    assert block.mlp.fc1.out_features == 4 * 64
+    assert m.lm_head.weight is m.wte.weight  # tied by default
+    assert tiny(tie_embeddings=False).lm_head.weight is not tiny(tie_embeddings=False).wte.weight
+    # GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2L).
+    big = GPT(TrialConfig(vocab_size=97, n_layer=4, d_model=256, n_head=4, seq_len=32))
+    assert big.blocks[0].mlp.fc1.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert big.blocks[0].mlp.fc2.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
+    assert big.blocks[0].attn.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(8), rel=0.05)
+
+
+def test_qkv_norm_drops_pre_attention_norm_and_normalises_q_k_v():
+    block = tiny("qkv_norm").blocks[0]
+    assert isinstance(block.ln_1, nn.Identity)
+    for ln in (block.attn.q_norm, block.attn.k_norm, block.attn.v_norm):
+        assert isinstance(ln, nn.LayerNorm) and ln.normalized_shape == (16,)
+    assert isinstance(block.ln_2, nn.LayerNorm)  # the MLP keeps its pre-norm
+
+
+@pytest.mark.parametrize("variant", ["qk_norm", "qk_norm_cap", "qk_fc_norm", "qkv_norm"])
+def test_q_and_k_are_normalised_per_head(variant):
+    m = tiny(variant)
+    seen = {}
+    attn = m.blocks[1].attn
+    attn.q_norm.register_forward_hook(lambda mod, i, o: seen.__setitem__("q", o))
+    attn.k_norm.register_forward_hook(lambda mod, i, o: seen.__setitem__("k", o))
+    with torch.no_grad():  # inputs well above LayerNorm's eps, also where there is no pre-norm
+        m.wte.weight.mul_(50)
+    m(batch())
+    for t in (seen["q"], seen["k"]):
+        assert t.shape == (4, 4, 32, 16)  # (B, heads, T, d_head): normalised over d_head
+        assert torch.allclose(t.mean(-1), torch.zeros(()), atol=1e-5)
+        assert torch.allclose(t.var(-1, correction=0), torch.ones(()), atol=5e-3)  # LayerNorm eps
+
+
+def test_qk_fc_norm_normalises_proj_and_fc2_outputs():
+    block = tiny("qk_fc_norm").blocks[0]
+    assert isinstance(block.attn.post_norm, nn.LayerNorm) and isinstance(block.mlp.post_norm, nn.LayerNorm)
+    assert isinstance(block.attn.q_norm, nn.LayerNorm)
+    out = block.mlp(torch.randn(2, 8, 64) * 50)
+    assert torch.allclose(out.var(-1, correction=0), torch.ones(()), atol=1e-3)
+
+
+@pytest.mark.parametrize("variant,cap", [("softcap", 50.0), ("qk_norm_cap", 50.0), ("softcap", 2.0)])
+def test_capped_logits_are_bounded(variant, cap):
+    m = tiny(variant, softcap=cap)
+    assert m.blocks[0].attn.softcap == cap
+    q, k = torch.randn(2, 2, 4, 32, 16).unbind(0)
+    z = attention_logits(q * 100, k * 100, cap)
+    finite = z[torch.isfinite(z)]
+    raw = attention_logits(q * 100, k * 100)
+    assert raw[torch.isfinite(raw)].abs().max() > 10 * cap  # the cap really had work to do
+    assert finite.abs().max() <= cap
+    assert torch.isinf(z.triu(1)[..., 0, 1:]).all()  # causal mask still applied after capping
+
+
+def test_fused_and_plain_attention_agree():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 32, 16).unbind(0)
+    # No cap: SDPA (fused) against the reference that materialises logits.
+    torch.testing.assert_close(attend(q, k, v), plain_attention(q, k, v), atol=1e-5, rtol=1e-4)
+    # With a cap: FlexAttention's score_mod path against the reference. On CPU flex runs unfused,
+    # but it evaluates the same score_mod and block mask the CUDA kernel is generated from.
+    cap = 3.0
+    flex = flex_capped_attention(q * 4, k * 4, v, cap, compiled=False)
+    torch.testing.assert_close(flex, plain_attention(q * 4, k * 4, v, cap), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(flex, plain_attention(q * 4, k * 4, v))  # the cap changed the result
+
+
+def test_mlra_parameter_count_and_head_rank():
+    r, d, H = 3, 64, 4
+    m = tiny("mlra", mlra_rank=r)
+    proj = m.blocks[0].attn.qkv
+    assert isinstance(proj, MLRAProjection)
+    assert sum(p.numel() for p in proj.parameters()) == 3 * r * d * (H + 1) + 3 * d
+    for which in range(3):
+        for head in range(H):
+            W = proj.head_weight(which, head)
+            assert W.shape == (d, d // H)
+            assert torch.linalg.matrix_rank(W) == r  # <= r, and exactly r for random factors
+    # The effective weights are what the layer computes: head 1's q equals x @ A1 B1 + bias.
+    x = torch.randn(2, 5, d)
+    q1 = proj(x)[..., 16:32]
+    torch.testing.assert_close(q1, x @ proj.head_weight(0, 1) + proj.bias[16:32])
+
+
+def test_mlra_default_rank_matches_dense_parameter_count():
+    cfg = TrialConfig(variant="mlra", **TINY).resolved()
+    assert cfg.mlra_rank == 64 // 5
+    assert 3 * cfg.mlra_rank * 64 * 5 <= 3 * 64 * 64 < 3 * (cfg.mlra_rank + 1) * 64 * 5
+
+
+def test_sigma_reparam_effective_weight_has_spectral_norm_gamma():
+    m = tiny("sigma_reparam")
+    layers = [mod for mod in m.modules() if isinstance(mod, SigmaReparamLinear)]
+    assert len(layers) == 4 * 2  # qkv, proj, fc1, fc2 in each block
+    layer = layers[0]
+    with torch.no_grad():
+        layer.gamma.fill_(1.7)
+    x = torch.randn(3, 64)
+    for _ in range(100):  # one power-iteration step per training forward
+        layer(x)
+    sigma = torch.linalg.matrix_norm(layer.effective_weight().detach(), ord=2)
+    assert sigma.item() == pytest.approx(1.7, rel=2e-3)
+    # gamma is learnable and initialised to 1; u, v get no gradient.
+    assert layers[1].gamma.item() == 1.0 and layers[1].gamma.requires_grad
+    assert not layer.u.requires_grad
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_every_variant_halves_its_loss_on_a_fixed_batch(variant):
+    m = tiny(variant)
+    idx = batch()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    _, first = m(idx[:, :-1], idx[:, 1:])
+    for _ in range(50):
+        _, loss = m(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    assert loss.item() <= 0.5 * first.item(), (first.item(), loss.item())
+
+
+def test_z_loss_and_final_softcap():
+    idx = batch()
+    plain_logits, plain = tiny()(idx, idx)
+    _, with_z = tiny(z_loss=1e-2)(idx, idx)
+    lse = torch.logsumexp(plain_logits, -1)
+    assert with_z.item() == pytest.approx(plain.item() + 1e-2 * lse.pow(2).mean().item(), rel=1e-5)
+    m = tiny(final_softcap=0.5)
+    with torch.no_grad():
+        m.wte.weight.mul_(100)
+    logits, _ = m(idx)
+    assert logits.abs().max() <= 0.5
+
+
+def test_variants_compose():
+    m = tiny("mlra", softcap=30.0, sigma_reparam=True)
+    assert isinstance(m.blocks[0].attn.qkv, MLRAProjection)
+    assert isinstance(m.blocks[0].attn.qkv.down, SigmaReparamLinear)
+    assert m.blocks[0].attn.softcap == 30.0
+    _, loss = m(batch(), batch())
+    loss.backward()
+    assert torch.isfinite(loss)

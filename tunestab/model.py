@@ -1,0 +1,303 @@
+"""GPT-2-style pre-LN decoder with composable stability switches.
+
+Every switch is decided once, in `__init__`: a disabled LayerNorm is `nn.Identity()`, a dense QKV
+projection and an MLRA one share an interface, and σReparam is a drop-in `nn.Linear`. So the
+forward pass reads like the plain GPT-2 block, whatever the variant:
+
+    x = x + post_norm(proj(attend(q_norm(q), k_norm(k), v_norm(v))))   with q, k, v = qkv(ln_1(x))
+    x = x + post_norm(fc2(gelu(fc1(ln_2(x)))))
+
+The exact reading of each variant and its paper is in docs/variants.md.
+
+Probes: pass a dict as `stats` and the forward pass records per-layer statistics into it
+(output norms of qkv/proj/fc1/fc2, the largest attention logit, each block's output variance).
+They are computed from tensors the step computes anyway, plus one q.k^T product per layer for the
+logit maximum, so probing never changes which attention kernel the step itself uses.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import TrialConfig
+
+
+# --------------------------------------------------------------------------------------------
+# attention kernels
+
+
+def attention_logits(q: torch.Tensor, k: torch.Tensor, softcap: float = 0.0) -> torch.Tensor:
+    """Scaled (and capped) causal attention logits, masked positions at -inf. Shape (B, H, T, T)."""
+    T = q.size(-2)
+    z = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))
+    if softcap:
+        # Cap before the mask, as Gemma 2 and Rybakov et al. do: masked entries stay -inf.
+        z = softcap * torch.tanh(z / softcap)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    return z.masked_fill(~causal, float("-inf"))
+
+
+def plain_attention(q, k, v, softcap: float = 0.0) -> torch.Tensor:
+    """Reference attention that materialises the logits (used on CPU when a cap is set)."""
+    z = attention_logits(q, k, softcap)
+    return torch.softmax(z.float(), dim=-1).to(v.dtype) @ v
+
+
+@functools.lru_cache(maxsize=8)
+def _causal_block_mask(T: int, device: str):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, T, T, device=device)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex():
+    # FlexAttention is only fast compiled; inside an already compiled model this is inlined.
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_capped_attention(q, k, v, softcap: float, compiled: bool = True) -> torch.Tensor:
+    """Fused causal attention with c*tanh(z/c) applied to the scaled logits via FlexAttention."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    def cap(score, b, h, q_idx, kv_idx):
+        return softcap * torch.tanh(score / softcap)
+
+    fn = _compiled_flex() if compiled else flex_attention
+    return fn(q, k, v, score_mod=cap, block_mask=_causal_block_mask(q.size(-2), str(q.device)))
+
+
+def attend(q, k, v, softcap: float = 0.0) -> torch.Tensor:
+    """Causal attention on (B, H, T, d_head) tensors with the fastest kernel the variant allows."""
+    if not softcap:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if q.is_cuda:
+        return flex_capped_attention(q, k, v, softcap)
+    return plain_attention(q, k, v, softcap)
+
+
+# --------------------------------------------------------------------------------------------
+# layers
+
+
+class SigmaReparamLinear(nn.Linear):
+    """σReparam (Zhai et al. 2023): W_hat = (gamma / sigma(W)) * W, gamma a learnable scalar (init 1).
+
+    sigma(W) is the spectral norm, estimated by power iteration on persistent vectors u, v: one
+    iteration per training forward, 15 after (re-)initialisation, no gradient through u and v
+    (the gradient flows through W in sigma = u^T W v).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias)
+        self.gamma = nn.Parameter(torch.ones(()))
+        self.register_buffer("u", torch.zeros(out_features))
+        self.register_buffer("v", torch.zeros(in_features))
+        self.reset_power_iteration()
+
+    @torch.no_grad()
+    def power_iteration(self, steps: int = 1) -> None:
+        for _ in range(steps):
+            self.v.copy_(F.normalize(self.weight.t() @ self.u, dim=0))
+            self.u.copy_(F.normalize(self.weight @ self.v, dim=0))
+
+    @torch.no_grad()
+    def reset_power_iteration(self, steps: int = 15) -> None:
+        self.u.copy_(F.normalize(torch.randn_like(self.u), dim=0))
+        self.power_iteration(steps)
+
+    def effective_weight(self) -> torch.Tensor:
+        sigma = torch.dot(self.u, self.weight @ self.v)
+        return self.weight * (self.gamma / sigma)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.power_iteration(1)
+        return F.linear(x, self.effective_weight(), self.bias)
+
+
+def linear(in_features: int, out_features: int, bias: bool, sigma_reparam: bool) -> nn.Linear:
+    cls = SigmaReparamLinear if sigma_reparam else nn.Linear
+    return cls(in_features, out_features, bias=bias)
+
+
+def norm(on: bool, dim: int, bias: bool) -> nn.Module:
+    return nn.LayerNorm(dim, bias=bias) if on else nn.Identity()
+
+
+class MLRAProjection(nn.Module):
+    """Multi-head Low-Rank Attention projection, our reading of Chung et al. 2024.
+
+    For each head h and each of q, k, v: W^h = A^h B^h with A^h in R^{d x r}, B^h in R^{r x d_head}.
+    All A^h are one (d -> 3*H*r) linear layer, all B^h one (3H, r, d_head) tensor. Output layout
+    matches the dense projection ([q | k | v], heads contiguous), so the attention code is shared.
+    Weights: 3*r*d*(H+1) (+ 3d bias) against 3*d^2 for dense QKV.
+    """
+
+    def __init__(self, d_model: int, n_head: int, rank: int, bias: bool, sigma_reparam: bool):
+        super().__init__()
+        self.n_head, self.rank, self.d_head = n_head, rank, d_model // n_head
+        self.down = linear(d_model, 3 * n_head * rank, bias=False, sigma_reparam=sigma_reparam)
+        self.up = nn.Parameter(torch.empty(3 * n_head, rank, self.d_head))
+        self.bias = nn.Parameter(torch.zeros(3 * d_model)) if bias else None
+
+    def head_weight(self, which: int, head: int) -> torch.Tensor:
+        """Effective d x d_head weight of one head; which: 0 = q, 1 = k, 2 = v."""
+        g = which * self.n_head + head
+        A = self.down.weight[g * self.rank:(g + 1) * self.rank].t()
+        return A @ self.up[g]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        a = self.down(x).view(B, T, 3 * self.n_head, self.rank)
+        y = torch.einsum("btgr,grd->btgd", a, self.up).reshape(B, T, -1)
+        return y + self.bias if self.bias is not None else y
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TrialConfig, index: int):
+        super().__init__()
+        d, self.n_head, self.softcap, self.index = cfg.d_model, cfg.n_head, cfg.softcap, index
+        if cfg.mlra_rank:
+            self.qkv = MLRAProjection(d, cfg.n_head, cfg.mlra_rank, cfg.bias, cfg.sigma_reparam)
+        else:
+            self.qkv = linear(d, 3 * d, cfg.bias, cfg.sigma_reparam)
+        # qk_norm and qkv_norm both normalise q and k per head (affine shared across heads).
+        self.q_norm = norm(cfg.qk_norm or cfg.qkv_norm, cfg.d_head, cfg.bias)
+        self.k_norm = norm(cfg.qk_norm or cfg.qkv_norm, cfg.d_head, cfg.bias)
+        self.v_norm = norm(cfg.qkv_norm, cfg.d_head, cfg.bias)
+        self.proj = linear(d, d, cfg.bias, cfg.sigma_reparam)
+        self.post_norm = norm(cfg.post_norm, d, cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
+        B, T, C = x.shape
+        qkv = self.qkv(x)
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in qkv.split(C, dim=2))
+        q, k, v = self.q_norm(q), self.k_norm(k), self.v_norm(v)
+        if self.dropout and self.training:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout) \
+                if not self.softcap else F.dropout(plain_attention(q, k, v, self.softcap), self.dropout)
+        else:
+            y = attend(q, k, v, self.softcap)
+        y = self.proj(y.transpose(1, 2).reshape(B, T, C))
+        if stats is not None:
+            with torch.no_grad():
+                # The uncapped logit: its growth is the instability signal (Wortsman et al.).
+                z = (q @ k.transpose(-2, -1)).tril() * (1.0 / math.sqrt(q.size(-1)))  # masked -> 0
+                stats[f"layer_{self.index}/attn_logit_max"] = z.abs().amax().float()  # NaN stays NaN
+            record_norm(stats, self.index, "qkv", qkv)
+            record_norm(stats, self.index, "proj", y)
+        return F.dropout(self.post_norm(y), self.dropout, self.training)
+
+
+def record_norm(stats: dict, index: int, name: str, y: torch.Tensor) -> None:
+    """Mean over tokens of the L2 norm of a layer's output vector (independent of batch size)."""
+    stats[f"layer_{index}/out_norm_{name}"] = y.detach().float().norm(dim=-1).mean()
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TrialConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.fc1 = linear(cfg.d_model, 4 * cfg.d_model, cfg.bias, cfg.sigma_reparam)
+        self.fc2 = linear(4 * cfg.d_model, cfg.d_model, cfg.bias, cfg.sigma_reparam)
+        self.post_norm = norm(cfg.post_norm, cfg.d_model, cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
+        h = self.fc1(x)
+        y = self.fc2(F.gelu(h, approximate="tanh"))
+        if stats is not None:
+            record_norm(stats, self.index, "fc1", h)
+            record_norm(stats, self.index, "fc2", y)
+        return F.dropout(self.post_norm(y), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TrialConfig, index: int):
+        super().__init__()
+        self.index = index
+        # qkv_norm moves the attention input normalisation after the projection.
+        self.ln_1 = norm(not cfg.qkv_norm, cfg.d_model, cfg.bias)
+        self.attn = Attention(cfg, index)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.mlp = MLP(cfg, index)
+
+    def forward(self, x: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), stats)
+        x = x + self.mlp(self.ln_2(x), stats)
+        if stats is not None:
+            stats[f"layer_{self.index}/block_out_var"] = x.detach().float().var()
+        return x
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: TrialConfig):
+        super().__init__()
+        cfg = cfg.resolved()
+        if cfg.vocab_size < 1:
+            raise ValueError("vocab_size must be set (>= 1) before building the model")
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init_weights)
+        # GPT-2: residual-branch output projections scaled by 1/sqrt(2 * n_layer).
+        for block in self.blocks:
+            for layer in (block.attn.proj, block.mlp.fc2):
+                nn.init.normal_(layer.weight, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        for m in self.modules():
+            if isinstance(m, SigmaReparamLinear):
+                m.reset_power_iteration()
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, MLRAProjection):
+            nn.init.normal_(m.up, std=0.02)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, stats: dict | None = None):
+        """Logits (B, T, V) and, with targets, the mean cross-entropy (+ z-loss) in fp32."""
+        T = idx.size(1)
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        x = F.dropout(x, self.cfg.dropout, self.training)
+        for block in self.blocks:
+            x = block(x, stats)
+        logits = self.lm_head(self.ln_f(x)).float()
+        if self.cfg.final_softcap:
+            logits = self.cfg.final_softcap * torch.tanh(logits / self.cfg.final_softcap)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+        if self.cfg.z_loss:
+            loss = loss + self.cfg.z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean()
+        return logits, loss
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay matrices and embeddings; not biases, LayerNorm gains or σReparam gamma."""
+        decay, no_decay = [], []
+        for p in self.parameters():
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,441 @@
+"""The per-worker pre-training loop, and `python -m tunestab.train` to run one trial.
+
+    python -m tunestab.train                                   # baseline, CPU, offline data, no Ray
+    python -m tunestab.train --variant qk_norm_cap --set lr=3e-2 --set n_layer=8
+    python -m tunestab.train --workers 2                       # the same loop in a Ray TorchTrainer
+
+`train_loop_per_worker` is what Ray Train runs on every worker of a trial. Without Ray the same
+`run()` runs in-process with a `LocalSession`, printing each report as one JSON line.
+
+One step: next batch -> forward (+ probes on report steps) -> backward -> clip -> AdamW.
+Every `report_every` steps, and on checkpoint steps and the last step, the worker reduces its
+metrics across ranks (mean loss, max of norms) and reports them. Divergence ends the trial
+cleanly, with a finite last report: see `Divergence` below and DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import data as data_mod
+from .config import ConfigError, TrialConfig, config_from
+from .model import GPT
+from .probes import global_grad_norm, model_probes
+
+CHECKPOINT_FILE = "checkpoint.pt"
+# Metrics that hold a finite stand-in when the real value is NaN/inf (DESIGN.md: never NaN).
+FINITE_CAP = 1e30
+# Ray Train V2 blocks each report for up to this many seconds (default 2 s): 0.1 s keeps the
+# report overhead small on short trials (docs/overhead.md has the measurements).
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+
+# Peak dense bf16 FLOP/s per accelerator, matched against torch.cuda.get_device_name().
+# The H100 value is the SXM part; PCIe H100s are slower, so their MFU reads low, never above 100%.
+PEAK_BF16_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10G": 70e12,
+    "RTX 4090": 165e12,
+}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def lr_at(step: int, cfg: TrialConfig) -> float:
+    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to lr*min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def finite(x: float) -> float:
+    return x if math.isfinite(x) else FINITE_CAP
+
+
+# --------------------------------------------------------------------------------------------
+# where reports and checkpoints go
+
+
+class LocalSession:
+    """One process, no Ray: reports become JSON lines; checkpoints are copied to checkpoint_dir."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, checkpoint_dir: str | None = None, resume_from: str | None = None, out=None):
+        self.checkpoint_dir, self.resume_from = checkpoint_dir, resume_from
+        self.out = out or sys.stdout
+        self.reports: list[dict] = []
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        self.reports.append(metrics)
+        print(json.dumps(metrics), file=self.out, flush=True)
+        if checkpoint_dir and self.checkpoint_dir:
+            target = Path(self.checkpoint_dir) / f"step_{metrics['step']:06d}"
+            shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
+
+    def checkpoint_to_resume(self) -> str | None:
+        return self.resume_from
+
+
+class RaySession:
+    """Inside a Ray Train worker: ray.train.report, ray.train.get_checkpoint."""
+
+    def __init__(self):
+        import ray.train
+
+        self._train = ray.train
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self._resume_dir = None
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            # Local copy, so that loading does not depend on the storage backend.
+            self._resume_dir = tempfile.mkdtemp(prefix="tunestab-resume-")
+            checkpoint.to_directory(self._resume_dir)
+
+    def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
+        from ray.train import Checkpoint
+
+        ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        self._train.report(metrics, checkpoint=ckpt)
+
+    def checkpoint_to_resume(self) -> str | None:
+        return self._resume_dir
+
+
+# --------------------------------------------------------------------------------------------
+# divergence
+
+
+class Divergence:
+    """The loss-based divergence rule of DESIGN.md, evaluated on reported (all-reduced) values.
+
+    - `nonfinite`: the loss or the gradient norm became NaN/inf (the trial ends);
+    - `blowup`: after warm-up, the mean of the last `blowup_window` reported training losses is
+      above the initial loss l0 + blowup_margin: worse than untrained (the trial ends);
+    - `no_progress`: the final validation loss is not below l0 (Wortsman et al.'s clip; marked at
+      the end, the trial has already used its budget).
+    l0 is the validation loss at initialisation, measured before the first step.
+    """
+
+    def __init__(self, cfg: TrialConfig, loss0: float, recent: list[float] | None = None):
+        self.cfg, self.loss0 = cfg, loss0
+        self.recent = list(recent or [])
+
+    def after_report(self, step: int, loss: float, nonfinite: bool) -> str | None:
+        if nonfinite:
+            return "nonfinite"
+        self.recent = (self.recent + [loss])[-self.cfg.blowup_window:]
+        smoothed = sum(self.recent) / len(self.recent)
+        if step >= self.cfg.warmup_steps and len(self.recent) == self.cfg.blowup_window \
+                and smoothed > self.loss0 + self.cfg.blowup_margin:
+            return "blowup"
+        return None
+
+    def at_end(self, val_loss: float) -> str | None:
+        return "no_progress" if not val_loss < self.loss0 else None
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+
+
+def resolve_device(cfg: TrialConfig, session) -> torch.device:
+    if isinstance(session, RaySession):
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def all_reduce(values: dict[str, torch.Tensor], op, world_size: int) -> dict[str, float]:
+    """One collective for a dict of 0-d tensors; SUM is turned into a mean."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    packed = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+    if world_size > 1:
+        dist.all_reduce(packed, op=op)
+        if op == dist.ReduceOp.SUM:
+            packed /= world_size
+    return dict(zip(keys, packed.tolist()))
+
+
+@torch.no_grad()
+def evaluate(model: GPT, batches, device, autocast) -> torch.Tensor:
+    model.eval()
+    total = torch.zeros((), device=device)
+    for x, y in batches:
+        with autocast():
+            total += model(x.to(device), y.to(device))[1].float()
+    model.train()
+    return total / len(batches)
+
+
+def save_checkpoint(path: Path, model: GPT, optimizer, step: int, batches, divergence: Divergence,
+                    cfg: TrialConfig) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "data": batches.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "loss0": divergence.loss0,
+        "recent_losses": divergence.recent,
+        "config": cfg.to_dict(),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint.pt
+
+
+def run(cfg: TrialConfig, session) -> dict:
+    """Train one trial on this worker. Returns the last report (rank 0's view)."""
+    rank, world = session.rank, session.world_size
+    device = resolve_device(cfg, session)
+    cuda = device.type == "cuda"
+    enc = data_mod.get_tokenizer(cfg.tokenizer)
+    cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or enc.n_vocab).resolved()
+    cache = cfg.data_cache or os.path.join(os.path.expanduser("~"), ".cache", "tunestab")
+    train_tokens, val_tokens = data_mod.load_splits(cfg.data, cfg.tokenizer, cache, cfg.val_fraction,
+                                                    cfg.max_tokens or None)
+    batches = data_mod.Batches(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
+    val = data_mod.eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches, rank, world)
+
+    torch.manual_seed(cfg.seed)  # same init on every rank, and the same as a 1-worker run
+    model = GPT(cfg).to(device)
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=cuda)
+    use_bf16 = cuda and cfg.bf16
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
+
+    start, divergence = 0, None
+    resume_dir = session.checkpoint_to_resume()
+    if resume_dir:
+        state = torch.load(Path(resume_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        batches.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng_cpu"])
+        if cuda and state["rng_cuda"]:
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        start = state["step"]
+        divergence = Divergence(cfg, state["loss0"], state["recent_losses"])
+
+    step_model = model
+    if cuda and cfg.compile:
+        step_model = torch.compile(model)
+    if world > 1:
+        import ray.train.torch
+
+        step_model = ray.train.torch.prepare_model(step_model, move_to_device=False)
+    if divergence is None:
+        loss0 = all_reduce({"l": evaluate(model, val, device, autocast)}, dist.ReduceOp.SUM, world)["l"]
+        divergence = Divergence(cfg, loss0)
+
+    params = [p for p in model.parameters()]
+    peak = peak_flops(device)
+    # Training FLOPs per token: 6N for the matmuls with weights, plus attention (PaLM appendix B).
+    flops_per_token = 6 * (model.num_params() - model.wpe.weight.numel()) \
+        + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    loss_sum = torch.zeros((), device=device)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    window_steps, window_time, last = 0, 0.0, None
+    tick = time.perf_counter()
+
+    for step in range(start, cfg.steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        is_last = step + 1 == cfg.steps
+        is_ckpt = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
+        is_report = (step + 1) % cfg.report_every == 0 or is_last or is_ckpt
+        stats = {} if is_report else None
+
+        x, y = batches.next()
+        with autocast():
+            _, loss = step_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True), stats)
+        loss.backward()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # Accumulated without a host sync: checked once per report, so a GPU never waits per step.
+        loss_sum += loss.detach()
+        bad |= ~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)
+        probes = model_probes(model, stats, cfg.probe_grad_var) if is_report else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        window_steps += 1
+        if not is_report:
+            continue
+
+        # ---- report step: everything below is per report, not per step ----
+        if cuda:
+            torch.cuda.synchronize()
+        window_time += time.perf_counter() - tick
+        mean = all_reduce({"loss": loss_sum / window_steps, "bad": bad.float()}, dist.ReduceOp.SUM, world)
+        maxed = all_reduce({**probes, "grad_norm": grad_norm}, dist.ReduceOp.MAX, world)
+        nonfinite = mean["bad"] > 0 or not math.isfinite(mean["loss"])
+        reason = divergence.after_report(step + 1, mean["loss"], nonfinite)
+        val_loss = None
+        if reason is None and ((step + 1) % cfg.eval_every == 0 or is_last):
+            val_loss = all_reduce({"v": evaluate(model, val, device, autocast)}, dist.ReduceOp.SUM, world)["v"]
+            if not math.isfinite(val_loss):
+                reason = "nonfinite"
+            elif is_last:
+                reason = divergence.at_end(val_loss)
+
+        tokens_per_s = window_steps * tokens_per_step / max(window_time, 1e-9)
+        metrics = {k: finite(v) for k, v in maxed.items()}
+        metrics.update(
+            loss=mean["loss"] if math.isfinite(mean["loss"]) else divergence.loss0,
+            loss_init=divergence.loss0,
+            step=step + 1,
+            tokens=(step + 1) * tokens_per_step,
+            lr=lr_at(step, cfg),
+            tokens_per_s=tokens_per_s,
+            diverged=int(reason is not None),
+            stop_reason=reason or ("completed" if is_last else "running"),
+        )
+        if val_loss is not None:
+            metrics["val_loss"] = finite(val_loss) if reason != "nonfinite" else divergence.loss0
+        elif reason is not None:
+            # A diverged trial's validation loss is l0 (Wortsman et al.'s clip), never NaN.
+            metrics["val_loss"] = divergence.loss0
+        if peak:
+            metrics["mfu"] = flops_per_token * tokens_per_s / world / peak
+        ends = reason in ("nonfinite", "blowup") or is_last
+
+        with tempfile.TemporaryDirectory(prefix="tunestab-ckpt-") as tmp:
+            ckpt_dir = None
+            if is_ckpt and rank == 0 and not ends:
+                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, model, optimizer, step + 1, batches, divergence, cfg)
+                ckpt_dir = tmp
+            session.report(metrics, ckpt_dir)
+        last = metrics
+        if ends:
+            break
+        loss_sum.zero_()
+        window_steps, window_time = 0, 0.0
+        tick = time.perf_counter()
+    return last
+
+
+# --------------------------------------------------------------------------------------------
+# Ray Train
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point of every Ray Train worker: config = {"trial": TrialConfig fields}."""
+    run(TrialConfig(**config["trial"]), RaySession())
+
+
+def run_with_ray(cfg: TrialConfig, workers: int, use_gpu: bool, storage: str | None, name: str | None):
+    """One trial through TorchTrainer on `workers` workers (Ray started locally if needed)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": RAY_TRAIN_ENV}, include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"trial": cfg.to_dict()},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(storage_path=storage, name=name),
+    )
+    return trainer.fit()
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    out, bad = {}, []
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            bad.append(f"--set {pair!r}: expected key=value")
+        out[key.strip()] = value.strip()
+    if bad:
+        raise ConfigError(bad, "command line")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tunestab.train", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", default=None, help="baseline, qk_norm, softcap, qk_norm_cap, qk_fc_norm, "
+                                                    "qkv_norm, mlra or sigma_reparam (default baseline)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="any TrialConfig field, e.g. --set lr=3e-2 --set n_layer=8 (repeatable)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="run through Ray TorchTrainer on N workers (0: in this process, no Ray)")
+    ap.add_argument("--gpu", action="store_true", help="with --workers: one GPU per worker")
+    ap.add_argument("--checkpoint-dir", help="without Ray: copy each checkpoint here (step_NNNNNN/)")
+    ap.add_argument("--resume-from", help="without Ray: a step_NNNNNN checkpoint directory to resume from")
+    ap.add_argument("--storage", help="with --workers: Ray Train storage path (default ~/ray_results)")
+    args = ap.parse_args(argv)
+
+    try:
+        values = parse_overrides(args.overrides)
+        if args.variant:
+            values["variant"] = args.variant
+        cfg = config_from(values, "trial config")
+        if args.workers < 0:
+            raise ConfigError([f"--workers: must be >= 0, got {args.workers}"], "command line")
+        if args.resume_from and not (Path(args.resume_from) / CHECKPOINT_FILE).is_file():
+            raise ConfigError([f"--resume-from: no {CHECKPOINT_FILE} in {args.resume_from}"], "command line")
+        # Fail on data and tokenizer problems here, before any training or Ray start-up.
+        data_mod.get_tokenizer(cfg.tokenizer)
+    except (ConfigError, data_mod.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    if args.workers:
+        result = run_with_ray(cfg, args.workers, args.gpu, args.storage, None)
+        if result.error:
+            print(f"error: trial failed: {result.error}", file=sys.stderr)
+            return 1
+        print(json.dumps(result.metrics), flush=True)
+        return 0
+    try:
+        run(cfg, LocalSession(args.checkpoint_dir, args.resume_from))
+    except data_mod.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
