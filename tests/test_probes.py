@@ -5,7 +5,7 @@ import torch
 
 from tunestab.config import TrialConfig
 from tunestab.model import GPT
-from tunestab.probes import LAYER_METRICS, global_grad_norm, grad_variance, layer_metrics, model_probes, tev
+from tunestab.probes import LAYER_METRICS, grad_variance, layer_metrics, model_probes, tev
 
 
 def test_tev_matches_the_definition_computed_independently():
@@ -76,13 +76,8 @@ def test_probing_does_not_change_the_step():
     assert torch.equal(logits_plain, logits_probed)
 
 
-def test_gradient_probes():
+def test_embedding_gradient_variance():
     m, _, _ = _probed_step()
-    params = list(m.parameters())
-    expected = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params))
-    assert global_grad_norm(params).item() == pytest.approx(expected.item(), rel=1e-5)
-    assert global_grad_norm(params).item() == pytest.approx(
-        torch.nn.utils.clip_grad_norm_(params, float("inf")).item(), rel=1e-5)
     g = m.wte.weight.grad
     assert grad_variance(m.wte.weight).item() == pytest.approx(((g - g.mean()) ** 2).mean().item(), rel=1e-4)
 

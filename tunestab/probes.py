@@ -33,13 +33,6 @@ def grad_variance(param: torch.nn.Parameter) -> torch.Tensor:
     return param.grad.detach().float().var(correction=0)
 
 
-@torch.no_grad()
-def global_grad_norm(parameters) -> torch.Tensor:
-    """L2 norm of all gradients together (what clipping uses)."""
-    grads = [p.grad.detach() for p in parameters if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-
-
 def layer_metrics(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-layer stats plus, for each metric, its maximum over layers under the bare name."""
     out = dict(stats)

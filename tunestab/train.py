@@ -32,7 +32,7 @@ import torch.distributed as dist
 from . import data as data_mod
 from .config import ConfigError, TrialConfig, config_from
 from .model import GPT
-from .probes import global_grad_norm, model_probes
+from .probes import model_probes
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Metrics that hold a finite stand-in when the real value is NaN/inf (DESIGN.md: never NaN).
@@ -103,10 +103,10 @@ class LocalSession:
 class RaySession:
     """Inside a Ray Train worker: ray.train.report, ray.train.get_checkpoint."""
 
-    def __init__(self):
+    def __init__(self, echo: bool = False):
         import ray.train
 
-        self._train = ray.train
+        self._train, self.echo = ray.train, echo
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self._resume_dir = None
@@ -119,6 +119,8 @@ class RaySession:
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         from ray.train import Checkpoint
 
+        if self.echo and self.rank == 0:
+            print(json.dumps(metrics), flush=True)
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         self._train.report(metrics, checkpoint=ckpt)
 
@@ -148,10 +150,11 @@ class Divergence:
     def after_report(self, step: int, loss: float, nonfinite: bool) -> str | None:
         if nonfinite:
             return "nonfinite"
+        if step <= self.cfg.warmup_steps:
+            return None  # early spikes while the LR ramps up are not a verdict
         self.recent = (self.recent + [loss])[-self.cfg.blowup_window:]
         smoothed = sum(self.recent) / len(self.recent)
-        if step >= self.cfg.warmup_steps and len(self.recent) == self.cfg.blowup_window \
-                and smoothed > self.loss0 + self.cfg.blowup_margin:
+        if len(self.recent) == self.cfg.blowup_window and smoothed > self.loss0 + self.cfg.blowup_margin:
             return "blowup"
         return None
 
@@ -215,6 +218,28 @@ def save_checkpoint(path: Path, model: GPT, optimizer, step: int, batches, diver
     os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint.pt
 
 
+def train_step(model: GPT, step_model, optimizer, x, y, cfg: TrialConfig, autocast, probe: bool):
+    """One optimizer step. Returns (loss, grad_norm, probes or None) as device tensors, no sync.
+
+    `step_model` is what runs the step (compiled and/or DDP-wrapped); `model` the plain module
+    the probes read. With `probe`, the forward pass also records the per-layer statistics.
+    """
+    stats = {} if probe else None
+    with autocast():
+        _, loss = step_model(x, y, stats)
+    loss.backward()
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    probes = model_probes(model, stats, cfg.probe_grad_var) if probe else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm, probes
+
+
+def cache_dir(cfg: TrialConfig) -> str:
+    return cfg.data_cache or os.path.join(os.path.expanduser("~"), ".cache", "tunestab")
+
+
 def run(cfg: TrialConfig, session) -> dict:
     """Train one trial on this worker. Returns the last report (rank 0's view)."""
     rank, world = session.rank, session.world_size
@@ -222,8 +247,7 @@ def run(cfg: TrialConfig, session) -> dict:
     cuda = device.type == "cuda"
     enc = data_mod.get_tokenizer(cfg.tokenizer)
     cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or enc.n_vocab).resolved()
-    cache = cfg.data_cache or os.path.join(os.path.expanduser("~"), ".cache", "tunestab")
-    train_tokens, val_tokens = data_mod.load_splits(cfg.data, cfg.tokenizer, cache, cfg.val_fraction,
+    train_tokens, val_tokens = data_mod.load_splits(cfg.data, cfg.tokenizer, cache_dir(cfg), cfg.val_fraction,
                                                     cfg.max_tokens or None)
     batches = data_mod.Batches(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
     val = data_mod.eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches, rank, world)
@@ -261,7 +285,6 @@ def run(cfg: TrialConfig, session) -> dict:
         loss0 = all_reduce({"l": evaluate(model, val, device, autocast)}, dist.ReduceOp.SUM, world)["l"]
         divergence = Divergence(cfg, loss0)
 
-    params = [p for p in model.parameters()]
     peak = peak_flops(device)
     # Training FLOPs per token: 6N for the matmuls with weights, plus attention (PaLM appendix B).
     flops_per_token = 6 * (model.num_params() - model.wpe.weight.numel()) \
@@ -278,20 +301,12 @@ def run(cfg: TrialConfig, session) -> dict:
         is_last = step + 1 == cfg.steps
         is_ckpt = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
         is_report = (step + 1) % cfg.report_every == 0 or is_last or is_ckpt
-        stats = {} if is_report else None
-
         x, y = batches.next()
-        with autocast():
-            _, loss = step_model(x.to(device, non_blocking=True), y.to(device, non_blocking=True), stats)
-        loss.backward()
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        loss, grad_norm, probes = train_step(model, step_model, optimizer, x.to(device, non_blocking=True),
+                                             y.to(device, non_blocking=True), cfg, autocast, is_report)
         # Accumulated without a host sync: checked once per report, so a GPU never waits per step.
-        loss_sum += loss.detach()
-        bad |= ~torch.isfinite(loss.detach()) | ~torch.isfinite(grad_norm)
-        probes = model_probes(model, stats, cfg.probe_grad_var) if is_report else None
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loss_sum += loss
+        bad |= ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
         window_steps += 1
         if not is_report:
             continue
@@ -353,8 +368,8 @@ def run(cfg: TrialConfig, session) -> dict:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Entry point of every Ray Train worker: config = {"trial": TrialConfig fields}."""
-    run(TrialConfig(**config["trial"]), RaySession())
+    """Entry point of every Ray Train worker: config = {"trial": TrialConfig fields, "echo": bool}."""
+    run(TrialConfig(**config["trial"]), RaySession(echo=config.get("echo", False)))
 
 
 def run_with_ray(cfg: TrialConfig, workers: int, use_gpu: bool, storage: str | None, name: str | None):
@@ -368,7 +383,7 @@ def run_with_ray(cfg: TrialConfig, workers: int, use_gpu: bool, storage: str | N
                  log_to_driver=True, configure_logging=False)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"trial": cfg.to_dict()},
+        train_loop_config={"trial": cfg.to_dict(), "echo": True},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(storage_path=storage, name=name),
@@ -416,8 +431,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError([f"--workers: must be >= 0, got {args.workers}"], "command line")
         if args.resume_from and not (Path(args.resume_from) / CHECKPOINT_FILE).is_file():
             raise ConfigError([f"--resume-from: no {CHECKPOINT_FILE} in {args.resume_from}"], "command line")
-        # Fail on data and tokenizer problems here, before any training or Ray start-up.
-        data_mod.get_tokenizer(cfg.tokenizer)
+        # Fail on data and tokenizer problems here, before any training or Ray start-up; the
+        # tokenised result is cached, so workers load it instead of tokenising again.
+        data_mod.load_splits(cfg.data, cfg.tokenizer, cache_dir(cfg), cfg.val_fraction, cfg.max_tokens or None)
     except (ConfigError, data_mod.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -427,13 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         if result.error:
             print(f"error: trial failed: {result.error}", file=sys.stderr)
             return 1
-        print(json.dumps(result.metrics), flush=True)
         return 0
-    try:
-        run(cfg, LocalSession(args.checkpoint_dir, args.resume_from))
-    except data_mod.DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run(cfg, LocalSession(args.checkpoint_dir, args.resume_from))
     return 0
 
 
