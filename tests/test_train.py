@@ -159,3 +159,37 @@ def test_two_ray_workers_follow_the_one_worker_loss_curve(tmp_path):
     assert list(two.index) == [10, 20, 30]
     for r in one.reports[:3]:
         assert two[r["step"]] == pytest.approx(r["loss"], rel=2e-3), r["step"]
+
+
+@pytest.mark.slow
+def test_a_restarted_ray_trial_resumes_from_its_last_checkpoint(tmp_path):
+    import ray
+
+    def crash_once_loop(config):
+        import os
+
+        from tunestab import train as t
+        from tunestab.config import TrialConfig as C
+
+        class CrashAfterStep20(t.RaySession):
+            def report(self, metrics, checkpoint_dir):
+                super().report(metrics, checkpoint_dir)
+                if metrics["step"] == 20 and not os.path.exists(config["marker"]):
+                    open(config["marker"], "w").close()
+                    raise RuntimeError("injected worker failure")
+
+        t.run(C(**config["trial"]), CrashAfterStep20())
+
+    cfg = tiny(checkpoint_every=10, data_cache=str(tmp_path / "cache"))
+    uninterrupted = LocalSession(out=io.StringIO())
+    run(cfg, uninterrupted)
+    marker = tmp_path / "crashed"
+    try:
+        result = train.run_with_ray(cfg, workers=1, use_gpu=False, storage=str(tmp_path / "ray"), name="restart",
+                                    max_failures=1, loop=crash_once_loop, extra={"marker": str(marker)})
+    finally:
+        ray.shutdown()
+    assert marker.exists() and result.error is None  # it crashed once, and recovered
+    reports = result.metrics_dataframe.set_index("step")["loss"]
+    assert list(reports.index) == [10, 20, 30]  # 30 comes from the restarted worker group
+    assert reports[30] == pytest.approx(uninterrupted.reports[2]["loss"], rel=1e-5)

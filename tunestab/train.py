@@ -37,9 +37,11 @@ from .probes import model_probes
 CHECKPOINT_FILE = "checkpoint.pt"
 # Metrics that hold a finite stand-in when the real value is NaN/inf (DESIGN.md: never NaN).
 FINITE_CAP = 1e30
-# Ray Train V2 blocks each report for up to this many seconds (default 2 s): 0.1 s keeps the
-# report overhead small on short trials (docs/overhead.md has the measurements).
-RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+# Ray Train V2's controller takes one report off each worker's size-1 queue per poll, every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s), so reports faster than that block the worker:
+# 0.42x bare-loop speed at 2 s. Polling every 0.1 s costs CPU on small machines (0.80-0.88x);
+# 0.5 s gave 0.89-0.93x for ~1 s more teardown. Measurements: docs/overhead.md.
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 
 # Peak dense bf16 FLOP/s per accelerator, matched against torch.cuda.get_device_name().
 # The H100 value is the SXM part; PCIe H100s are slower, so their MFU reads low, never above 100%.
@@ -370,21 +372,27 @@ def train_loop_per_worker(config: dict) -> None:
     run(TrialConfig(**config["trial"]), RaySession(echo=config.get("echo", False)))
 
 
-def run_with_ray(cfg: TrialConfig, workers: int, use_gpu: bool, storage: str | None, name: str | None):
-    """One trial through TorchTrainer on `workers` workers (Ray started locally if needed)."""
+def run_with_ray(cfg: TrialConfig, workers: int, use_gpu: bool, storage: str | None, name: str | None,
+                 max_failures: int = 0, loop=train_loop_per_worker, extra: dict | None = None):
+    """One trial through TorchTrainer on `workers` workers (Ray started locally if needed).
+
+    A worker failure restarts the worker group up to `max_failures` times; `run` then resumes
+    from the last checkpoint reported through Ray Train.
+    """
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": RAY_TRAIN_ENV}, include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"trial": cfg.to_dict(), "echo": True},
+        loop,
+        train_loop_config={"trial": cfg.to_dict(), "echo": True, **(extra or {})},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(storage_path=storage, name=name),
+        run_config=RunConfig(storage_path=storage, name=name,
+                             failure_config=FailureConfig(max_failures=max_failures)),
     )
     return trainer.fit()
 
