@@ -112,8 +112,10 @@ class RaySession:
         self._resume_dir = None
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
-            # Local copy, so that loading does not depend on the storage backend.
-            self._resume_dir = tempfile.mkdtemp(prefix="tunestab-resume-")
+            # Local copy, so that loading does not depend on the storage backend; removed with
+            # the session (TemporaryDirectory cleans up when collected or at exit).
+            self._resume_tmp = tempfile.TemporaryDirectory(prefix="tunestab-resume-")
+            self._resume_dir = self._resume_tmp.name
             checkpoint.to_directory(self._resume_dir)
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
