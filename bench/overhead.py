@@ -105,7 +105,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = config_from({"steps": str(args.steps), "checkpoint_every": "0",
                        **dict(kv.split("=", 1) for kv in args.overrides)})
-    cfg = config_from({"vocab_size": data_mod.get_tokenizer(cfg.tokenizer).n_vocab}, base=cfg).resolved()
+    cfg = train.model_config(cfg)
     tps = cfg.batch_size * cfg.seq_len
     print(f"config: n_layer={cfg.n_layer} d_model={cfg.d_model} seq_len={cfg.seq_len} batch_size={cfg.batch_size} "
           f"steps={cfg.steps} report_every={cfg.report_every} eval_every={cfg.eval_every} torch threads="

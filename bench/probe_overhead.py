@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tunestab import data as data_mod  # noqa: E402
+from tunestab import train  # noqa: E402
 from tunestab.config import config_from  # noqa: E402
 from tunestab.model import GPT  # noqa: E402
 from tunestab.train import all_reduce, cache_dir, train_step  # noqa: E402
@@ -29,7 +30,7 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     cfg = config_from(dict(kv.split("=", 1) for kv in args.overrides))
-    cfg = config_from({"vocab_size": data_mod.get_tokenizer(cfg.tokenizer).n_vocab}, base=cfg).resolved()
+    cfg = train.model_config(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train_tokens, _ = data_mod.load_splits(cfg.data, cfg.tokenizer, cache_dir(cfg), cfg.val_fraction)
     batches = data_mod.Batches(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)

@@ -112,8 +112,7 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     run(cfg, resumed)
     assert [r["step"] for r in resumed.reports] == [30, 40]
     for a, b in zip(full.reports[2:], resumed.reports):
-        assert a["loss"] == b["loss"] and a["val_loss" if "val_loss" in a else "loss"] == \
-            b["val_loss" if "val_loss" in b else "loss"]
+        assert a["loss"] == b["loss"] and a.get("val_loss") == b.get("val_loss")
     assert full.reports[-1]["val_loss"] == resumed.reports[-1]["val_loss"]
 
 

@@ -238,6 +238,12 @@ def train_step(model: GPT, step_model, optimizer, x, y, cfg: TrialConfig, autoca
     return loss.detach(), grad_norm, probes
 
 
+def model_config(cfg: TrialConfig) -> TrialConfig:
+    """The resolved config, with vocab_size taken from the tokenizer when it is 0."""
+    vocab = cfg.vocab_size or data_mod.get_tokenizer(cfg.tokenizer).n_vocab
+    return dataclasses.replace(cfg, vocab_size=vocab).resolved()
+
+
 def cache_dir(cfg: TrialConfig) -> str:
     return cfg.data_cache or os.path.join(os.path.expanduser("~"), ".cache", "tunestab")
 
@@ -247,8 +253,7 @@ def run(cfg: TrialConfig, session) -> dict:
     rank, world = session.rank, session.world_size
     device = resolve_device(cfg, session)
     cuda = device.type == "cuda"
-    enc = data_mod.get_tokenizer(cfg.tokenizer)
-    cfg = dataclasses.replace(cfg, vocab_size=cfg.vocab_size or enc.n_vocab).resolved()
+    cfg = model_config(cfg)
     train_tokens, val_tokens = data_mod.load_splits(cfg.data, cfg.tokenizer, cache_dir(cfg), cfg.val_fraction,
                                                     cfg.max_tokens or None)
     batches = data_mod.Batches(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
