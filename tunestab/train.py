@@ -404,6 +404,36 @@ def run_with_ray(cfg: TrialConfig, workers: int, use_gpu: bool, storage: str | N
     return trainer.fit()
 
 
+def trial_driver(config: dict) -> None:
+    """One Ray Tune trial: a small driver that runs the trial's TorchTrainer (Ray Train V2).
+
+    `config` holds TrialConfig fields (what the search samples, flat, so that Optuna and MLflow
+    see plain names) and `runner`: {"workers", "cpus_per_worker", "gpus_per_worker",
+    "max_failures"}. Rank 0's reports reach Tune through TuneReportCallback. The Train run
+    lives inside the Tune trial's directory, so a restored trial finds its own checkpoints.
+    """
+    import ray.tune
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    runner = dict(config.get("runner") or {})
+    cfg = config_from({k: v for k, v in config.items() if k != "runner"}, "trial config")
+    gpus = float(runner.get("gpus_per_worker", 0))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"trial": cfg.to_dict()},
+        scaling_config=ScalingConfig(num_workers=int(runner.get("workers", 1)), use_gpu=gpus > 0,
+                                     resources_per_worker={"CPU": float(runner.get("cpus_per_worker", 1)),
+                                                           **({"GPU": gpus} if gpus else {})}),
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        run_config=RunConfig(storage_path=ray.tune.get_context().get_trial_dir(), name="train",
+                             failure_config=FailureConfig(max_failures=int(runner.get("max_failures", 0))),
+                             callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
 # --------------------------------------------------------------------------------------------
 # command line
 

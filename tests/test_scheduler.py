@@ -1,0 +1,188 @@
+"""TEV scheduler: decisions on synthetic result streams, state that survives a restore, and a
+real two-trial Tune run where the divergent trial is stopped by TEV."""
+
+import math
+import pickle
+from types import SimpleNamespace
+
+import pytest
+from ray.tune.schedulers import TrialScheduler
+
+from tunestab.scheduler import TEVRule, TEVScheduler
+
+CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
+
+
+def stream(means, ratios, every=10):
+    """Reports every `every` steps with tev_mean = means[i], tev_std = ratios[i] * means[i]."""
+    return [{"step": every * (i + 1), "tev_mean": m, "tev_std": r * m, "stop_reason": "running"}
+            for i, (m, r) in enumerate(zip(means, ratios))]
+
+
+def feed(sched, results, tid="t"):
+    trial = SimpleNamespace(trial_id=tid)
+    sched.on_trial_add(None, trial)
+    decisions = []
+    for r in results:
+        decisions.append(sched.on_trial_result(None, trial, dict(r)))
+        if decisions[-1] == STOP:
+            break
+    return decisions
+
+
+# μ_TEV grows with the LR in runs that stay stable; the ratio σ/μ settles around 0.2-0.3.
+RISE = [1 - math.exp(-(i + 1) / 3) for i in range(20)]
+STABLE_RATIOS = [0.1, 0.2, 0.25, 0.27, 0.26, 0.24] + [0.25] * 14
+
+
+@pytest.mark.parametrize("scale", [0.1, 0.6, 3.0])  # as if the LR were 30x apart
+def test_stable_runs_are_never_stopped_whatever_their_tev_level(scale):
+    decisions = feed(TEVScheduler(), stream([scale * x for x in RISE], STABLE_RATIOS))
+    assert decisions == [CONTINUE] * 20
+
+
+def test_exploding_run_is_stopped_at_the_report_where_its_spread_jumps():
+    ratios = [0.17, 0.22, 0.2, 0.62, 0.9, 1.1]
+    sched = TEVScheduler()
+    decisions = feed(sched, stream([0.5, 0.9, 1.0, 0.95, 0.85, 0.8], ratios))
+    assert decisions == [CONTINUE, CONTINUE, CONTINUE, STOP]
+    assert sched.verdicts["t"]["step"] == 40 and sched.verdicts["t"]["stopped"]
+    assert "dispersion" in sched.verdicts["t"]["reason"]
+
+
+def test_slow_divergence_is_caught_by_the_rise_against_its_own_past():
+    # The ratio stays under the ceiling but jumps 1.7x from one report to the next.
+    ratios = [0.1, 0.15, 0.18, 0.2, 0.2, 0.34, 0.38]
+    sched = TEVScheduler(TEVRule(max_dispersion=0.4, dispersion_rise=1.6, rise_floor=0.3))
+    assert feed(sched, stream([0.3] * 7, ratios)) == [CONTINUE] * 5 + [STOP]
+    assert sched.verdicts["t"]["reason"].startswith("rise")
+
+
+def test_no_verdict_before_min_step_even_for_a_wide_spread():
+    sched = TEVScheduler(TEVRule(min_step=50))
+    assert feed(sched, stream([0.5] * 6, [0.1, 0.9, 0.9, 0.9, 0.1, 0.1])) == [CONTINUE] * 6
+    assert sched.verdicts == {}
+
+
+def test_patience_needs_consecutive_reports():
+    sched = TEVScheduler(TEVRule(patience=2, dispersion_rise=0))
+    ratios = [0.2, 0.2, 0.2, 0.5, 0.2, 0.5, 0.5]
+    assert feed(sched, stream([0.3] * 7, ratios)) == [CONTINUE] * 6 + [STOP]
+    assert sched.verdicts["t"]["step"] == 70
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 1e30])
+@pytest.mark.parametrize("shadow", [False, True])
+def test_a_nonfinite_report_always_stops(bad, shadow):
+    sched = TEVScheduler(shadow=shadow)
+    results = stream([0.1, 0.2, 0.3], [0.2] * 3)
+    results[1]["tev_mean"] = bad
+    assert feed(sched, results) == [CONTINUE, STOP]
+    assert sched.verdicts["t"]["reason"] == "nonfinite report"
+
+
+def test_worker_nonfinite_stop_reason_stops():
+    results = stream([0.1, 0.2], [0.2] * 2)
+    results[1]["stop_reason"] = "nonfinite"
+    assert feed(TEVScheduler(), results) == [CONTINUE, STOP]
+
+
+def test_results_without_probes_pass_through():
+    sched = TEVScheduler()
+    assert feed(sched, [{"step": 10, "val_loss": 3.0}, {"foo": 1}]) == [CONTINUE, CONTINUE]
+
+
+def test_shadow_mode_records_but_never_stops_and_annotates_results():
+    sched = TEVScheduler(shadow=True)
+    results = stream([0.5, 0.9, 1.0, 0.95, 0.85, 0.8], [0.17, 0.22, 0.2, 0.62, 0.9, 1.1])
+    assert feed(sched, results) == [CONTINUE] * 6
+    assert sched.verdicts["t"] == {"step": 40, "reason": sched.verdicts["t"]["reason"], "stopped": False}
+    early, late = dict(results[1]), dict(results[5])
+    sched.annotate("t", early)
+    sched.annotate("t", late)
+    assert "tev_stop_step" not in early
+    assert late["tev_stop_step"] == 40 and late["stop_reason"] == "running"
+    assert "dispersion" in late["tev_stop_reason"]
+
+
+def test_an_active_stop_is_annotated_as_stop_reason_tev():
+    sched = TEVScheduler()
+    results = stream([0.5, 0.9, 1.0, 0.95], [0.17, 0.22, 0.2, 0.62])
+    feed(sched, results)
+    last = dict(results[3])
+    sched.callback().on_trial_result(0, [], SimpleNamespace(trial_id="t"), last)
+    assert last["stop_reason"] == "tev" and last["tev_stop_step"] == 40
+
+
+def test_save_restore_round_trips_and_decides_the_same(tmp_path):
+    ratios = [0.17, 0.22, 0.2, 0.3, 0.62]
+    results = stream([0.5, 0.9, 1.0, 0.95, 0.9], ratios)
+    a = TEVScheduler(TEVRule(max_dispersion=0.5, patience=2, dispersion_rise=0))
+    feed(a, results[:4], tid="x")
+    feed(a, results, tid="y")
+    a.save(str(tmp_path / "s.json"))
+    b = TEVScheduler()
+    b.restore(str(tmp_path / "s.json"))
+    assert b.state() == a.state() and b.rule == a.rule
+    # Trial x had a streak of 0 after step 40; both need two more wide reports to stop.
+    more = stream([0.9] * 6, [0.6] * 6)[4:]
+    assert feed(a, more, tid="x") == feed(b, more, tid="x") == [CONTINUE, STOP]
+
+
+def test_state_survives_the_pickle_that_tuner_restore_brings_back(tmp_path):
+    path = str(tmp_path / "tev_scheduler.json")
+    sched = TEVScheduler(state_path=path)
+    frozen = pickle.dumps(sched)  # what Tune stores when the Tuner is built
+    feed(sched, stream([0.3] * 4, [0.2, 0.2, 0.2, 0.2]), tid="a")
+    restored = pickle.loads(frozen)
+    assert restored.history == {}
+    # First use after the restore reads the state file: the history of trial a is back, and a
+    # resumed trial that reports step 30 again replaces its old step-30 entry.
+    feed(restored, [{"step": 30, "tev_mean": 0.3, "tev_std": 0.06}], tid="a")
+    assert [h[0] for h in restored.history["a"]] == [10, 20, 30]
+
+
+def test_bad_rule_is_refused_with_every_problem():
+    with pytest.raises(ValueError) as e:
+        TEVScheduler(TEVRule(max_dispersion=0, dispersion_rise=0.5, patience=0))
+    assert "max_dispersion" in str(e.value) and "dispersion_rise" in str(e.value) and "patience" in str(e.value)
+
+
+@pytest.mark.slow
+def test_tune_run_stops_the_divergent_trial_by_tev_and_completes_the_stable_one(tmp_path):
+    """Two real trials through Tune -> TorchTrainer on CPU, on the calibration proxy (12 blocks,
+    width 64, no clipping): LR 2.0 diverges (its loss rule would fire at step 60), LR 0.03 does not."""
+    import ray
+    from ray import tune
+    from ray.util.state import list_placement_groups
+
+    from tunestab.train import RAY_TRAIN_ENV, trial_driver
+
+    sched = TEVScheduler(state_path=str(tmp_path / "tev_scheduler.json"))
+    base = {"n_layer": 12, "d_model": 64, "n_head": 4, "grad_clip": 0.0, "steps": 60, "warmup_steps": 30,
+            "report_every": 10, "eval_every": 60, "checkpoint_every": 0, "data_cache": str(tmp_path / "cache"),
+            "runner": {"workers": 1}}
+    # The dashboard serves the State API, which Train V2's PlacementGroupCleaner needs to see
+    # that a stopped trial's controller is gone: without it the worker group's placement group
+    # is never removed and the next trial waits for its CPU forever (docs/scheduler.md).
+    ray.init(num_cpus=2, runtime_env={"env_vars": RAY_TRAIN_ENV}, include_dashboard=True)
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(trial_driver, {"cpu": 0.01}),
+            param_space={**base, "lr": tune.grid_search([2.0, 0.03])},
+            tune_config=tune.TuneConfig(scheduler=sched, max_concurrent_trials=1),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "results"), name="two",
+                                      callbacks=[sched.callback()], verbose=0),
+        )
+        grid = tuner.fit()
+        by_lr = {r.config["lr"]: r.metrics for r in grid}
+        assert not grid.errors
+        divergent, stable = by_lr[2.0], by_lr[0.03]
+        assert divergent["stop_reason"] == "tev" and divergent["diverged"] == 0
+        assert divergent["step"] < 60 and divergent["tev_stop_step"] == divergent["step"]
+        assert stable["stop_reason"] == "completed" and stable["step"] == 60
+        assert "tev_stop_step" not in stable
+        # The stopped trial's workers and placement groups are gone, not leaked.
+        assert [pg.state for pg in list_placement_groups() if pg.state != "REMOVED"] == []
+    finally:
+        ray.shutdown()

@@ -1,0 +1,233 @@
+"""The TEV-proxy trial scheduler: stop trials that are going unstable from their Token Embedding
+Variability (Chung et al. 2024), before their loss blows up.
+
+TEV_i is the standard deviation of token i's embedding row; a trial reports its mean μ_TEV
+(`tev_mean`) and spread σ_TEV (`tev_std`) over the vocabulary (tunestab/probes.py). The rule
+never looks at the loss or at how a trial ranks against others.
+
+Why the rule looks at σ_TEV/μ_TEV and not at μ_TEV: μ_TEV rises with the learning rate in runs
+that stay stable (docs/tev_first_look.md, DESIGN.md), so a threshold on μ_TEV stops good high-LR
+trials. The ratio is scale-free: a higher LR scales every row's spread by about the same factor
+and leaves the ratio where it was. What goes up when a run diverges is the *heterogeneity* across
+tokens: some rows blow up while the rest do not (the paper's reading of σ_TEV as uneven gradient
+noise across tokens). The rule compares a trial with itself (its own ratio over its last reports
+before now) and with a ceiling that no converging run reached in the calibration study.
+Calibration, held-out evaluation and the comparison with loss-based rules: docs/scheduler.md,
+bench/scheduler_eval.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+
+from ray.tune.callback import Callback
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+from .train import FINITE_CAP
+
+
+@dataclass(frozen=True)
+class TEVRule:
+    """When a trial's TEV says it is going unstable. Defaults: calibrated in docs/scheduler.md."""
+
+    max_dispersion: float = 0.40
+    """Stop when σ_TEV/μ_TEV reaches this: a spread across tokens no converging run reached."""
+    dispersion_rise: float = 1.6
+    """... or when σ_TEV/μ_TEV reaches this multiple of the trial's own ratio `lookback` reports
+    earlier (a sudden change in one trial, whatever its level). 0 turns this test off."""
+    rise_floor: float = 0.30
+    """The rise test only counts once σ_TEV/μ_TEV is at least this (tiny ratios early in a run
+    double from one report to the next without meaning anything)."""
+    lookback: int = 1
+    """How many reports back the rise test compares with."""
+    min_step: int = 30
+    """No verdict before this step: at initialisation every row has the same spread (σ_TEV ≈ 0),
+    and while the LR warms up the ratio climbs from there in every run."""
+    patience: int = 1
+    """Consecutive reports that must meet a test before the trial is stopped."""
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.max_dispersion > 0:
+            out.append(f"max_dispersion: must be > 0, got {self.max_dispersion}")
+        if self.dispersion_rise < 0 or 0 < self.dispersion_rise <= 1:
+            out.append(f"dispersion_rise: must be > 1 (or 0 for off), got {self.dispersion_rise}")
+        if self.rise_floor < 0:
+            out.append(f"rise_floor: must be >= 0, got {self.rise_floor}")
+        for name in ("lookback", "patience"):
+            if getattr(self, name) < 1:
+                out.append(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.min_step < 0:
+            out.append(f"min_step: must be >= 0, got {self.min_step}")
+        return out
+
+    def test(self, ratios: list[float]) -> str | None:
+        """Which test the latest ratio (last of `ratios`, one per report) meets, if any."""
+        now = ratios[-1]
+        if now >= self.max_dispersion:
+            return f"dispersion σ/μ={now:.3g} >= {self.max_dispersion:g}"
+        if self.dispersion_rise and len(ratios) > self.lookback and now >= self.rise_floor:
+            before = ratios[-1 - self.lookback]
+            if now >= self.dispersion_rise * before:
+                return f"rise σ/μ={now:.3g} >= {self.dispersion_rise:g} x {before:.3g}"
+        return None
+
+
+def _bad(x) -> bool:
+    """NaN/inf, or the finite stand-in the worker reports in their place."""
+    return isinstance(x, (int, float)) and (not math.isfinite(x) or abs(x) >= FINITE_CAP)
+
+
+class TEVScheduler(FIFOScheduler):
+    """Stops a trial when its TEV says it is going unstable (see `TEVRule` and the module doc).
+
+    Trials run in FIFO order. On every result the scheduler appends (step, μ_TEV, σ_TEV) to the
+    trial's history and asks the rule; the first verdict is kept with its step and reason. A
+    non-finite report (NaN/inf, or the 1e30 stand-in the worker puts in their place, or
+    `stop_reason=nonfinite`) always stops the trial, in shadow mode too.
+
+    Args:
+        rule: the thresholds (`TEVRule`).
+        shadow: only record when and why the rule would have stopped a trial (`tev_stop_step`,
+            `tev_stop_reason`), and let it run on: for calibration, and for users who want to
+            see the rule at work before trusting it.
+        state_path: a JSON file the scheduler rewrites after each change and reads back at first
+            use. Tune pickles the scheduler once, when the Tuner is built, and `Tuner.restore`
+            brings back that pickle, so without this file a resumed search would forget every
+            trial's history; `python -m tunestab.search` puts it beside the Tune results.
+        time_attr: the result key that counts training steps.
+
+    The verdict reaches Tune's results and MLflow through `TEVAnnotator` (`self.callback()`),
+    which must come before any logger in `RunConfig.callbacks`: Tune hands schedulers a flattened
+    copy of each result, so only a callback can write into the result that Tune keeps.
+    """
+
+    def __init__(self, rule: TEVRule | None = None, shadow: bool = False, state_path: str | None = None,
+                 time_attr: str = "step"):
+        super().__init__()
+        self.rule = rule or TEVRule()
+        problems = self.rule.problems()
+        if problems:
+            raise ValueError("TEVRule: " + "; ".join(problems))
+        self.shadow, self.state_path, self.time_attr = shadow, state_path, time_attr
+        self.history: dict[str, list[list[float]]] = {}  # trial id -> [[step, tev_mean, tev_std], ...]
+        self.verdicts: dict[str, dict] = {}  # trial id -> {"step", "reason", "stopped"}
+        self._streak: dict[str, int] = {}
+        self._loaded = False
+        # Decide on each result as it arrives, not on a buffer of them: a stop should come early.
+        self._supports_buffered_results = False
+
+    # -- the decision -----------------------------------------------------------------------
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._load_once()
+        tid = trial.trial_id
+        if self.time_attr not in result:
+            return TrialScheduler.CONTINUE
+        step = result[self.time_attr]
+        mean, std = result.get("tev_mean"), result.get("tev_std")
+        hist = self.history.setdefault(tid, [])
+        # A restored trial reports again from its checkpoint: keep the history up to there.
+        while hist and hist[-1][0] >= step:
+            hist.pop()
+        nonfinite = (result.get("stop_reason") == "nonfinite" or _bad(mean) or _bad(std)
+                     or any(isinstance(v, float) and not math.isfinite(v) for v in result.values()))
+        if nonfinite:
+            self._record(tid, step, "nonfinite report", stopped=True)
+            return TrialScheduler.STOP
+        if mean is None or std is None:  # a result without probes: nothing to judge
+            return TrialScheduler.CONTINUE
+        hist.append([step, float(mean), float(std)])
+        decision = TrialScheduler.CONTINUE
+        if step >= self.rule.min_step and tid not in self.verdicts:
+            ratios = [s / m if m > 0 else 0.0 for _, m, s in hist]
+            why = self.rule.test(ratios)
+            self._streak[tid] = self._streak.get(tid, 0) + 1 if why else 0
+            if why and self._streak[tid] >= self.rule.patience:
+                self._record(tid, step, why, stopped=not self.shadow)
+                if not self.shadow:
+                    decision = TrialScheduler.STOP
+        self._save_state()
+        return decision
+
+    def _record(self, tid: str, step: int, reason: str, stopped: bool) -> None:
+        if tid not in self.verdicts:
+            self.verdicts[tid] = {"step": int(step), "reason": reason, "stopped": stopped}
+        self._save_state()
+
+    def annotate(self, trial_id: str, result: dict) -> None:
+        """Write the verdict (if any) into a result: `tev_stop_step`, `tev_stop_reason`, and
+        `stop_reason = tev` when the scheduler stopped the trial by the rule."""
+        verdict = self.verdicts.get(trial_id)
+        if not verdict or result.get(self.time_attr, 0) < verdict["step"]:
+            return
+        result["tev_stop_step"] = verdict["step"]
+        result["tev_stop_reason"] = verdict["reason"]
+        if verdict["stopped"] and result.get("stop_reason") in (None, "running"):
+            result["stop_reason"] = "tev"
+
+    def callback(self) -> "TEVAnnotator":
+        return TEVAnnotator(self)
+
+    # -- bookkeeping ------------------------------------------------------------------------
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self._streak.pop(trial.trial_id, None)
+
+    def debug_string(self) -> str:
+        stops = sum(v["stopped"] for v in self.verdicts.values())
+        mode = "shadow" if self.shadow else "active"
+        return f"Using TEVScheduler ({mode}): {len(self.verdicts)} flagged, {stops} stopped"
+
+    def state(self) -> dict:
+        return {"rule": dataclasses.asdict(self.rule), "shadow": self.shadow, "history": self.history,
+                "verdicts": self.verdicts, "streak": self._streak}
+
+    def set_state(self, state: dict) -> None:
+        self.rule = TEVRule(**state["rule"])
+        self.shadow = state["shadow"]
+        self.history, self.verdicts, self._streak = state["history"], state["verdicts"], state["streak"]
+
+    def save(self, checkpoint_path: str) -> None:
+        """Write the whole state as JSON, atomically (a kill mid-write leaves the old file)."""
+        folder = os.path.dirname(os.path.abspath(checkpoint_path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tev-state-")
+        with os.fdopen(fd, "w") as f:
+            json.dump(self.state(), f)
+        os.replace(tmp, checkpoint_path)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path) as f:
+            self.set_state(json.load(f))
+
+    def _save_state(self) -> None:
+        if self.state_path:
+            self.save(self.state_path)
+
+    def _load_once(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            if self.state_path and os.path.exists(self.state_path):
+                self.restore(self.state_path)
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._load_once()
+        super().on_trial_add(tune_controller, trial)
+
+    def __getstate__(self):
+        # Pickled by Tune when the Tuner is built; a fresh unpickle must read state_path again.
+        return {**self.__dict__, "_loaded": False}
+
+
+class TEVAnnotator(Callback):
+    """Copies the scheduler's verdict into each result Tune keeps (and its loggers see)."""
+
+    def __init__(self, scheduler: TEVScheduler):
+        self.scheduler = scheduler
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.scheduler.annotate(trial.trial_id, result)
