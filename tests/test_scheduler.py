@@ -65,7 +65,7 @@ def test_no_verdict_before_min_step_even_for_a_wide_spread():
 
 
 def test_patience_needs_consecutive_reports():
-    sched = TEVScheduler(TEVRule(patience=2, dispersion_rise=0))
+    sched = TEVScheduler(TEVRule(max_dispersion=0.4, patience=2, dispersion_rise=0))
     ratios = [0.2, 0.2, 0.2, 0.5, 0.2, 0.5, 0.5]
     assert feed(sched, stream([0.3] * 7, ratios)) == [CONTINUE] * 6 + [STOP]
     assert sched.verdicts["t"]["step"] == 70
