@@ -21,18 +21,18 @@ import os
 import sys
 import time
 
-import yaml
+from tunestab import spec as spec_mod
 
 KEEP = ("step", "loss", "val_loss", "tev_mean", "tev_std", "grad_norm", "lr", "attn_logit_max",
         "diverged", "stop_reason")
 
 
-def grid(space: dict) -> list[dict]:
-    keys = list(space["grid"])
+def grid(space: spec_mod.Space) -> list[dict]:
+    """Every (variant, grid point) of a sweep space, as TrialConfig values."""
     runs = []
-    for variant in space["variants"]:
-        for values in itertools.product(*(space["grid"][k] for k in keys)):
-            runs.append({**space["trial"], "variant": variant, **dict(zip(keys, values))})
+    for variant in space.variants:
+        for values in itertools.product(*(p.values for p in space.params)):
+            runs.append({**space.trial, "variant": variant, **{p.name: v for p, v in zip(space.params, values)}})
     return runs
 
 
@@ -62,8 +62,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="docs/data/tev_runs.jsonl")
     ap.add_argument("--procs", type=int, default=2)
     args = ap.parse_args(argv)
-    with open(args.space) as f:
-        space = yaml.safe_load(f)
+    space = spec_mod.load(args.space)
+    if space.strategy != "sweep":
+        print(f"error: {args.space} is a {space.strategy} space; collect_runs needs a sweep", file=sys.stderr)
+        return 2
     done = set()
     if os.path.exists(args.out):
         with open(args.out) as f:

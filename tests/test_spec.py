@@ -1,0 +1,154 @@
+"""Search-space files: valid ones load, and every problem of a bad one is reported at once."""
+
+import copy
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from tunestab import spec
+from tunestab.spec import SpecError
+
+GOOD = {
+    "name": "t",
+    "strategy": "max_lr",
+    "variants": ["baseline", "mlra"],
+    "trial": {"n_layer": 2, "d_model": 32, "n_head": 2, "steps": 20},
+    "params": {"lr": {"loguniform": [1e-3, 1.0]}},
+}
+
+
+def problems_of(raw) -> list[str]:
+    with pytest.raises(SpecError) as e:
+        spec.parse(raw)
+    return e.value.problems
+
+
+def test_a_good_space_parses_into_frozen_parts():
+    s = spec.parse(GOOD)
+    assert s.strategy == "max_lr" and s.variants == ("baseline", "mlra")
+    assert s.param("lr").values == (1e-3, 1.0) and s.max_lr.ratio == 1.25
+    assert s.scheduler.type == "tev" and not s.scheduler.shadow
+    assert s.trial_config("mlra", lr=0.1).resolved().mlra_rank == 32 // 3
+
+
+def test_shipped_spaces_load():
+    for path in sorted(spec.SPACES_DIR.glob("*.yaml")):
+        spec.load(str(path))
+
+
+def test_every_problem_is_reported_with_its_key():
+    raw = {
+        "name": "a/b", "strategy": "fastest", "variants": ["baseline", "nope"], "colour": "red",
+        "trial": {"n_layer": "many", "d_model": 30, "n_head": 4, "stepz": 3},
+        "params": {"lr": {"loguniform": [1.0, 0.1]}, "softcap": {"uniform": [-5, 10]},
+                   "mlra_rank": {"int": [1, 999]}, "warmup_steps": {"choice": []}, "batch_size": {"normal": [1, 2]}},
+        "resources": {"workers": 0, "gpus": 1},
+        "tune": {"sampler": "random"},
+        "scheduler": {"type": "tev", "rule": {"max_dispersion": -1, "nonsense": 2}},
+    }
+    text = "\n".join(problems_of(raw))
+    for fragment in ("name:", "strategy:", "variants: unknown ['nope']", "colour: unknown key",
+                     "trial.n_layer:", "trial.stepz: unknown", "params.lr.loguniform: low must be below high",
+                     "params.warmup_steps.choice: expected a non-empty list", "params.batch_size.normal: unknown distribution",
+                     "resources.workers: must be >= 1", "resources.gpus: unknown key", "tune.sampler:",
+                     "scheduler.rule.max_dispersion", "scheduler.rule.nonsense: unknown key"):
+        assert fragment in text, fragment
+
+
+def test_values_are_checked_against_the_model_with_every_variant():
+    raw = copy.deepcopy(GOOD)
+    raw["strategy"] = "tune"
+    raw["params"] = {"lr": {"loguniform": [1e-3, 1.0]}, "mlra_rank": {"int": [1, 64]}, "softcap": {"choice": [0, 30]}}
+    raw["variants"] = ["mlra", "qk_norm_cap"]
+    text = "\n".join(problems_of(raw))
+    assert "params.mlra_rank.int: mlra_rank=64" in text and "between 1 and d_model=32" in text
+    assert "params.softcap.choice: softcap=0 with variant qk_norm_cap" in text
+
+
+@pytest.mark.parametrize("strategy, params, fragment", [
+    ("max_lr", {"lr": {"uniform": [0.1, 1.0]}}, "needs `lr: {loguniform"),
+    ("max_lr", {"lr": {"loguniform": [0.1, 1.0]}, "seed": {"choice": [0, 1]}}, "must be grids"),
+    ("tune", {"seed": {"grid": [0, 1]}}, "needs at least one range"),
+    ("sweep", {"lr": {"loguniform": [0.1, 1.0]}}, "every parameter as a grid"),
+])
+def test_strategy_needs_its_parameters(strategy, params, fragment):
+    raw = {**GOOD, "strategy": strategy, "params": params}
+    assert any(fragment in p for p in problems_of(raw))
+
+
+def test_a_parameter_fixed_twice_is_refused():
+    raw = {**GOOD, "trial": {**GOOD["trial"], "lr": 0.1}}
+    assert any("params.lr: also fixed under trial.lr" in p for p in problems_of(raw))
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nstrategy: [max_lr\nvariants: [baseline]\n")
+    with pytest.raises(SpecError) as e:
+        spec.load(str(path))
+    assert "not valid YAML (line" in str(e.value) and str(path) in str(e.value)
+
+
+def test_yaml_tags_that_build_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.yaml"
+    marker = tmp_path / "pwned"
+    path.write_text(f"name: !!python/object/apply:os.system ['touch {marker}']\nstrategy: max_lr\n")
+    with pytest.raises(SpecError) as e:
+        spec.load(str(path))
+    assert "not valid YAML" in str(e.value)
+    assert not marker.exists()
+
+
+def test_missing_file_and_names_resolve():
+    assert spec.resolve_path("default") == spec.SPACES_DIR / "default.yaml"
+    with pytest.raises(SpecError) as e:
+        spec.load("/nonexistent/space.yaml")
+    assert "cannot read the file" in str(e.value)
+
+
+def test_tune_domains():
+    from ray.tune.search.sample import Categorical, Float, Integer
+
+    assert isinstance(spec.Param("lr", "loguniform", (1e-3, 1.0)).tune_domain(), Float)
+    rank = spec.Param("mlra_rank", "int", (2, 8)).tune_domain()
+    assert isinstance(rank, Integer) and (rank.lower, rank.upper) == (2, 9)  # inclusive in the file
+    assert isinstance(spec.Param("softcap", "choice", (10, 30)).tune_domain(), Categorical)
+    assert spec.Param("seed", "grid", (0, 1)).tune_domain() == {"grid_search": [0, 1]}
+
+
+# Whatever a user (or a hostile file) writes, the loader answers with a Space or a SpecError,
+# never with another exception that would surface as a traceback.
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(key=st.sampled_from(spec.TOP_KEYS + ("params.lr", "trial.d_model", "resources.workers", "scheduler.rule")),
+       value=yaml_values)
+@example(key="variants", value=[[1]])  # an unhashable variant name once raised TypeError
+@example(key="variants", value=[{"a": 1}])
+@example(key="params", value={"lr": {"grid": [[1], [2]]}})
+def test_any_value_at_any_key_gives_a_space_or_a_spec_error(key, value):
+    raw = copy.deepcopy(GOOD)
+    node = raw
+    *parents, leaf = key.split(".")
+    for p in parents:
+        node = node.setdefault(p, {}) if isinstance(node.get(p, {}), dict) else {}
+    node[leaf] = value
+    try:
+        spec.parse(raw)
+    except SpecError as e:
+        assert e.problems and all(isinstance(p, str) and p for p in e.problems)
+
+
+def test_the_schema_example_in_search_spaces_readme_is_valid():
+    import re
+
+    import yaml
+
+    text = (spec.SPACES_DIR / "README.md").read_text()
+    space = spec.parse(yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1)))
+    assert space.strategy == "tune" and space.param("mlra_rank").values == (4, 32)

@@ -1,0 +1,376 @@
+"""Search-space files (`search_spaces/*.yaml`): load, check every key, and hand back frozen
+dataclasses. The schema is documented in search_spaces/README.md.
+
+Everything is checked before Ray starts, and every problem is reported at once, each with the key
+that holds it (`params.lr.loguniform: low must be below high, got [1.0, 0.1]`), so that a user
+fixes a file in one pass. YAML is read with `yaml.safe_load`: a tag that would build a Python
+object is refused like any other malformed file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .config import FIELD_NAMES, VARIANTS, ConfigError, TrialConfig, config_from
+from .scheduler import TEVRule
+
+SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
+STRATEGIES = ("max_lr", "tune", "sweep")
+SAMPLERS = ("tpe", "gp", "cmaes")
+# Distribution name -> what its value must be.
+DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "grid")
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searched TrialConfig field: `{name: {kind: values}}` in the file."""
+
+    name: str
+    kind: str
+    """loguniform | uniform (two floats), int (two ints, inclusive), choice | grid (a list)."""
+    values: tuple
+
+    def tune_domain(self):
+        """The Ray Tune domain for this parameter (what OptunaSearch or the grid sees)."""
+        from ray import tune
+
+        if self.kind == "loguniform":
+            return tune.loguniform(*self.values)
+        if self.kind == "uniform":
+            return tune.uniform(*self.values)
+        if self.kind == "int":
+            return tune.randint(self.values[0], self.values[1] + 1)
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        return tune.grid_search(list(self.values))
+
+    def extremes(self) -> list:
+        """The values to check against TrialConfig: both ends of a range, every listed value."""
+        return list(self.values)
+
+
+@dataclass(frozen=True)
+class Resources:
+    workers: int = 1
+    """Ray Train workers per trial (DDP when > 1)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved by each worker."""
+    gpus_per_worker: float = 0.0
+    """GPUs per worker; a fraction packs several tiny trials on one GPU."""
+    max_concurrent: int = 0
+    """Trials running at once; 0 derives it from the cluster's CPUs or GPUs."""
+
+
+@dataclass(frozen=True)
+class MaxLR:
+    ratio: float = 1.25
+    """Stop when smallest divergent / largest stable LR is at most this."""
+    slots: int = 2
+    """Trials per variant proposed in parallel inside the current bracket."""
+    max_trials: int = 12
+    """Trials per variant at most, bracket or not."""
+
+
+@dataclass(frozen=True)
+class Tune:
+    sampler: str = "tpe"
+    """Optuna sampler: tpe, gp or cmaes."""
+    num_samples: int = 16
+    """Trials in all (over all variants)."""
+    seed: int = 0
+    """Sampler seed."""
+
+
+@dataclass(frozen=True)
+class Scheduler:
+    type: str = "tev"
+    """tev (the TEV-proxy scheduler) or none (trials end by budget or the loss rule)."""
+    shadow: bool = False
+    """Record TEV verdicts without stopping trials."""
+    rule: TEVRule = field(default_factory=TEVRule)
+    """Thresholds of the TEV rule (`TEVRule` fields)."""
+
+
+@dataclass(frozen=True)
+class Space:
+    """A whole search-space file, checked."""
+
+    name: str
+    """Experiment name: the MLflow experiment and the Tune run directory."""
+    strategy: str
+    """max_lr | tune | sweep."""
+    variants: tuple[str, ...]
+    """Variants compared; each is searched separately."""
+    trial: dict
+    """Fixed TrialConfig fields for every trial (model shape, budget, data, ...)."""
+    params: tuple[Param, ...]
+    """Searched TrialConfig fields."""
+    description: str = ""
+    max_lr: MaxLR = field(default_factory=MaxLR)
+    tune: Tune = field(default_factory=Tune)
+    resources: Resources = field(default_factory=Resources)
+    scheduler: Scheduler = field(default_factory=Scheduler)
+    tracking_uri: str = DEFAULT_TRACKING_URI
+    """MLflow tracking URI; a relative sqlite path is relative to the storage folder."""
+    storage: str = "~/tunestab_results"
+    """Where Tune results, the Optuna study and the scheduler state go."""
+    source: str = ""
+    """The file's path (logged to MLflow as an artifact)."""
+
+    def param(self, name: str) -> Param | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    def trial_config(self, variant: str, **values) -> TrialConfig:
+        return config_from({**self.trial, "variant": variant, **values}, "trial config")
+
+
+class SpecError(ConfigError):
+    """A search-space file with problems; the message lists them all, each with its key."""
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """`default` -> search_spaces/default.yaml; anything with a suffix or a slash is a path."""
+    if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
+        return Path(name_or_path).expanduser()
+    return SPACES_DIR / f"{name_or_path}.yaml"
+
+
+def load(name_or_path: str) -> Space:
+    path = resolve_path(name_or_path)
+    where = f"search space {path}"
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SpecError([f"cannot read the file: {e.strerror or e}"], where) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError([f"not valid YAML{at}: {problem}"], where) from None
+    return parse(raw, where, source=str(path))
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _section(raw: dict, key: str, cls, problems: list[str], convert=None):
+    """Build a small dataclass from a mapping, reporting unknown keys and wrong types."""
+    value = raw.get(key, {})
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        problems.append(f"{key}: expected a mapping, got {type(value).__name__}")
+        return cls()
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in value.items():
+        if k not in known:
+            problems.append(f"{key}.{k}: unknown key (known: {', '.join(known)})")
+            continue
+        default = getattr(cls(), k)
+        if convert and k in convert:
+            kwargs[k] = convert[k](v, f"{key}.{k}")
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(v, bool)
+        elif isinstance(default, int):
+            ok = isinstance(v, int) and not isinstance(v, bool)
+        elif isinstance(default, float):
+            ok = _number(v)
+        else:
+            ok = isinstance(v, str)
+        if not ok:
+            problems.append(f"{key}.{k}: expected {type(default).__name__}, got {v!r}")
+            continue
+        kwargs[k] = v
+    return cls(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _param(name: str, spec, problems: list[str]) -> Param | None:
+    key = f"params.{name}"
+    if name not in FIELD_NAMES or name == "variant":
+        why = "list variants under `variants`" if name == "variant" else "not a TrialConfig field"
+        problems.append(f"{key}: unknown parameter ({why})")
+        return None
+    if not isinstance(spec, dict) or len(spec) != 1:
+        problems.append(f"{key}: expected one of {{{', '.join(DISTRIBUTIONS)}: ...}}, got {spec!r}")
+        return None
+    kind, values = next(iter(spec.items()))
+    key = f"{key}.{kind}"
+    if kind not in DISTRIBUTIONS:
+        problems.append(f"{key}: unknown distribution (known: {', '.join(DISTRIBUTIONS)})")
+        return None
+    if kind in ("choice", "grid"):
+        if not isinstance(values, list) or not values:
+            problems.append(f"{key}: expected a non-empty list, got {values!r}")
+            return None
+        if len(set(map(repr, values))) != len(values):
+            problems.append(f"{key}: repeated values in {values!r}")
+        return Param(name, kind, tuple(values))
+    if not isinstance(values, list) or len(values) != 2:
+        problems.append(f"{key}: expected [low, high], got {values!r}")
+        return None
+    low, high = values
+    if kind == "int" and not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        problems.append(f"{key}: expected two integers, got {values!r}")
+        return None
+    if not (_number(low) and _number(high)):
+        problems.append(f"{key}: expected two finite numbers, got {values!r}")
+        return None
+    if not low < high:
+        problems.append(f"{key}: low must be below high, got {values!r}")
+        return None
+    if kind == "loguniform" and low <= 0:
+        problems.append(f"{key}: a log-uniform range must be > 0, got {values!r}")
+        return None
+    return Param(name, kind, (low, high))
+
+
+def _first_problem(p: Param, trial: dict, variants: list[str]) -> list[str]:
+    """The problems of the first (value, variant) that makes an invalid trial, if any."""
+    for value in p.extremes():
+        for variant in variants:
+            try:
+                config_from({**trial, "variant": variant, p.name: value}, "trial")
+            except ConfigError as e:
+                return [f"params.{p.name}.{p.kind}: {p.name}={value!r} with variant {variant}: {q}" for q in e.problems]
+    return []
+
+
+TOP_KEYS = ("name", "description", "strategy", "variants", "trial", "params", "max_lr", "tune",
+            "resources", "scheduler", "tracking_uri", "storage")
+
+
+def parse(raw, where: str = "search space", source: str = "") -> Space:
+    """Check a loaded YAML document; raise SpecError with every problem found."""
+    problems: list[str] = []
+    if not isinstance(raw, dict):
+        raise SpecError([f"expected a mapping at the top level, got {type(raw).__name__}"], where)
+    for k in raw:
+        if k not in TOP_KEYS:
+            problems.append(f"{k}: unknown key (known: {', '.join(TOP_KEYS)})")
+
+    name = raw.get("name")
+    if not isinstance(name, str) or not name.strip() or any(c in name for c in "/\\\0"):
+        problems.append(f"name: expected a non-empty name without slashes, got {name!r}")
+        name = "invalid"
+    description = raw.get("description") or ""
+    if not isinstance(description, str):
+        problems.append(f"description: expected text, got {description!r}")
+    strategy = raw.get("strategy")
+    if strategy not in STRATEGIES:
+        problems.append(f"strategy: expected one of {', '.join(STRATEGIES)}, got {strategy!r}")
+
+    variants = raw.get("variants")
+    if not isinstance(variants, list) or not variants:
+        problems.append(f"variants: expected a non-empty list of variant names, got {variants!r}")
+        variants = []
+    bad = [v for v in variants if not isinstance(v, str) or v not in VARIANTS]
+    if bad:
+        problems.append(f"variants: unknown {bad!r} (known: {', '.join(VARIANTS)})")
+    if len(set(map(repr, variants))) != len(variants):
+        problems.append(f"variants: listed twice in {variants!r}")
+    variants = [v for v in variants if isinstance(v, str) and v in VARIANTS]
+
+    trial = raw.get("trial") or {}
+    if not isinstance(trial, dict):
+        problems.append(f"trial: expected a mapping of TrialConfig fields, got {type(trial).__name__}")
+        trial = {}
+    if "variant" in trial:
+        problems.append("trial.variant: list variants under `variants`")
+        trial = {k: v for k, v in trial.items() if k != "variant"}
+    trial_ok = True
+    try:
+        config_from(trial, "trial")
+    except ConfigError as e:
+        problems += [f"trial.{p}" for p in e.problems]
+        trial_ok = False
+
+    params_raw = raw.get("params") or {}
+    params: list[Param] = []
+    if not isinstance(params_raw, dict):
+        problems.append(f"params: expected a mapping of parameter -> distribution, got {params_raw!r}")
+    else:
+        for pname, pspec in params_raw.items():
+            if pname in trial:
+                problems.append(f"params.{pname}: also fixed under trial.{pname}; keep one")
+            p = _param(pname, pspec, problems)
+            if p:
+                params.append(p)
+
+    # Each value a parameter can take must make a valid trial with every variant.
+    if trial_ok:
+        for p in params:
+            problems += _first_problem(p, trial, variants or ["baseline"])
+
+    max_lr = _section(raw, "max_lr", MaxLR, problems)
+    tune_ = _section(raw, "tune", Tune, problems)
+    resources = _section(raw, "resources", Resources, problems)
+
+    def rule_from(value, key):
+        if not isinstance(value, dict):
+            problems.append(f"{key}: expected a mapping of TEVRule fields, got {value!r}")
+            return TEVRule()
+        sub: list[str] = []
+        rule = _section({"rule": value}, "rule", TEVRule, sub)
+        problems.extend(f"scheduler.{q}" for q in sub)
+        problems.extend(f"{key}.{q}" for q in rule.problems())
+        return rule
+
+    scheduler = _section(raw, "scheduler", Scheduler, problems, convert={"rule": rule_from})
+
+    if max_lr.ratio <= 1:
+        problems.append(f"max_lr.ratio: must be > 1, got {max_lr.ratio}")
+    for key, value in (("max_lr.slots", max_lr.slots), ("max_lr.max_trials", max_lr.max_trials),
+                       ("tune.num_samples", tune_.num_samples), ("resources.workers", resources.workers)):
+        if value < 1:
+            problems.append(f"{key}: must be >= 1, got {value}")
+    if tune_.sampler not in SAMPLERS:
+        problems.append(f"tune.sampler: expected one of {', '.join(SAMPLERS)}, got {tune_.sampler!r}")
+    if resources.cpus_per_worker < 0 or resources.gpus_per_worker < 0:
+        problems.append("resources: cpus_per_worker and gpus_per_worker must be >= 0")
+    if resources.gpus_per_worker > 1 and resources.gpus_per_worker != int(resources.gpus_per_worker):
+        problems.append(f"resources.gpus_per_worker: above 1 it must be whole, got {resources.gpus_per_worker}")
+    if resources.max_concurrent < 0:
+        problems.append(f"resources.max_concurrent: must be >= 0, got {resources.max_concurrent}")
+    if scheduler.type not in ("tev", "none"):
+        problems.append(f"scheduler.type: expected tev or none, got {scheduler.type!r}")
+
+    lr = next((p for p in params if p.name == "lr"), None)
+    if strategy == "max_lr":
+        if lr is None or lr.kind != "loguniform":
+            problems.append("params.lr: the max_lr strategy needs `lr: {loguniform: [low, high]}`, the range it brackets")
+        if any(p.name != "lr" and p.kind != "grid" for p in params):
+            problems.append("params: with max_lr, parameters other than lr must be grids (each value is searched separately)")
+    elif strategy == "tune":
+        if not any(p.kind in ("loguniform", "uniform", "int", "choice") for p in params):
+            problems.append("params: the tune strategy needs at least one range or choice to sample")
+        if any(p.kind == "grid" for p in params):
+            problems.append("params: the tune strategy samples; use choice instead of grid")
+    elif strategy == "sweep":
+        if not params or any(p.kind != "grid" for p in params):
+            problems.append("params: the sweep strategy needs every parameter as a grid (`{grid: [...]}`)")
+
+    tracking_uri = raw.get("tracking_uri", DEFAULT_TRACKING_URI)
+    if not isinstance(tracking_uri, str) or not tracking_uri:
+        problems.append(f"tracking_uri: expected a URI, got {tracking_uri!r}")
+    storage = raw.get("storage", "~/tunestab_results")
+    if not isinstance(storage, str) or not storage:
+        problems.append(f"storage: expected a folder, got {storage!r}")
+
+    if problems:
+        raise SpecError(problems, where)
+    return Space(name=name, strategy=strategy, variants=tuple(variants), trial=dict(trial),
+                 params=tuple(params), description=description, max_lr=max_lr, tune=tune_,
+                 resources=resources, scheduler=scheduler, tracking_uri=tracking_uri, storage=storage,
+                 source=source)
