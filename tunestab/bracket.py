@@ -128,7 +128,16 @@ class BracketSampler(optuna.samplers.BaseSampler):
         return optuna.samplers.RandomSampler().sample_independent(study, trial, param_name, param_distribution)
 
 
-class BracketSearch(OptunaSearch):
+class FinalOnlyOptunaSearch(OptunaSearch):
+    """OptunaSearch that scores a trial on its final result only: intermediate reports do not
+    carry the objective (it depends on how the trial ends), and Optuna prunes nothing here (the
+    TEV scheduler does the stopping)."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        pass
+
+
+class BracketSearch(FinalOnlyOptunaSearch):
     """OptunaSearch over {variant, lr} with BracketSampler; FINISHED when every bracket is."""
 
     def __init__(self, variants: list[str], lo: float, hi: float, ratio: float, slots: int, max_trials: int,

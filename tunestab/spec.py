@@ -350,8 +350,8 @@ def parse(raw, where: str = "search space", source: str = "") -> Space:
     if strategy == "max_lr":
         if lr is None or lr.kind != "loguniform":
             problems.append("params.lr: the max_lr strategy needs `lr: {loguniform: [low, high]}`, the range it brackets")
-        if any(p.name != "lr" and p.kind != "grid" for p in params):
-            problems.append("params: with max_lr, parameters other than lr must be grids (each value is searched separately)")
+        if any(p.name != "lr" for p in params):
+            problems.append("params: the max_lr strategy searches lr alone; fix the others under `trial`")
     elif strategy == "tune":
         if not any(p.kind in ("loguniform", "uniform", "int", "choice") for p in params):
             problems.append("params: the tune strategy needs at least one range or choice to sample")

@@ -1,0 +1,260 @@
+"""`python -m tunestab.search`: a search space in, a Ray Tune search over Ray Train trials out,
+with the TEV scheduler stopping unstable trials and everything logged to MLflow.
+
+    python -m tunestab.search                          # search_spaces/default.yaml: CPU, offline, minutes
+    python -m tunestab.search --space max_lr --storage /data/runs --tracking-uri http://127.0.0.1:5000
+    python -m tunestab.search --space default --resume # continue the newest interrupted search
+
+Strategies (the space's `strategy`):
+- max_lr: per variant, bracket the largest LR that does not diverge (tunestab/bracket.py);
+- tune:   Optuna (TPE, GP or CMA-ES) over the space's parameters; objective: final val_loss, with
+          diverged and TEV-stopped trials scored as their initial loss (worse than any that learned);
+- sweep:  every combination of the grids, for every variant (the papers' protocol).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import data as data_mod
+from . import spec as spec_mod
+from .config import ConfigError
+from .train import RAY_TRAIN_ENV, cache_dir
+
+STATE_FILE = "tunestab_search.json"
+
+
+# --------------------------------------------------------------------------------------------
+# objectives: what the Optuna study sees of each trial
+
+
+def outcome_stable(result: dict) -> bool:
+    """Completed its budget without diverging (a TEV stop counts as predicted divergent)."""
+    return result.get("stop_reason") == "completed" and not result.get("diverged", 0)
+
+
+def objectives(result: dict, lr: float) -> dict:
+    l0 = result.get("loss_init", result.get("loss", 0.0))
+    stable = outcome_stable(result)
+    return {"stable_lr": float(lr) if stable else 0.0,
+            "objective": float(result["val_loss"]) if stable and "val_loss" in result else float(l0)}
+
+
+def make_callbacks(scheduler, tracking):
+    from ray.tune.callback import Callback
+
+    class Objectives(Callback):
+        """Adds `stable_lr` and `objective` to every result Tune keeps (after the TEV verdict)."""
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            result.update(objectives(result, trial.config.get("lr", 0.0)))
+
+    # Order matters: the TEV verdict first, then the objectives computed from it, then MLflow.
+    return ([scheduler.callback()] if scheduler is not None else []) + [Objectives(), tracking]
+
+
+# --------------------------------------------------------------------------------------------
+# the Tuner
+
+
+def param_space(space: spec_mod.Space) -> dict:
+    from ray import tune
+
+    runner = {"workers": space.resources.workers, "cpus_per_worker": space.resources.cpus_per_worker,
+              "gpus_per_worker": space.resources.gpus_per_worker}
+    out = {**space.trial, "runner": runner}
+    if space.strategy == "max_lr":
+        return out  # variant and lr come from BracketSearch
+    variants = list(space.variants)
+    if space.strategy == "sweep":
+        out["variant"] = tune.grid_search(variants)
+    else:
+        out["variant"] = tune.choice(variants) if len(variants) > 1 else variants[0]
+    out.update({p.name: p.tune_domain() for p in space.params})
+    return out
+
+
+def searcher(space: spec_mod.Space, run_dir: Path):
+    import optuna
+
+    from .bracket import BracketSearch, FinalOnlyOptunaSearch
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'optuna.db'}")
+    if space.strategy == "max_lr":
+        lo, hi = space.param("lr").values
+        return BracketSearch(list(space.variants), lo, hi, space.max_lr.ratio, space.max_lr.slots,
+                             space.max_lr.max_trials, storage=storage, study_name=space.name)
+    if space.strategy == "tune":
+        sampler = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler,
+                   "cmaes": optuna.samplers.CmaEsSampler}[space.tune.sampler](seed=space.tune.seed)
+        return FinalOnlyOptunaSearch(metric="objective", mode="min", sampler=sampler, storage=storage,
+                                     study_name=space.name)
+    return None  # sweep: Tune's own grid
+
+
+def num_trials(space: spec_mod.Space) -> int:
+    if space.strategy == "max_lr":
+        return space.max_lr.max_trials * len(space.variants)
+    if space.strategy == "tune":
+        return space.tune.num_samples
+    return 1  # a grid is expanded by Tune itself
+
+
+def max_concurrent(space: spec_mod.Space, resources: dict) -> int:
+    if space.resources.max_concurrent:
+        return space.resources.max_concurrent
+    r = space.resources
+    if r.gpus_per_worker:
+        return max(1, int(resources.get("GPU", 0) // (r.workers * r.gpus_per_worker)))
+    return max(1, int(resources.get("CPU", 1) // max(r.workers * r.cpus_per_worker, 1e-9)))
+
+
+# --------------------------------------------------------------------------------------------
+# checks before Ray starts
+
+
+def prepare(args) -> tuple[spec_mod.Space, str]:
+    """Load and check everything a search needs; raise ConfigError listing every problem."""
+    space = spec_mod.load(args.space)
+    overrides = {}
+    if args.storage:
+        overrides["storage"] = args.storage
+    if args.tracking_uri:
+        overrides["tracking_uri"] = args.tracking_uri
+    if args.max_concurrent is not None:
+        if args.max_concurrent < 1:
+            raise ConfigError([f"--max-concurrent: must be >= 1, got {args.max_concurrent}"], "command line")
+        overrides["resources"] = dataclasses.replace(space.resources, max_concurrent=args.max_concurrent)
+    space = dataclasses.replace(space, **overrides)
+    problems = []
+    storage = Path(os.path.expanduser(space.storage)).absolute()
+    try:
+        storage.mkdir(parents=True, exist_ok=True)
+        probe = storage / ".tunestab-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        problems.append(f"storage: cannot write to {storage}: {e.strerror or e}")
+    from .tracking import TrackingError, check_reachable, resolve_uri
+
+    uri = resolve_uri(space.tracking_uri, str(storage))
+    try:
+        check_reachable(uri)
+    except TrackingError as e:
+        problems.append(f"tracking_uri: {e}")
+    cfg = space.trial_config(space.variants[0])
+    try:
+        data_mod.load_splits(cfg.data, cfg.tokenizer, cache_dir(cfg), cfg.val_fraction, cfg.max_tokens or None)
+    except data_mod.DataError as e:
+        problems.append(f"trial.data: {e}")
+    if problems:
+        raise ConfigError(problems, f"search {space.source}")
+    return dataclasses.replace(space, storage=str(storage)), uri
+
+
+def newest_run_dir(storage: Path, name: str) -> Path | None:
+    dirs = sorted(p for p in storage.glob(f"{name}-*") if (p / STATE_FILE).exists())
+    return dirs[-1] if dirs else None
+
+
+# --------------------------------------------------------------------------------------------
+# the command
+
+
+def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
+    import ray
+    from ray import tune
+
+    from .analysis import report
+    from .scheduler import TEVScheduler
+    from .tracking import MLflowTracking, start_parent
+    from .train import trial_driver
+
+    storage = Path(space.storage)
+    run_dir = newest_run_dir(storage, space.name) if resume else None
+    if resume and run_dir is None:
+        print(f"error: --resume: no earlier search named {space.name!r} in {storage}", file=sys.stderr)
+        return 2
+    if run_dir is None:
+        run_dir = storage / f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_dir.mkdir(parents=True)
+        parent = start_parent(uri, space.name, run_dir.name, {"strategy": space.strategy, "space": space.source,
+                                                              "run_dir": str(run_dir)})
+        (run_dir / STATE_FILE).write_text(json.dumps({"parent_run_id": parent, "tracking_uri": uri}))
+        from mlflow.tracking import MlflowClient
+
+        if space.source:
+            MlflowClient(uri).log_artifact(parent, space.source)
+    state = json.loads((run_dir / STATE_FILE).read_text())
+    # `stable_lr` and `objective` depend on how a trial ends, so the driver's Objectives callback
+    # adds them to each result; workers do not report them, and Tune must not insist they do.
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": RAY_TRAIN_ENV})
+    else:
+        # The dashboard serves the State API that Train V2 needs to free a stopped trial's
+        # placement group (docs/scheduler.md); it listens on 127.0.0.1 only.
+        ray.init(runtime_env={"env_vars": RAY_TRAIN_ENV}, include_dashboard=True)
+
+    scheduler = None
+    if space.scheduler.type == "tev":
+        scheduler = TEVScheduler(space.scheduler.rule, shadow=space.scheduler.shadow,
+                                 state_path=str(run_dir / "tev_scheduler.json"))
+    tracking = MLflowTracking(uri, space.name, state["parent_run_id"])
+    trainable = tune.with_resources(trial_driver, {"cpu": 0.01})
+    tune_dir = run_dir / "tune"
+    if resume and tune.Tuner.can_restore(str(tune_dir / space.name)):
+        tuner = tune.Tuner.restore(str(tune_dir / space.name), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(space),
+            tune_config=tune.TuneConfig(search_alg=searcher(space, run_dir), scheduler=scheduler,
+                                        num_samples=num_trials(space),
+                                        max_concurrent_trials=max_concurrent(space, ray.cluster_resources())),
+            run_config=tune.RunConfig(storage_path=str(tune_dir), name=space.name,
+                                      callbacks=make_callbacks(scheduler, tracking), verbose=1),
+        )
+    grid = tuner.fit()
+    report(space, grid, uri, state["parent_run_id"], run_dir)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tunestab.search", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--space", default="default", help="a file, or a name in search_spaces/ (default: default)")
+    ap.add_argument("--resume", action="store_true", help="continue the newest interrupted search of this space")
+    ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: the space's, sqlite:///mlflow.db "
+                                           "in the storage folder)")
+    ap.add_argument("--storage", help="folder for Tune results, the Optuna study and MLflow's SQLite file")
+    ap.add_argument("--max-concurrent", type=int, help="trials running at once (default: from the cluster)")
+    ap.add_argument("--dry-run", action="store_true", help="check everything and print the plan; run nothing")
+    args = ap.parse_args(argv)
+    try:
+        space, uri = prepare(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        print(f"search {space.name!r} ({space.strategy}) from {space.source}")
+        print(f"  variants: {', '.join(space.variants)}")
+        for p in space.params:
+            print(f"  {p.name}: {p.kind} {list(p.values)}")
+        print(f"  trials: {'grid' if space.strategy == 'sweep' else f'up to {num_trials(space)}'}; "
+              f"scheduler: {space.scheduler.type}{' (shadow)' if space.scheduler.shadow else ''}")
+        print(f"  storage: {space.storage}\n  tracking: {uri}")
+        return 0
+    return run_search(space, uri, args.resume)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""MLflow as the system of record: one experiment per search space, one parent run per search,
+one child run per trial (DESIGN.md, "MLflow layout").
+
+`MLflowTracking` is a Ray Tune callback on the driver. It talks to MLflow through `MlflowClient`
+(no global active run, so trials that run side by side never mix their metrics). Its state maps
+trial ids to run ids and is saved with Tune's experiment checkpoint, so `--resume` continues the
+same runs instead of opening new ones. Ray's `MLflowLoggerCallback` keeps no such state across a
+restore and cannot tag a parent run, hence this small class.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import urllib.parse
+import urllib.request
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from ray.tune.callback import Callback
+
+PARENT_TAG = "mlflow.parentRunId"
+# Result keys that are bookkeeping of Tune's, not measurements worth a chart.
+SKIP_METRICS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "done",
+                "time_since_restore", "iterations_since_restore", "config", "checkpoint_dir_name"}
+TAGS = ("variant", "stop_reason", "tev_stop_reason")
+
+
+class TrackingError(RuntimeError):
+    pass
+
+
+def resolve_uri(uri: str, storage: str) -> str:
+    """A relative SQLite path lives in the storage folder, beside the Tune results."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.join(os.path.abspath(os.path.expanduser(storage)), uri[len("sqlite:///"):])
+    return uri
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail before any trial runs when the tracking store cannot be used."""
+    scheme = urllib.parse.urlparse(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
+                if r.status != 200:
+                    raise TrackingError(f"tracking server {uri} answered /health with HTTP {r.status}")
+        except OSError as e:
+            raise TrackingError(f"tracking server {uri} is not reachable: {getattr(e, 'reason', e)}") from None
+    elif scheme == "sqlite":
+        folder = os.path.dirname(uri[len("sqlite:///"):]) or "."
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise TrackingError(f"cannot create the folder of the tracking database {uri}: {e.strerror}") from None
+        if not os.access(folder, os.W_OK):
+            raise TrackingError(f"the folder of the tracking database {uri} is not writable")
+    elif scheme in ("", "file"):
+        raise TrackingError(f"tracking URI {uri!r}: MLflow 3 refuses the file store; use sqlite:///PATH or http://HOST:PORT")
+    elif scheme not in ("postgresql", "mysql", "mssql", "databricks"):
+        raise TrackingError(f"tracking URI {uri!r}: unknown scheme {scheme!r}")
+
+
+def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, dict):
+            out.update(flat_params(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = str(v)
+    return out
+
+
+def numeric(result: dict) -> dict[str, float]:
+    return {k: float(v) for k, v in result.items()
+            if k not in SKIP_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v)}
+
+
+class MLflowTracking(Callback):
+    """Parent run per search, child run per trial, metrics at each report's training step."""
+
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str):
+        self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
+        self.runs: dict[str, str] = {}  # trial id -> MLflow run id
+        self._client = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def __getstate__(self):
+        return {**self.__dict__, "_client": None}
+
+    def get_state(self) -> dict:
+        return {"runs": dict(self.runs)}
+
+    def set_state(self, state: dict) -> None:
+        self.runs.update(state.get("runs", {}))
+
+    def run_for(self, trial) -> str:
+        if trial.trial_id not in self.runs:
+            exp = self.client.get_run(self.parent_run_id).info.experiment_id
+            config = {k: v for k, v in trial.config.items() if k != "runner"}
+            run = self.client.create_run(exp, run_name=f"{config.get('variant', 'trial')}-{trial.trial_id}",
+                                         tags={PARENT_TAG: self.parent_run_id, "tune_trial_id": trial.trial_id,
+                                               "variant": str(config.get("variant", ""))})
+            params = flat_params(config)
+            self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+            self.runs[trial.trial_id] = run.info.run_id
+        return self.runs[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.run_for(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id = self.run_for(trial)
+        step = int(result.get("step", result.get("training_iteration", 0)))
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for k, v in numeric(result).items()]
+        for i in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per batch
+            self.client.log_batch(run_id, metrics=metrics[i:i + 900])
+
+    def _finish(self, trial, status: str) -> None:
+        run_id = self.run_for(trial)
+        last = trial.last_result or {}
+        tags = {k: str(last[k]) for k in TAGS if k in last}
+        tags["diverged"] = str(int(last.get("diverged", 0)))
+        tags["stop_step"] = str(last.get("step", 0))
+        if status == "FAILED":
+            tags["stop_reason"] = "error"
+        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        self.client.set_terminated(run_id, status)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._finish(trial, "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._finish(trial, "FAILED")
+
+
+def start_parent(tracking_uri: str, experiment: str, run_name: str, tags: dict) -> str:
+    """Create (or find) the experiment and open the search's parent run; returns its id."""
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
