@@ -119,3 +119,20 @@ def test_end_to_end_search_writes_parent_and_child_runs_to_mlflow(tmp_path, caps
     stable = trials[(trials.stop_reason == "completed") & (trials.diverged == 0)]
     for variant in stable.variant.unique():
         assert parent.data.metrics[f"max_stable_lr/{variant}"] == stable[stable.variant == variant].lr.max()
+
+
+def test_tune_reports_the_best_configuration_and_stable_lr_per_configuration():
+    from types import SimpleNamespace
+
+    from tunestab.analysis import best_configs
+
+    space = SimpleNamespace(params=[SimpleNamespace(name="lr"), SimpleNamespace(name="mlra_rank")])
+    table = pd.DataFrame([
+        {"variant": "mlra", "mlra_rank": 4, "lr": 0.1, "stop_reason": "completed", "diverged": 0, "val_loss": 3.2},
+        {"variant": "mlra", "mlra_rank": 4, "lr": 0.3, "stop_reason": "completed", "diverged": 0, "val_loss": 3.0},
+        {"variant": "mlra", "mlra_rank": 8, "lr": 0.2, "stop_reason": "completed", "diverged": 0, "val_loss": 3.1},
+        {"variant": "mlra", "mlra_rank": 8, "lr": 0.9, "stop_reason": "tev", "diverged": 0, "val_loss": None},
+    ])
+    best, per = best_configs(table, space)
+    assert best == {"variant": "mlra", "mlra_rank": 4, "lr": 0.3, "val_loss": 3.0}
+    assert dict(zip(per["mlra_rank"], per["max_stable_lr"])) == {4: 0.3, 8: 0.2}

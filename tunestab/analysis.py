@@ -49,6 +49,21 @@ def summary(table: pd.DataFrame, variants) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def best_configs(table: pd.DataFrame, space) -> tuple[dict | None, pd.DataFrame]:
+    """For `tune`: the stable trial with the lowest val_loss, and per configuration of the
+    searched parameters other than lr, the largest LR that stayed stable."""
+    keys = ["variant"] + [p.name for p in space.params if p.name != "lr"]
+    if not len(table):
+        return None, pd.DataFrame(columns=keys + ["max_stable_lr"])
+    stable = table[(table["stop_reason"] == "completed") & (table["diverged"] == 0)]
+    best = None
+    if len(stable):
+        row = stable.loc[stable["val_loss"].idxmin()]
+        best = {k: row[k].item() if hasattr(row[k], "item") else row[k] for k in keys + ["lr", "val_loss"]}
+    per = stable.groupby(keys, dropna=False)["lr"].max().rename("max_stable_lr").reset_index()
+    return best, per
+
+
 def fmt(x, spec=".3g") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -140,6 +155,14 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
 
     exp = client.get_run(parent_run_id).info.experiment_id
     print(f"\n{space.name} ({space.strategy}): {len(table)} trials\n\n{md}\n")
+    if space.strategy == "tune":
+        best, per = best_configs(table, space)
+        per.to_csv(run_dir / "max_stable_lr_per_config.csv", index=False)
+        client.log_artifact(parent_run_id, str(run_dir / "max_stable_lr_per_config.csv"))
+        if best:
+            client.log_batch(parent_run_id, metrics=[Metric("best_val_loss", float(best["val_loss"]), 0, 0)])
+            client.set_tag(parent_run_id, "best_config", str(best))
+        print(f"Best configuration: {best}\nLargest stable LR per configuration:\n{per.to_string(index=False)}\n")
     print(f"Results: {run_dir}\nMLflow: experiment {space.name!r} (id {exp}), parent run {parent_run_id}\n"
           f"  mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
     return s
