@@ -31,21 +31,27 @@ def trial_table(space, grid) -> pd.DataFrame:
         if r.error is not None:
             row["stop_reason"] = "error"
         rows.append(row)
-    return pd.DataFrame(rows)
+    extra = [p.name for p in space.params if p.name != "lr"]
+    # Fixed columns, so that an empty search gives an empty table the summary can still read.
+    return pd.DataFrame(rows, columns=COLUMNS[:3] + extra + COLUMNS[3:])
+
+
+def stable_mask(table: pd.DataFrame) -> pd.Series:
+    """Trials that completed their budget without diverging (a TEV stop is not stable)."""
+    return (table["stop_reason"] == "completed") & (table["diverged"] == 0)
 
 
 def summary(table: pd.DataFrame, variants) -> pd.DataFrame:
     rows = []
     for v in variants:
-        t = table[table["variant"] == v] if len(table) else table
-        ran = t[t["stop_reason"] != "error"] if len(t) else t
-        stable = (ran["stop_reason"] == "completed") & (ran["diverged"] == 0) if len(ran) else []
-        b = bracket(list(zip(ran["lr"], stable))) if len(ran) else bracket([])
-        best = ran[stable]["val_loss"].min() if len(ran) and stable.any() else math.nan
+        t = table[table["variant"] == v]
+        ran = t[t["stop_reason"] != "error"]
+        stable = stable_mask(ran)
+        b = bracket(list(zip(ran["lr"], stable)))
         rows.append({"variant": v, "max_stable_lr": b.stable, "smallest_divergent_lr": b.divergent,
-                     "best_val_loss": best, "trials": len(t),
-                     "diverged": int((ran["diverged"] == 1).sum()) if len(ran) else 0,
-                     "tev_stops": int((ran["stop_reason"] == "tev").sum()) if len(ran) else 0})
+                     "best_val_loss": ran[stable]["val_loss"].min() if stable.any() else math.nan,
+                     "trials": len(t), "diverged": int((ran["diverged"] == 1).sum()),
+                     "tev_stops": int((ran["stop_reason"] == "tev").sum())})
     return pd.DataFrame(rows)
 
 
@@ -53,9 +59,7 @@ def best_configs(table: pd.DataFrame, space) -> tuple[dict | None, pd.DataFrame]
     """For `tune`: the stable trial with the lowest val_loss, and per configuration of the
     searched parameters other than lr, the largest LR that stayed stable."""
     keys = ["variant"] + [p.name for p in space.params if p.name != "lr"]
-    if not len(table):
-        return None, pd.DataFrame(columns=keys + ["max_stable_lr"])
-    stable = table[(table["stop_reason"] == "completed") & (table["diverged"] == 0)]
+    stable = table[stable_mask(table)]
     best = None
     if len(stable):
         row = stable.loc[stable["val_loss"].idxmin()]
@@ -87,7 +91,7 @@ def plot_loss_vs_lr(table: pd.DataFrame, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for v, t in table.groupby("variant"):
         t = t.sort_values("lr")
-        ok = (t["stop_reason"] == "completed") & (t["diverged"] == 0)
+        ok = stable_mask(t)
         line, = ax.plot(t[ok]["lr"], t[ok]["val_loss"], "o-", label=v)
         bad = t[~ok]
         ax.plot(bad["lr"], [t[ok]["val_loss"].max() if ok.any() else 0] * len(bad), "x", color=line.get_color(),
@@ -102,7 +106,7 @@ def plot_loss_vs_lr(table: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_tev_curves(grid, table: pd.DataFrame, path: Path) -> None:
+def plot_tev_curves(grid, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -141,7 +145,7 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
     files = [run_dir / "trials.csv", run_dir / "summary.csv", run_dir / "summary.md"]
     if len(table):
         plot_loss_vs_lr(table, run_dir / "loss_vs_lr.png")
-        plot_tev_curves(grid, table, run_dir / "tev_curves.png")
+        plot_tev_curves(grid, run_dir / "tev_curves.png")
         files += [run_dir / "loss_vs_lr.png", run_dir / "tev_curves.png"]
 
     client = MlflowClient(tracking_uri)

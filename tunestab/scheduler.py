@@ -144,6 +144,7 @@ class TEVScheduler(FIFOScheduler):
                      or any(isinstance(v, float) and not math.isfinite(v) for v in result.values()))
         if nonfinite:
             self._record(tid, step, "nonfinite report", stopped=True)
+            self._save_state()
             return TrialScheduler.STOP
         if mean is None or std is None:  # a result without probes: nothing to judge
             return TrialScheduler.CONTINUE
@@ -163,7 +164,6 @@ class TEVScheduler(FIFOScheduler):
     def _record(self, tid: str, step: int, reason: str, stopped: bool) -> None:
         if tid not in self.verdicts:
             self.verdicts[tid] = {"step": int(step), "reason": reason, "stopped": stopped}
-        self._save_state()
 
     def annotate(self, trial_id: str, result: dict) -> None:
         """Write the verdict (if any) into a result: `tev_stop_step`, `tev_stop_reason`, and

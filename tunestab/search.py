@@ -203,17 +203,18 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
         # placement group (docs/scheduler.md); it listens on 127.0.0.1 only.
         ray.init(runtime_env={"env_vars": RAY_TRAIN_ENV}, include_dashboard=True)
 
-    scheduler = None
-    if space.scheduler.type == "tev":
-        scheduler = TEVScheduler(space.scheduler.rule, shadow=space.scheduler.shadow,
-                                 state_path=str(run_dir / "tev_scheduler.json"))
-    tracking = MLflowTracking(uri, space.name, state["parent_run_id"])
     trainable = tune.with_resources(trial_driver, {"cpu": 0.01})
     tune_dir = run_dir / "tune"
     if resume and tune.Tuner.can_restore(str(tune_dir / space.name)):
+        # The scheduler, searcher and callbacks come back from the Tuner's own pickle.
         tuner = tune.Tuner.restore(str(tune_dir / space.name), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
+        scheduler = None
+        if space.scheduler.type == "tev":
+            scheduler = TEVScheduler(space.scheduler.rule, shadow=space.scheduler.shadow,
+                                     state_path=str(run_dir / "tev_scheduler.json"))
+        tracking = MLflowTracking(uri, space.name, state["parent_run_id"])
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(space),

@@ -387,21 +387,34 @@ def run_with_ray(cfg: TrialConfig, workers: int, use_gpu: bool, storage: str | N
     from the last checkpoint reported through Ray Train.
     """
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
         ray.init(runtime_env={"env_vars": RAY_TRAIN_ENV}, include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
-    trainer = TorchTrainer(
+    return torch_trainer(loop, {"trial": cfg.to_dict(), "echo": True, **(extra or {})}, workers,
+                         gpus_per_worker=1.0 if use_gpu else 0.0, storage=storage, name=name,
+                         max_failures=max_failures).fit()
+
+
+def torch_trainer(loop, loop_config: dict, workers: int, cpus_per_worker: float = 1.0,
+                  gpus_per_worker: float = 0.0, storage: str | None = None, name: str | None = None,
+                  max_failures: int = 0, callbacks=()):
+    """The TorchTrainer of one trial: `workers` ranks (gloo on CPU, NCCL on GPUs), restarted from
+    the last checkpoint up to `max_failures` times."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    gpus = float(gpus_per_worker)
+    return TorchTrainer(
         loop,
-        train_loop_config={"trial": cfg.to_dict(), "echo": True, **(extra or {})},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        run_config=RunConfig(storage_path=storage, name=name,
-                             failure_config=FailureConfig(max_failures=max_failures)),
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
+                                     resources_per_worker={"CPU": float(cpus_per_worker),
+                                                           **({"GPU": gpus} if gpus else {})}),
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        run_config=RunConfig(storage_path=storage, name=name, failure_config=FailureConfig(max_failures=max_failures),
+                             callbacks=list(callbacks)),
     )
-    return trainer.fit()
 
 
 def trial_driver(config: dict) -> None:
@@ -413,25 +426,14 @@ def trial_driver(config: dict) -> None:
     lives inside the Tune trial's directory, so a restored trial finds its own checkpoints.
     """
     import ray.tune
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     runner = dict(config.get("runner") or {})
     cfg = config_from({k: v for k, v in config.items() if k != "runner"}, "trial config")
-    gpus = float(runner.get("gpus_per_worker", 0))
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"trial": cfg.to_dict()},
-        scaling_config=ScalingConfig(num_workers=int(runner.get("workers", 1)), use_gpu=gpus > 0,
-                                     resources_per_worker={"CPU": float(runner.get("cpus_per_worker", 1)),
-                                                           **({"GPU": gpus} if gpus else {})}),
-        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
-        run_config=RunConfig(storage_path=ray.tune.get_context().get_trial_dir(), name="train",
-                             failure_config=FailureConfig(max_failures=int(runner.get("max_failures", 0))),
-                             callbacks=[TuneReportCallback()]),
-    )
-    trainer.fit()
+    torch_trainer(train_loop_per_worker, {"trial": cfg.to_dict()}, int(runner.get("workers", 1)),
+                  cpus_per_worker=runner.get("cpus_per_worker", 1), gpus_per_worker=runner.get("gpus_per_worker", 0),
+                  storage=ray.tune.get_context().get_trial_dir(), name="train",
+                  max_failures=int(runner.get("max_failures", 0)), callbacks=[TuneReportCallback()]).fit()
 
 
 # --------------------------------------------------------------------------------------------
