@@ -136,3 +136,154 @@ def test_tune_reports_the_best_configuration_and_stable_lr_per_configuration():
     best, per = best_configs(table, space)
     assert best == {"variant": "mlra", "mlra_rank": 4, "lr": 0.3, "val_loss": 3.0}
     assert dict(zip(per["mlra_rank"], per["max_stable_lr"])) == {4: 0.3, 8: 0.2}
+
+
+def test_lr_sensitivity_follows_wortsman_with_the_l0_clip_and_seed_mean():
+    from types import SimpleNamespace
+
+    from tunestab.analysis import lr_sensitivity
+
+    space = SimpleNamespace(params=[SimpleNamespace(name="lr"), SimpleNamespace(name="seed")])
+    rows = []
+    # a: stable at all three LRs; two seeds whose losses average to 3.0, 2.5, 2.8.
+    for lr, losses in ((0.1, (3.1, 2.9)), (0.3, (2.4, 2.6)), (1.0, (2.8, 2.8))):
+        for seed, loss in enumerate(losses):
+            rows.append({"variant": "a", "lr": lr, "seed": seed, "stop_reason": "completed", "diverged": 0,
+                         "val_loss": loss, "loss_init": 5.5})
+    # b: learns at 0.1, diverges at 0.3 (val_loss = l0) and is stopped by TEV at 1.0 (no val_loss).
+    rows += [{"variant": "b", "lr": 0.1, "seed": 0, "stop_reason": "completed", "diverged": 0, "val_loss": 3.0,
+              "loss_init": 5.5},
+             {"variant": "b", "lr": 0.3, "seed": 0, "stop_reason": "blowup", "diverged": 1, "val_loss": 5.5,
+              "loss_init": 5.5},
+             {"variant": "b", "lr": 1.0, "seed": 0, "stop_reason": "tev", "diverged": 0, "val_loss": None,
+              "loss_init": 5.5}]
+    s = lr_sensitivity(pd.DataFrame(rows), space).set_index("variant")
+    assert s.loc["a", "lr_sensitivity"] == pytest.approx((3.0 + 2.5 + 2.8) / 3 - 2.5)
+    assert s.loc["a", "best_lr"] == 0.3 and s.loc["a", "lrs"] == 3
+    assert s.loc["b", "lr_sensitivity"] == pytest.approx((3.0 + 5.5 + 5.5) / 3 - 3.0)
+    assert s.loc["b", "lr_sensitivity"] > s.loc["a", "lr_sensitivity"]
+
+
+def test_params_vs_loss_plot_is_written(tmp_path):
+    from tunestab.analysis import plot_params_vs_loss
+
+    table = pd.DataFrame([
+        {"variant": "mlra", "mlra_rank": r, "lr": lr, "stop_reason": sr, "diverged": 0, "val_loss": vl,
+         "loss_init": 5.5}
+        for r, lr, sr, vl in ((4, 0.1, "completed", 3.2), (16, 0.3, "completed", 3.0), (32, 2.0, "tev", None))])
+    plot_params_vs_loss(table, ["mlra_rank"], tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def mlflow_runs(storage, name):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    return (client, [r for r in runs if "mlflow.parentRunId" not in r.data.tags],
+            [r for r in runs if "mlflow.parentRunId" in r.data.tags])
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_finishes_the_search_without_duplicate_mlflow_runs(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import ray
+
+    space = write_space(tmp_path, trial={**TINY["trial"], "steps": 300, "checkpoint_every": 100, "eval_every": 300},
+                        resources={"max_concurrent": 1})
+    storage = tmp_path / "results"
+    log = open(tmp_path / "search.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "tunestab.search", "--space", space, "--storage", str(storage)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # Kill the search once one trial has finished and the next is past its first checkpoint.
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "search.log").read_text()[-3000:]
+            # The state file is written after the search has created its MLflow tables; reading
+            # the database before that would race the search's own schema migration.
+            if list(storage.glob(f"tiny-*/{search.STATE_FILE}")):
+                _, _, children = mlflow_runs(storage, "tiny")
+                done = [r for r in children if r.info.status == "FINISHED"]
+                going = [r for r in children if r.info.status == "RUNNING" and r.data.metrics.get("step", 0) >= 110]
+                if done and going:
+                    break
+            time.sleep(0.5)
+        else:
+            pytest.fail("the search never got one trial done and one past a checkpoint")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    in_flight = going[0].data.tags["tune_trial_id"]
+
+    try:
+        assert search.main(["--space", space, "--storage", str(storage), "--resume"]) == 0
+    finally:
+        ray.shutdown()
+
+    client, parents, children = mlflow_runs(storage, "tiny")
+    trials = pd.read_csv(next(storage.glob("tiny-*")) / "trials.csv")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    # Every trial once in MLflow, each finished, none opened twice.
+    ids = [r.data.tags["tune_trial_id"] for r in children]
+    assert len(ids) == len(set(ids)) == len(trials) == 4
+    assert all(r.info.status == "FINISHED" for r in children)
+    for r in children:
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
+        assert steps == sorted(set(steps)), f"steps logged twice in {r.info.run_id}: {steps}"
+    # The trial in flight continued from its checkpoint (step 100 or 200), not from scratch.
+    resumed = next(r for r in children if r.data.tags["tune_trial_id"] == in_flight)
+    assert resumed.data.metrics["resumed_from"] in (100, 200)
+
+
+def run_search_in_process(space, storage):
+    import ray
+
+    try:
+        assert search.main(["--space", space, "--storage", str(storage)]) == 0
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+def test_tune_strategy_reports_best_configuration_to_mlflow(tmp_path, capsys):
+    space = write_space(tmp_path, strategy="tune", variants=["mlra"],
+                        params={"lr": {"loguniform": [1e-3, 0.3]}, "mlra_rank": {"int": [2, 16]}},
+                        tune={"sampler": "tpe", "num_samples": 3, "seed": 1})
+    storage = tmp_path / "results"
+    run_search_in_process(space, storage)
+    assert "Best configuration: {'variant': 'mlra', 'mlra_rank':" in capsys.readouterr().out
+
+    client, (parent,), children = mlflow_runs(storage, "tiny")
+    assert len(children) == 3
+    ranks = {int(r.data.params["mlra_rank"]) for r in children}
+    assert all(2 <= k <= 16 for k in ranks)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"params_vs_loss.png", "max_stable_lr_per_config.csv", "trials.csv"} <= artifacts
+    trials = pd.read_csv(next(storage.glob("tiny-*")) / "trials.csv")
+    stable = trials[(trials.stop_reason == "completed") & (trials.diverged == 0)]
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(stable.val_loss.min())
+    assert f"'mlra_rank': {int(stable.loc[stable.val_loss.idxmin(), 'mlra_rank'])}" in parent.data.tags["best_config"]
+
+
+@pytest.mark.slow
+def test_sweep_strategy_runs_the_grid_and_logs_lr_sensitivity(tmp_path):
+    space = write_space(tmp_path, strategy="sweep", variants=["baseline", "qk_norm"],
+                        params={"lr": {"grid": [0.003, 0.03]}}, scheduler={"type": "none"})
+    storage = tmp_path / "results"
+    run_search_in_process(space, storage)
+
+    client, (parent,), children = mlflow_runs(storage, "tiny")
+    assert sorted((r.data.tags["variant"], float(r.data.params["lr"])) for r in children) == [
+        ("baseline", 0.003), ("baseline", 0.03), ("qk_norm", 0.003), ("qk_norm", 0.03)]
+    assert "lr_sensitivity.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    sens = pd.read_csv(next(storage.glob("tiny-*")) / "lr_sensitivity.csv").set_index("variant")
+    for v in ("baseline", "qk_norm"):
+        assert parent.data.metrics[f"lr_sensitivity/{v}"] == pytest.approx(sens.loc[v, "lr_sensitivity"])
+        assert sens.loc[v, "lr_sensitivity"] >= 0 and sens.loc[v, "lrs"] == 2

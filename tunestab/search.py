@@ -50,10 +50,13 @@ def make_callbacks(scheduler, tracking):
     from ray.tune.callback import Callback
 
     class Objectives(Callback):
-        """Adds `stable_lr` and `objective` to every result Tune keeps (after the TEV verdict)."""
+        """Adds `stable_lr` and `objective` to every result Tune keeps (after the TEV verdict), and
+        `tev_dispersion`, the sigma/mu of TEV that the scheduler watches."""
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             result.update(objectives(result, trial.config.get("lr", 0.0)))
+            if result.get("tev_mean"):
+                result["tev_dispersion"] = float(result.get("tev_std", 0.0)) / float(result["tev_mean"])
 
     # Order matters: the TEV verdict first, then the objectives computed from it, then MLflow.
     return ([scheduler.callback()] if scheduler is not None else []) + [Objectives(), tracking]
@@ -63,11 +66,13 @@ def make_callbacks(scheduler, tracking):
 # the Tuner
 
 
-def param_space(space: spec_mod.Space) -> dict:
+def param_space(space: spec_mod.Space, run_dir: Path) -> dict:
     from ray import tune
 
+    # Train runs (and their checkpoints) under the run folder, one per trial id: where a
+    # resumed search finds them (train.trial_driver).
     runner = {"workers": space.resources.workers, "cpus_per_worker": space.resources.cpus_per_worker,
-              "gpus_per_worker": space.resources.gpus_per_worker}
+              "gpus_per_worker": space.resources.gpus_per_worker, "storage": str(run_dir / "train")}
     out = {**space.trial, "runner": runner}
     if space.strategy == "max_lr":
         return out  # variant and lr come from BracketSearch
@@ -78,6 +83,18 @@ def param_space(space: spec_mod.Space) -> dict:
         out["variant"] = tune.choice(variants) if len(variants) > 1 else variants[0]
     out.update({p.name: p.tune_domain() for p in space.params})
     return out
+
+
+def progress_reporter(space: spec_mod.Space):
+    """Tune's status table with the columns a stability search is read by: what each trial
+    tries, how far it got, its loss, the TEV dispersion the scheduler watches, and how it ended."""
+    from ray.tune import CLIReporter
+
+    params = ["variant", "lr"] + [p.name for p in space.params if p.name != "lr"]
+    metrics = {"step": "step", "loss": "loss", "val_loss": "val loss", "tev_dispersion": "TEV σ/μ",
+               "stop_reason": "status"}
+    return CLIReporter(parameter_columns=params, metric_columns=metrics, max_report_frequency=30,
+                       max_progress_rows=30)
 
 
 def searcher(space: spec_mod.Space, run_dir: Path):
@@ -167,6 +184,35 @@ def newest_run_dir(storage: Path, name: str) -> Path | None:
 # the command
 
 
+def start_ray() -> None:
+    """Join the cluster in RAY_ADDRESS, or start a local one for this search.
+
+    A local cluster gets a GCS port chosen here, and its workers get RAY_ADDRESS pointing at it.
+    Train V2 frees a stopped trial's placement group from a helper actor that finds its cluster
+    through the State API; with no address it looks for "the" Ray instance on the machine, and
+    with two (two searches at once, or one left by a killed process) it fails on every poll, the
+    group is never freed and the next trial waits forever. The dashboard serves the State API
+    (docs/scheduler.md); it listens on 127.0.0.1 only.
+    """
+    import socket
+
+    import ray
+
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(runtime_env={"env_vars": RAY_TRAIN_ENV})
+        return
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts the GCS
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    try:
+        ray.init(address="local", include_dashboard=True,
+                 runtime_env={"env_vars": {**RAY_TRAIN_ENV, "RAY_ADDRESS": address}})
+    finally:
+        del os.environ["RAY_GCS_SERVER_PORT"]
+
+
 def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
     import ray
     from ray import tune
@@ -195,13 +241,11 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
     # `stable_lr` and `objective` depend on how a trial ends, so the driver's Objectives callback
     # adds them to each result; workers do not report them, and Tune must not insist they do.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
+    # Tune's newer console output picks its own columns (the first four metrics a worker
+    # reports) and prints every trial's whole config; the classic reporter takes ours.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
 
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": RAY_TRAIN_ENV})
-    else:
-        # The dashboard serves the State API that Train V2 needs to free a stopped trial's
-        # placement group (docs/scheduler.md); it listens on 127.0.0.1 only.
-        ray.init(runtime_env={"env_vars": RAY_TRAIN_ENV}, include_dashboard=True)
+    start_ray()
 
     trainable = tune.with_resources(trial_driver, {"cpu": 0.01})
     tune_dir = run_dir / "tune"
@@ -217,12 +261,13 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
         tracking = MLflowTracking(uri, space.name, state["parent_run_id"])
         tuner = tune.Tuner(
             trainable,
-            param_space=param_space(space),
+            param_space=param_space(space, run_dir),
             tune_config=tune.TuneConfig(search_alg=searcher(space, run_dir), scheduler=scheduler,
                                         num_samples=num_trials(space),
                                         max_concurrent_trials=max_concurrent(space, ray.cluster_resources())),
             run_config=tune.RunConfig(storage_path=str(tune_dir), name=space.name,
-                                      callbacks=make_callbacks(scheduler, tracking), verbose=1),
+                                      callbacks=make_callbacks(scheduler, tracking), verbose=1,
+                                      progress_reporter=progress_reporter(space)),
         )
     grid = tuner.fit()
     report(space, grid, uri, state["parent_run_id"], run_dir)

@@ -4,7 +4,8 @@ one child run per trial (DESIGN.md, "MLflow layout").
 `MLflowTracking` is a Ray Tune callback on the driver. It talks to MLflow through `MlflowClient`
 (no global active run, so trials that run side by side never mix their metrics). Its state maps
 trial ids to run ids and is saved with Tune's experiment checkpoint, so `--resume` continues the
-same runs instead of opening new ones. Ray's `MLflowLoggerCallback` keeps no such state across a
+same runs instead of opening new ones; a run opened after the last experiment checkpoint is found
+again by its `tune_trial_id` tag, and steps a resumed trial replays are not logged twice. Ray's `MLflowLoggerCallback` keeps no such state across a
 restore and cannot tag a parent run, hence this small class.
 """
 
@@ -84,6 +85,9 @@ class MLflowTracking(Callback):
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str):
         self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
         self.runs: dict[str, str] = {}  # trial id -> MLflow run id
+        # MLflow run id -> last training step logged. Not saved with Tune's state: a killed driver
+        # may have logged more after the last experiment checkpoint, so MLflow itself is asked.
+        self.logged: dict[str, int] = {}
         self._client = None
 
     @property
@@ -93,7 +97,7 @@ class MLflowTracking(Callback):
         return self._client
 
     def __getstate__(self):
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": None, "logged": {}}
 
     def get_state(self) -> dict:
         return {"runs": dict(self.runs)}
@@ -101,16 +105,34 @@ class MLflowTracking(Callback):
     def set_state(self, state: dict) -> None:
         self.runs.update(state.get("runs", {}))
 
+    def last_logged_step(self, run_id: str) -> int:
+        if run_id not in self.logged:
+            self.logged[run_id] = int(self.client.get_run(run_id).data.metrics.get("step", -1))
+        return self.logged[run_id]
+
+    def existing_run(self, trial_id: str) -> str | None:
+        """The child run of this trial, when an earlier (killed) driver opened it after Tune's
+        last experiment checkpoint: a resumed search continues it instead of opening a second."""
+        exp = self.client.get_run(self.parent_run_id).info.experiment_id
+        found = self.client.search_runs([exp], filter_string=f"tags.tune_trial_id = '{trial_id}' and "
+                                                             f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'")
+        if not found:
+            return None
+        return found[0].info.run_id
+
     def run_for(self, trial) -> str:
         if trial.trial_id not in self.runs:
-            exp = self.client.get_run(self.parent_run_id).info.experiment_id
-            config = {k: v for k, v in trial.config.items() if k != "runner"}
-            run = self.client.create_run(exp, run_name=f"{config.get('variant', 'trial')}-{trial.trial_id}",
-                                         tags={PARENT_TAG: self.parent_run_id, "tune_trial_id": trial.trial_id,
-                                               "variant": str(config.get("variant", ""))})
-            params = flat_params(config)
-            self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
-            self.runs[trial.trial_id] = run.info.run_id
+            run_id = self.existing_run(trial.trial_id)
+            if run_id is None:
+                exp = self.client.get_run(self.parent_run_id).info.experiment_id
+                config = {k: v for k, v in trial.config.items() if k != "runner"}
+                run = self.client.create_run(exp, run_name=f"{config.get('variant', 'trial')}-{trial.trial_id}",
+                                             tags={PARENT_TAG: self.parent_run_id, "tune_trial_id": trial.trial_id,
+                                                   "variant": str(config.get("variant", ""))})
+                run_id = run.info.run_id
+                self.logged[run_id] = -1
+                self.client.log_batch(run_id, params=[Param(k, v) for k, v in flat_params(config).items()])
+            self.runs[trial.trial_id] = run_id
         return self.runs[trial.trial_id]
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -119,6 +141,9 @@ class MLflowTracking(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         run_id = self.run_for(trial)
         step = int(result.get("step", result.get("training_iteration", 0)))
+        if step <= self.last_logged_step(run_id):
+            return  # a resumed trial replaying steps MLflow already has
+        self.logged[run_id] = step
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in numeric(result).items()]
         for i in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per batch

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import math
 import os
 import shutil
@@ -343,6 +344,7 @@ def run(cfg: TrialConfig, session) -> dict:
             tokens=(step + 1) * tokens_per_step,
             lr=lr_at(step, cfg),
             tokens_per_s=tokens_per_s,
+            resumed_from=start,  # the checkpoint step this run continued from; 0 on a fresh start
             diverged=int(reason is not None),
             stop_reason=reason or ("completed" if is_last else "running"),
         )
@@ -375,8 +377,22 @@ def run(cfg: TrialConfig, session) -> dict:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Entry point of every Ray Train worker: config = {"trial": TrialConfig fields, "echo": bool}."""
+    """Entry point of every Ray Train worker: config = {"trial": TrialConfig fields, "echo": bool,
+    "quiet": bool}."""
+    if config.get("quiet"):
+        quiet_report_logs()
     run(TrialConfig(**config["trial"]), RaySession(echo=config.get("echo", False)))
+
+
+def quiet_report_logs() -> None:
+    """Ray Train V2 (2.60) logs every report with all its metrics at INFO from a logger named
+    after its source file, so `LoggingConfig(log_level=...)`, which filters `ray.train.*`, misses
+    it; in a search that is one screen-wide line per report per trial."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # moved in another Ray version: the logs are noisy, nothing breaks
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def run_with_ray(cfg: TrialConfig, workers: int, use_gpu: bool, storage: str | None, name: str | None,
@@ -398,10 +414,11 @@ def run_with_ray(cfg: TrialConfig, workers: int, use_gpu: bool, storage: str | N
 
 def torch_trainer(loop, loop_config: dict, workers: int, cpus_per_worker: float = 1.0,
                   gpus_per_worker: float = 0.0, storage: str | None = None, name: str | None = None,
-                  max_failures: int = 0, callbacks=()):
+                  max_failures: int = 0, callbacks=(), log_level: str = "INFO"):
     """The TorchTrainer of one trial: `workers` ranks (gloo on CPU, NCCL on GPUs), restarted from
-    the last checkpoint up to `max_failures` times."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    the last checkpoint up to `max_failures` times. `log_level` filters Ray Train's console logs
+    (at INFO every worker prints each report with all its metrics)."""
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     gpus = float(gpus_per_worker)
@@ -413,7 +430,7 @@ def torch_trainer(loop, loop_config: dict, workers: int, cpus_per_worker: float 
                                                            **({"GPU": gpus} if gpus else {})}),
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         run_config=RunConfig(storage_path=storage, name=name, failure_config=FailureConfig(max_failures=max_failures),
-                             callbacks=list(callbacks)),
+                             callbacks=list(callbacks), logging_config=LoggingConfig(log_level=log_level)),
     )
 
 
@@ -422,18 +439,26 @@ def trial_driver(config: dict) -> None:
 
     `config` holds TrialConfig fields (what the search samples, flat, so that Optuna and MLflow
     see plain names) and `runner`: {"workers", "cpus_per_worker", "gpus_per_worker",
-    "max_failures"}. Rank 0's reports reach Tune through TuneReportCallback. The Train run
-    lives inside the Tune trial's directory, so a restored trial finds its own checkpoints.
+    "max_failures", "storage"}. Rank 0's reports reach Tune through TuneReportCallback.
+
+    The Train run lives at `<runner.storage>/<trial id>`, a path that outlives this process: Tune
+    hands a function trial a staging directory under the Ray session (`get_trial_dir()`), which
+    a new session after `--resume` does not have, so a restored trial would start from scratch
+    instead of from its last checkpoint.
     """
     import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     runner = dict(config.get("runner") or {})
     cfg = config_from({k: v for k, v in config.items() if k != "runner"}, "trial config")
-    torch_trainer(train_loop_per_worker, {"trial": cfg.to_dict()}, int(runner.get("workers", 1)),
+    torch_trainer(train_loop_per_worker, {"trial": cfg.to_dict(), "quiet": True}, int(runner.get("workers", 1)),
                   cpus_per_worker=runner.get("cpus_per_worker", 1), gpus_per_worker=runner.get("gpus_per_worker", 0),
-                  storage=ray.tune.get_context().get_trial_dir(), name="train",
-                  max_failures=int(runner.get("max_failures", 0)), callbacks=[TuneReportCallback()]).fit()
+                  storage=runner.get("storage") or ray.tune.get_context().get_trial_dir(),
+                  name=ray.tune.get_context().get_trial_id(),
+                  max_failures=int(runner.get("max_failures", 0)), callbacks=[TuneReportCallback()],
+                  # Tune's progress table and MLflow show the metrics; one line per report per
+                  # trial in the console would bury them.
+                  log_level="WARNING").fit()
 
 
 # --------------------------------------------------------------------------------------------
