@@ -16,7 +16,7 @@ import pandas as pd
 from .bracket import bracket
 
 COLUMNS = ["trial_id", "variant", "lr", "stop_reason", "diverged", "tev_stop_step", "step", "loss", "val_loss",
-           "tev_mean", "tev_std"]
+           "loss_init", "tev_mean", "tev_std"]
 
 
 def trial_table(space, grid) -> pd.DataFrame:
@@ -68,6 +68,31 @@ def best_configs(table: pd.DataFrame, space) -> tuple[dict | None, pd.DataFrame]
     return best, per
 
 
+def lr_sensitivity(table: pd.DataFrame, space) -> pd.DataFrame:
+    """Wortsman et al. 2023's LR sensitivity, for a sweep over an LR grid: per variant (and per
+    value of every other swept parameter but the seed),
+
+        mean over the LR grid of min(loss(lr), l0)  -  min over the grid of loss(lr),
+
+    with loss the final validation loss averaged over seeds, and l0 the loss at initialisation. A
+    diverged or TEV-stopped trial counts as l0 (the clip), so a narrow stable range scores high.
+    Lower is better; read it beside loss_vs_lr.png."""
+    keys = ["variant"] + [p.name for p in space.params if p.name not in ("lr", "seed")]
+    t = table[table["stop_reason"] != "error"].copy()
+    if t.empty or t["lr"].nunique() < 2:
+        return pd.DataFrame(columns=keys + ["lr_sensitivity", "best_lr", "best_val_loss", "lrs"])
+    l0 = t["loss_init"].astype(float)
+    loss = t["val_loss"].astype(float).where(stable_mask(t), l0)
+    t["clipped"] = loss.where(loss < l0, l0).fillna(l0)
+    rows = []
+    for key, g in t.groupby(keys, dropna=False):
+        per_lr = g.groupby("lr")["clipped"].mean()
+        rows.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))),
+                     "lr_sensitivity": per_lr.mean() - per_lr.min(), "best_lr": per_lr.idxmin(),
+                     "best_val_loss": per_lr.min(), "lrs": len(per_lr)})
+    return pd.DataFrame(rows)
+
+
 def fmt(x, spec=".3g") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
@@ -102,6 +127,31 @@ def plot_loss_vs_lr(table: pd.DataFrame, path: Path) -> None:
     ax.set_title("final loss against LR (x: diverged or stopped by TEV)")
     ax.legend(fontsize=8)
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_params_vs_loss(table: pd.DataFrame, names: list[str], path: Path) -> None:
+    """Final validation loss against each searched architecture parameter (an MLRA rank, a softmax
+    cap, a depth), coloured by LR; trials that diverged or were stopped by TEV are drawn as x at
+    their initial loss, so a setting that only trains at low LR stands out."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.2), squeeze=False)
+    ok = stable_mask(table)
+    norm = LogNorm(vmin=table["lr"].min(), vmax=max(table["lr"].max(), table["lr"].min() * 1.01))
+    for ax, name in zip(axes[0], names):
+        sc = ax.scatter(table[ok][name], table[ok]["val_loss"], c=table[ok]["lr"], norm=norm, cmap="viridis")
+        bad = table[~ok]
+        ax.scatter(bad[name], bad["loss_init"], c=bad["lr"], norm=norm, cmap="viridis", marker="x", s=60)
+        ax.set_xlabel(name)
+        ax.set_ylabel("final validation loss (x: diverged or TEV-stopped, at l0)")
+    fig.colorbar(sc, ax=axes[0].tolist(), label="learning rate")
+    fig.suptitle(f"final loss against {', '.join(names)}")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -147,10 +197,24 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
         plot_loss_vs_lr(table, run_dir / "loss_vs_lr.png")
         plot_tev_curves(grid, run_dir / "tev_curves.png")
         files += [run_dir / "loss_vs_lr.png", run_dir / "tev_curves.png"]
+        # Architecture parameters worth a picture: numeric, searched, and not the LR or the seed.
+        arch = [p.name for p in space.params if p.name not in ("lr", "seed")
+                and pd.api.types.is_numeric_dtype(table[p.name]) and table[p.name].nunique() > 1]
+        if arch:
+            plot_params_vs_loss(table, arch, run_dir / "params_vs_loss.png")
+            files.append(run_dir / "params_vs_loss.png")
+    sens = lr_sensitivity(table, space) if space.strategy == "sweep" else None
+    if sens is not None and len(sens):
+        sens.to_csv(run_dir / "lr_sensitivity.csv", index=False)
+        files.append(run_dir / "lr_sensitivity.csv")
 
     client = MlflowClient(tracking_uri)
     metrics = [Metric(f"max_stable_lr/{r['variant']}", float(r["max_stable_lr"]), 0, 0)
                for _, r in s.iterrows() if r["max_stable_lr"] is not None and not pd.isna(r["max_stable_lr"])]
+    if sens is not None:
+        keys = [c for c in sens.columns if c not in ("lr_sensitivity", "best_lr", "best_val_loss", "lrs")]
+        metrics += [Metric("lr_sensitivity/" + "/".join(f"{r[k]}" if k == "variant" else f"{k}={r[k]}" for k in keys),
+                           float(r["lr_sensitivity"]), 0, 0) for _, r in sens.iterrows()]
     if metrics:
         client.log_batch(parent_run_id, metrics=metrics)
     for f in files:
@@ -159,6 +223,8 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
 
     exp = client.get_run(parent_run_id).info.experiment_id
     print(f"\n{space.name} ({space.strategy}): {len(table)} trials\n\n{md}\n")
+    if sens is not None and len(sens):
+        print(f"LR sensitivity (Wortsman et al.; lower is more stable):\n{sens.to_string(index=False)}\n")
     if space.strategy == "tune":
         best, per = best_configs(table, space)
         per.to_csv(run_dir / "max_stable_lr_per_config.csv", index=False)
