@@ -2,6 +2,7 @@
 search on CPU read back from a SQLite MLflow store."""
 
 import math
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -105,6 +106,8 @@ def test_end_to_end_search_writes_parent_and_child_runs_to_mlflow(tmp_path, caps
     assert parent.info.status == "FINISHED"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"space.yaml", "summary.md", "summary.csv", "trials.csv", "loss_vs_lr.png", "tev_curves.png"} <= artifacts
+    # Artifacts sit beside the database in the storage folder, not in ./mlruns of the caller.
+    assert list((storage / "mlartifacts").rglob("summary.md")) and not Path("mlruns").exists()
     trials = pd.read_csv(next(storage.glob("tiny-*")) / "trials.csv")
     assert len(children) == len(trials) == 4  # max_trials 2 x 2 variants
     for child in children:

@@ -69,10 +69,12 @@ def make_callbacks(scheduler, tracking):
 def param_space(space: spec_mod.Space, run_dir: Path) -> dict:
     from ray import tune
 
-    # Train runs (and their checkpoints) under the run folder, one per trial id: where a
-    # resumed search finds them (train.trial_driver).
+    # Train runs (and their checkpoints), one per trial id, where a resumed search finds them
+    # (train.trial_driver): in the run folder, or under train_storage, which every node reaches.
+    train_storage = (f"{space.train_storage.rstrip('/')}/{run_dir.name}" if space.train_storage
+                     else str(run_dir / "train"))
     runner = {"workers": space.resources.workers, "cpus_per_worker": space.resources.cpus_per_worker,
-              "gpus_per_worker": space.resources.gpus_per_worker, "storage": str(run_dir / "train")}
+              "gpus_per_worker": space.resources.gpus_per_worker, "storage": train_storage}
     out = {**space.trial, "runner": runner}
     if space.strategy == "max_lr":
         return out  # variant and lr come from BracketSearch
@@ -123,17 +125,60 @@ def num_trials(space: spec_mod.Space) -> int:
     return 1  # a grid is expanded by Tune itself
 
 
-def max_concurrent(space: spec_mod.Space, resources: dict) -> int:
+# Written by `ray up` on the head node: the cluster's node types, with the resources the launcher
+# filled in for each instance type, and how many of each it may start.
+BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
+
+
+def cluster_capacity(resources: dict, bootstrap_config: str = BOOTSTRAP_CONFIG) -> dict:
+    """What the cluster has now, or, on an autoscaling cluster, what it can grow to: a GPU
+    cluster usually starts with no GPU node at all."""
+    import yaml
+
+    out = {k: float(resources.get(k, 0)) for k in ("CPU", "GPU")}
+    path = Path(os.path.expanduser(bootstrap_config))
+    if path.is_file():
+        config = yaml.safe_load(path.read_text()) or {}
+        head = config.get("head_node_type")
+        top = {k: 0.0 for k in out}
+        for name, node in (config.get("available_node_types") or {}).items():
+            count = 1 if name == head else int(node.get("max_workers", 0))
+            for k in top:
+                top[k] += count * float((node.get("resources") or {}).get(k, 0))
+        out = {k: max(out[k], top[k]) for k in out}
+    return out
+
+
+def max_concurrent(space: spec_mod.Space, resources: dict, bootstrap_config: str = BOOTSTRAP_CONFIG) -> int:
+    """Trials at once: the space's number, else as many as the cluster's GPUs (or CPUs, for CPU
+    trials) can hold at its largest."""
     if space.resources.max_concurrent:
         return space.resources.max_concurrent
     r = space.resources
+    capacity = cluster_capacity(resources, bootstrap_config)
     if r.gpus_per_worker:
-        return max(1, int(resources.get("GPU", 0) // (r.workers * r.gpus_per_worker)))
-    return max(1, int(resources.get("CPU", 1) // max(r.workers * r.cpus_per_worker, 1e-9)))
+        return max(1, int(capacity["GPU"] // (r.workers * r.gpus_per_worker)))
+    return max(1, int(capacity["CPU"] // max(r.workers * r.cpus_per_worker, 1e-9)))
 
 
 # --------------------------------------------------------------------------------------------
 # checks before Ray starts
+
+
+# Remote filesystems Ray Train writes checkpoints to through pyarrow (credentials come from
+# the nodes' environment, e.g. an instance role; they cannot be checked from here).
+REMOTE_SCHEMES = ("s3", "gs", "gcs", "abfs", "abfss", "hdfs")
+
+
+def writable(key: str, folder: Path) -> list[str]:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".tunestab-write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        return [f"{key}: cannot write to {folder}: {e.strerror or e}"]
+    return []
 
 
 def prepare(args) -> tuple[spec_mod.Space, str]:
@@ -144,6 +189,8 @@ def prepare(args) -> tuple[spec_mod.Space, str]:
         overrides["storage"] = args.storage
     if args.tracking_uri:
         overrides["tracking_uri"] = args.tracking_uri
+    if args.train_storage is not None:
+        overrides["train_storage"] = args.train_storage
     if args.max_concurrent is not None:
         if args.max_concurrent < 1:
             raise ConfigError([f"--max-concurrent: must be >= 1, got {args.max_concurrent}"], "command line")
@@ -151,13 +198,16 @@ def prepare(args) -> tuple[spec_mod.Space, str]:
     space = dataclasses.replace(space, **overrides)
     problems = []
     storage = Path(os.path.expanduser(space.storage)).absolute()
-    try:
-        storage.mkdir(parents=True, exist_ok=True)
-        probe = storage / ".tunestab-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        problems.append(f"storage: cannot write to {storage}: {e.strerror or e}")
+    problems += writable("storage", storage)
+    train_storage = space.train_storage
+    if "://" in train_storage:
+        scheme = train_storage.split("://", 1)[0]
+        if scheme not in REMOTE_SCHEMES:
+            problems.append(f"train_storage: {train_storage!r}: unknown scheme {scheme!r} "
+                            f"(known: {', '.join(REMOTE_SCHEMES)}, or a folder)")
+    elif train_storage:
+        train_storage = str(Path(os.path.expanduser(train_storage)).absolute())
+        problems += writable("train_storage", Path(train_storage))
     from .tracking import TrackingError, check_reachable, resolve_uri
 
     uri = resolve_uri(space.tracking_uri, str(storage))
@@ -172,7 +222,7 @@ def prepare(args) -> tuple[spec_mod.Space, str]:
         problems.append(f"trial.data: {e}")
     if problems:
         raise ConfigError(problems, f"search {space.source}")
-    return dataclasses.replace(space, storage=str(storage)), uri
+    return dataclasses.replace(space, storage=str(storage), train_storage=train_storage), uri
 
 
 def newest_run_dir(storage: Path, name: str) -> Path | None:
@@ -198,8 +248,10 @@ def start_ray() -> None:
 
     import ray
 
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": RAY_TRAIN_ENV})
+    address = os.environ.get("RAY_ADDRESS", "")
+    if address:
+        # `ray job submit` sets it to the cluster's GCS address; pass it on to the workers too.
+        ray.init(runtime_env={"env_vars": {**RAY_TRAIN_ENV, **({"RAY_ADDRESS": address} if "://" not in address else {})}})
         return
     with socket.socket() as s:
         s.bind(("", 0))
@@ -219,7 +271,7 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
 
     from .analysis import report
     from .scheduler import TEVScheduler
-    from .tracking import MLflowTracking, start_parent
+    from .tracking import MLflowTracking, artifact_location, start_parent
     from .train import trial_driver
 
     storage = Path(space.storage)
@@ -231,7 +283,8 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
         run_dir = storage / f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_dir.mkdir(parents=True)
         parent = start_parent(uri, space.name, run_dir.name, {"strategy": space.strategy, "space": space.source,
-                                                              "run_dir": str(run_dir)})
+                                                              "run_dir": str(run_dir)},
+                              artifacts=artifact_location(uri, space.storage))
         (run_dir / STATE_FILE).write_text(json.dumps({"parent_run_id": parent, "tracking_uri": uri}))
         from mlflow.tracking import MlflowClient
 
@@ -247,7 +300,11 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
 
     start_ray()
 
-    trainable = tune.with_resources(trial_driver, {"cpu": 0.01})
+    # A trial driver only starts its TorchTrainer and relays reports: a sliver of a CPU (Tune
+    # refuses zero) on the head node, so that it never takes the CPU a GPU node's Train worker
+    # needs (a 4-CPU worker cannot start on a 4-CPU node that also holds a 0.01-CPU driver).
+    trainable = tune.with_resources(
+        trial_driver, tune.PlacementGroupFactory([{"CPU": 0.01, "node:__internal_head__": 0.001}]))
     tune_dir = run_dir / "tune"
     if resume and tune.Tuner.can_restore(str(tune_dir / space.name)):
         # The scheduler, searcher and callbacks come back from the Tuner's own pickle.
@@ -282,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: the space's, sqlite:///mlflow.db "
                                            "in the storage folder)")
     ap.add_argument("--storage", help="folder for Tune results, the Optuna study and MLflow's SQLite file")
+    ap.add_argument("--train-storage", help="where trials' Ray Train checkpoints go (default: the run folder); "
+                                            "on a multi-node cluster a URI every node reaches, e.g. s3://bucket/tunestab")
     ap.add_argument("--max-concurrent", type=int, help="trials running at once (default: from the cluster)")
     ap.add_argument("--dry-run", action="store_true", help="check everything and print the plan; run nothing")
     args = ap.parse_args(argv)
@@ -297,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {p.name}: {p.kind} {list(p.values)}")
         print(f"  trials: {'grid' if space.strategy == 'sweep' else f'up to {num_trials(space)}'}; "
               f"scheduler: {space.scheduler.type}{' (shadow)' if space.scheduler.shadow else ''}")
-        print(f"  storage: {space.storage}\n  tracking: {uri}")
+        print(f"  storage: {space.storage}\n  train storage: {space.train_storage or 'the run folder'}\n"
+              f"  tracking: {uri}")
         return 0
     return run_search(space, uri, args.resume)
 

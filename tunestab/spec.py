@@ -120,7 +120,10 @@ class Space:
     tracking_uri: str = DEFAULT_TRACKING_URI
     """MLflow tracking URI; a relative sqlite path is relative to the storage folder."""
     storage: str = "~/tunestab_results"
-    """Where Tune results, the Optuna study and the scheduler state go."""
+    """Where Tune results, the Optuna study and the scheduler state go (on the driver's machine)."""
+    train_storage: str = ""
+    """Where trials' Ray Train runs and checkpoints go; empty: inside the run folder. On a
+    multi-node cluster every node must reach it: s3://bucket/prefix, gs://..., or a shared mount."""
     source: str = ""
     """The file's path (logged to MLflow as an artifact)."""
 
@@ -248,7 +251,7 @@ def _first_problem(p: Param, trial: dict, variants: list[str]) -> list[str]:
 
 
 TOP_KEYS = ("name", "description", "strategy", "variants", "trial", "params", "max_lr", "tune",
-            "resources", "scheduler", "tracking_uri", "storage")
+            "resources", "scheduler", "tracking_uri", "storage", "train_storage")
 
 
 def parse(raw, where: str = "search space", source: str = "") -> Space:
@@ -367,10 +370,13 @@ def parse(raw, where: str = "search space", source: str = "") -> Space:
     storage = raw.get("storage", "~/tunestab_results")
     if not isinstance(storage, str) or not storage:
         problems.append(f"storage: expected a folder, got {storage!r}")
+    train_storage = raw.get("train_storage", "")
+    if not isinstance(train_storage, str):
+        problems.append(f"train_storage: expected a folder or a URI such as s3://bucket/prefix, got {train_storage!r}")
 
     if problems:
         raise SpecError(problems, where)
     return Space(name=name, strategy=strategy, variants=tuple(variants), trial=dict(trial),
                  params=tuple(params), description=description, max_lr=max_lr, tune=tune_,
                  resources=resources, scheduler=scheduler, tracking_uri=tracking_uri, storage=storage,
-                 source=source)
+                 train_storage=train_storage, source=source)

@@ -167,9 +167,19 @@ class MLflowTracking(Callback):
         self._finish(trial, "FAILED")
 
 
-def start_parent(tracking_uri: str, experiment: str, run_name: str, tags: dict) -> str:
+def artifact_location(tracking_uri: str, storage: str) -> str | None:
+    """Where a new experiment keeps its artifacts. With a database store MLflow's default is
+    ./mlruns in whatever folder the command ran from; ours go beside the database, in the
+    storage folder. A tracking server decides for itself (None)."""
+    if urllib.parse.urlparse(tracking_uri).scheme in ("http", "https", "databricks"):
+        return None
+    return os.path.join(os.path.abspath(os.path.expanduser(storage)), "mlartifacts")
+
+
+def start_parent(tracking_uri: str, experiment: str, run_name: str, tags: dict,
+                 artifacts: str | None = None) -> str:
     """Create (or find) the experiment and open the search's parent run; returns its id."""
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifacts)
     return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
