@@ -83,24 +83,33 @@ def test_dry_run_prints_the_plan_and_starts_nothing(tmp_path, capsys):
     assert not list((tmp_path / "s").glob("tiny-*"))
 
 
-@pytest.mark.slow
-def test_end_to_end_search_writes_parent_and_child_runs_to_mlflow(tmp_path, capsys):
-    import ray
+def mlflow_runs(storage, name):
     from mlflow.tracking import MlflowClient
 
-    storage = tmp_path / "results"
+    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id]) if exp else []
+    return (client, [r for r in runs if "mlflow.parentRunId" not in r.data.tags],
+            [r for r in runs if "mlflow.parentRunId" in r.data.tags])
+
+
+def run_search_in_process(space, storage):
+    import ray
+
     try:
-        assert search.main(["--space", write_space(tmp_path), "--storage", str(storage)]) == 0
+        assert search.main(["--space", space, "--storage", str(storage)]) == 0
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_end_to_end_search_writes_parent_and_child_runs_to_mlflow(tmp_path, capsys):
+    storage = tmp_path / "results"
+    run_search_in_process(write_space(tmp_path), storage)
     out = capsys.readouterr().out
     assert "| baseline |" in out and "| mlra |" in out and "mlflow ui --backend-store-uri" in out
 
-    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("tiny")
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    client, parents, children = mlflow_runs(storage, "tiny")
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
@@ -178,16 +187,6 @@ def test_params_vs_loss_plot_is_written(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def mlflow_runs(storage, name):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
-    exp = client.get_experiment_by_name(name)
-    runs = client.search_runs([exp.experiment_id]) if exp else []
-    return (client, [r for r in runs if "mlflow.parentRunId" not in r.data.tags],
-            [r for r in runs if "mlflow.parentRunId" in r.data.tags])
-
-
 @pytest.mark.slow
 def test_resume_after_sigkill_finishes_the_search_without_duplicate_mlflow_runs(tmp_path):
     import os
@@ -243,15 +242,6 @@ def test_resume_after_sigkill_finishes_the_search_without_duplicate_mlflow_runs(
     # The trial in flight continued from its checkpoint (step 100 or 200), not from scratch.
     resumed = next(r for r in children if r.data.tags["tune_trial_id"] == in_flight)
     assert resumed.data.metrics["resumed_from"] in (100, 200)
-
-
-def run_search_in_process(space, storage):
-    import ray
-
-    try:
-        assert search.main(["--space", space, "--storage", str(storage)]) == 0
-    finally:
-        ray.shutdown()
 
 
 @pytest.mark.slow

@@ -68,6 +68,10 @@ def best_configs(table: pd.DataFrame, space) -> tuple[dict | None, pd.DataFrame]
     return best, per
 
 
+# What lr_sensitivity measures per group; its other columns name the group.
+SENSITIVITY_COLUMNS = ["lr_sensitivity", "best_lr", "best_val_loss", "lrs"]
+
+
 def lr_sensitivity(table: pd.DataFrame, space) -> pd.DataFrame:
     """Wortsman et al. 2023's LR sensitivity, for a sweep over an LR grid: per variant (and per
     value of every other swept parameter but the seed),
@@ -80,7 +84,7 @@ def lr_sensitivity(table: pd.DataFrame, space) -> pd.DataFrame:
     keys = ["variant"] + [p.name for p in space.params if p.name not in ("lr", "seed")]
     t = table[table["stop_reason"] != "error"].copy()
     if t.empty or t["lr"].nunique() < 2:
-        return pd.DataFrame(columns=keys + ["lr_sensitivity", "best_lr", "best_val_loss", "lrs"])
+        return pd.DataFrame(columns=keys + SENSITIVITY_COLUMNS)
     l0 = t["loss_init"].astype(float)
     loss = t["val_loss"].astype(float).where(stable_mask(t), l0)
     t["clipped"] = loss.where(loss < l0, l0).fillna(l0)
@@ -212,13 +216,22 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
     metrics = [Metric(f"max_stable_lr/{r['variant']}", float(r["max_stable_lr"]), 0, 0)
                for _, r in s.iterrows() if r["max_stable_lr"] is not None and not pd.isna(r["max_stable_lr"])]
     if sens is not None:
-        keys = [c for c in sens.columns if c not in ("lr_sensitivity", "best_lr", "best_val_loss", "lrs")]
+        keys = [c for c in sens.columns if c not in SENSITIVITY_COLUMNS]
         metrics += [Metric("lr_sensitivity/" + "/".join(f"{r[k]}" if k == "variant" else f"{k}={r[k]}" for k in keys),
                            float(r["lr_sensitivity"]), 0, 0) for _, r in sens.iterrows()]
+    best = None
+    if space.strategy == "tune":
+        best, per = best_configs(table, space)
+        per.to_csv(run_dir / "max_stable_lr_per_config.csv", index=False)
+        files.append(run_dir / "max_stable_lr_per_config.csv")
+        if best:
+            metrics.append(Metric("best_val_loss", float(best["val_loss"]), 0, 0))
+            client.set_tag(parent_run_id, "best_config", str(best))
     if metrics:
         client.log_batch(parent_run_id, metrics=metrics)
     for f in files:
         client.log_artifact(parent_run_id, str(f))
+    # Last, so that a reader who sees the parent FINISHED finds everything on it.
     client.set_terminated(parent_run_id, "FINISHED")
 
     exp = client.get_run(parent_run_id).info.experiment_id
@@ -226,12 +239,6 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
     if sens is not None and len(sens):
         print(f"LR sensitivity (Wortsman et al.; lower is more stable):\n{sens.to_string(index=False)}\n")
     if space.strategy == "tune":
-        best, per = best_configs(table, space)
-        per.to_csv(run_dir / "max_stable_lr_per_config.csv", index=False)
-        client.log_artifact(parent_run_id, str(run_dir / "max_stable_lr_per_config.csv"))
-        if best:
-            client.log_batch(parent_run_id, metrics=[Metric("best_val_loss", float(best["val_loss"]), 0, 0)])
-            client.set_tag(parent_run_id, "best_config", str(best))
         print(f"Best configuration: {best}\nLargest stable LR per configuration:\n{per.to_string(index=False)}\n")
     print(f"Results: {run_dir}\nMLflow: experiment {space.name!r} (id {exp}), parent run {parent_run_id}\n"
           f"  mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")

@@ -78,6 +78,11 @@ class TEVRule:
         return None
 
 
+def dispersion(mean: float, std: float) -> float:
+    """σ_TEV/μ_TEV, what the rule watches (0 before the embedding has any spread)."""
+    return float(std) / float(mean) if mean > 0 else 0.0
+
+
 def _bad(x) -> bool:
     """NaN/inf, or the finite stand-in the worker reports in their place."""
     return isinstance(x, (int, float)) and (not math.isfinite(x) or abs(x) >= FINITE_CAP)
@@ -151,7 +156,7 @@ class TEVScheduler(FIFOScheduler):
         hist.append([step, float(mean), float(std)])
         decision = TrialScheduler.CONTINUE
         if step >= self.rule.min_step and tid not in self.verdicts:
-            ratios = [s / m if m > 0 else 0.0 for _, m, s in hist]
+            ratios = [dispersion(m, s) for _, m, s in hist]
             why = self.rule.test(ratios)
             self._streak[tid] = self._streak.get(tid, 0) + 1 if why else 0
             if why and self._streak[tid] >= self.rule.patience:

@@ -49,6 +49,8 @@ def objectives(result: dict, lr: float) -> dict:
 def make_callbacks(scheduler, tracking):
     from ray.tune.callback import Callback
 
+    from .scheduler import dispersion
+
     class Objectives(Callback):
         """Adds `stable_lr` and `objective` to every result Tune keeps (after the TEV verdict), and
         `tev_dispersion`, the sigma/mu of TEV that the scheduler watches."""
@@ -56,7 +58,7 @@ def make_callbacks(scheduler, tracking):
         def on_trial_result(self, iteration, trials, trial, result, **info):
             result.update(objectives(result, trial.config.get("lr", 0.0)))
             if result.get("tev_mean"):
-                result["tev_dispersion"] = float(result.get("tev_std", 0.0)) / float(result["tev_mean"])
+                result["tev_dispersion"] = dispersion(result["tev_mean"], result.get("tev_std", 0.0))
 
     # Order matters: the TEV verdict first, then the objectives computed from it, then MLflow.
     return ([scheduler.callback()] if scheduler is not None else []) + [Objectives(), tracking]
@@ -250,8 +252,12 @@ def start_ray() -> None:
 
     address = os.environ.get("RAY_ADDRESS", "")
     if address:
-        # `ray job submit` sets it to the cluster's GCS address; pass it on to the workers too.
-        ray.init(runtime_env={"env_vars": {**RAY_TRAIN_ENV, **({"RAY_ADDRESS": address} if "://" not in address else {})}})
+        # `ray job submit` sets it to the cluster's GCS address; pass it on to the workers too
+        # (not a ray:// or http:// address, which only a client understands).
+        env = dict(RAY_TRAIN_ENV)
+        if "://" not in address:
+            env["RAY_ADDRESS"] = address
+        ray.init(runtime_env={"env_vars": env})
         return
     with socket.socket() as s:
         s.bind(("", 0))

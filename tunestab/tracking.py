@@ -88,7 +88,7 @@ class MLflowTracking(Callback):
         # MLflow run id -> last training step logged. Not saved with Tune's state: a killed driver
         # may have logged more after the last experiment checkpoint, so MLflow itself is asked.
         self.logged: dict[str, int] = {}
-        self._client = None
+        self._client, self._experiment_id = None, None
 
     @property
     def client(self) -> MlflowClient:
@@ -110,11 +110,16 @@ class MLflowTracking(Callback):
             self.logged[run_id] = int(self.client.get_run(run_id).data.metrics.get("step", -1))
         return self.logged[run_id]
 
+    @property
+    def experiment_id(self) -> str:
+        if self._experiment_id is None:
+            self._experiment_id = self.client.get_run(self.parent_run_id).info.experiment_id
+        return self._experiment_id
+
     def existing_run(self, trial_id: str) -> str | None:
         """The child run of this trial, when an earlier (killed) driver opened it after Tune's
         last experiment checkpoint: a resumed search continues it instead of opening a second."""
-        exp = self.client.get_run(self.parent_run_id).info.experiment_id
-        found = self.client.search_runs([exp], filter_string=f"tags.tune_trial_id = '{trial_id}' and "
+        found = self.client.search_runs([self.experiment_id], filter_string=f"tags.tune_trial_id = '{trial_id}' and "
                                                              f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'")
         if not found:
             return None
@@ -124,9 +129,8 @@ class MLflowTracking(Callback):
         if trial.trial_id not in self.runs:
             run_id = self.existing_run(trial.trial_id)
             if run_id is None:
-                exp = self.client.get_run(self.parent_run_id).info.experiment_id
                 config = {k: v for k, v in trial.config.items() if k != "runner"}
-                run = self.client.create_run(exp, run_name=f"{config.get('variant', 'trial')}-{trial.trial_id}",
+                run = self.client.create_run(self.experiment_id, run_name=f"{config.get('variant', 'trial')}-{trial.trial_id}",
                                              tags={PARENT_TAG: self.parent_run_id, "tune_trial_id": trial.trial_id,
                                                    "variant": str(config.get("variant", ""))})
                 run_id = run.info.run_id
