@@ -3,17 +3,14 @@ concurrency follows the cluster's largest size; and a search submitted with `ray
 a two-node Ray cluster on loopback runs trials on both nodes and logs to a real `mlflow server`."""
 
 import json
-import os
 import re
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import free_port, wait_http
 
 from tunestab import search, spec
 
@@ -105,27 +102,6 @@ def test_bad_train_storage_is_refused_before_ray(tmp_path, capsys):
 # two nodes on loopback, a real mlflow server, `ray job submit`
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout_s: float, proc=None) -> None:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:4]} exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(url)
-
-
 @pytest.fixture
 def two_node_cluster(monkeypatch):
     # `ray start --head` turns token auth on when ~/.ray/auth_token exists (earlier local
@@ -149,28 +125,13 @@ def two_node_cluster(monkeypatch):
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True)
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow-server.db'}",
-                             "--artifacts-destination", str(tmp_path / "mlflow-artifacts"), "--workers", "1"],
-                            stdout=open(tmp_path / "mlflow-server.log", "w"), stderr=subprocess.STDOUT)
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", 120, proc)
-        yield f"http://127.0.0.1:{port}", tmp_path / "mlflow-artifacts"
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
 @pytest.mark.slow
 def test_search_submitted_to_a_two_node_cluster_logs_to_an_mlflow_server(tmp_path, two_node_cluster, mlflow_server):
     from mlflow.tracking import MlflowClient
     from ray.util.state import list_actors, list_nodes
 
     ray_bin, gcs, dashboard = two_node_cluster
-    tracking, artifact_store = mlflow_server
+    tracking, artifact_store = mlflow_server.uri, mlflow_server.artifacts
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({
         "name": "cluster", "strategy": "max_lr", "variants": ["baseline", "qk_norm"],

@@ -176,6 +176,29 @@ def test_lr_sensitivity_follows_wortsman_with_the_l0_clip_and_seed_mean():
     assert s.loc["b", "lr_sensitivity"] > s.loc["a", "lr_sensitivity"]
 
 
+def test_sweep_cells_average_seeds_and_count_divergences_per_cell():
+    from types import SimpleNamespace
+
+    from tunestab.analysis import spearman, sweep_cells
+
+    space = SimpleNamespace(params=[SimpleNamespace(name="n_layer"), SimpleNamespace(name="seed")])
+    rows = [{"trial_id": f"a{seed}", "variant": "a", "n_layer": 6, "seed": seed, "stop_reason": "completed",
+             "diverged": 0, "val_loss": math.log(ppl), "tev_mean": tev, "tev_std": 0.1, "tev_stop_step": None}
+            for seed, ppl, tev in ((0, 20.0, 1.0), (1, 30.0, 2.0))]
+    rows += [{"trial_id": "a2", "variant": "a", "n_layer": 6, "seed": 2, "stop_reason": "blowup", "diverged": 1,
+              "val_loss": 5.5, "tev_mean": 9.0, "tev_std": 5.0, "tev_stop_step": 40},
+             {"trial_id": "b0", "variant": "a", "n_layer": 12, "seed": 0, "stop_reason": "tev", "diverged": 0,
+              "val_loss": None, "tev_mean": 3.0, "tev_std": 2.0, "tev_stop_step": 30}]
+    cells = sweep_cells(pd.DataFrame(rows), space, {"a0": 0.5, "a1": 1.0, "a2": -1.0}).set_index("n_layer")
+    six = cells.loc[6]
+    assert six["seeds"] == 3 and six["diverged"] == 1 and six["tev_flagged"] == 1
+    # mu_TEV and perplexity over the two runs that did not diverge; rho over all three.
+    assert six["tev_mean"] == 1.5 and six["val_ppl"] == pytest.approx(25.0) and six["spearman_tev_gradvar"] == 0.5 / 3
+    assert cells.loc[12, "diverged"] == 1 and math.isnan(cells.loc[12, "val_ppl"])
+    assert spearman([1, 2, 3, 4], [1, 4, 9, 100]) == 1.0 and spearman([1, 2, 3], [3, 2, 1]) == -1.0
+    assert math.isnan(spearman([1, 2], [2, 1]))
+
+
 def test_params_vs_loss_plot_is_written(tmp_path):
     from tunestab.analysis import plot_params_vs_loss
 
@@ -243,6 +266,14 @@ def test_resume_after_sigkill_finishes_the_search_without_duplicate_mlflow_runs(
     resumed = next(r for r in children if r.data.tags["tune_trial_id"] == in_flight)
     assert resumed.data.metrics["resumed_from"] in (100, 200)
 
+    # The same trials, with the same outcomes, as a search that was never interrupted.
+    run_search_in_process(space, tmp_path / "uninterrupted")
+    reference = pd.read_csv(next((tmp_path / "uninterrupted").glob("tiny-*")) / "trials.csv")
+    columns = ["variant", "lr", "stop_reason", "diverged", "step"]
+    assert (trials.sort_values(["variant", "lr"])[columns].to_dict("records")
+            == reference.sort_values(["variant", "lr"])[columns].to_dict("records"))
+    assert sorted(trials.val_loss) == pytest.approx(sorted(reference.val_loss), rel=1e-6)
+
 
 @pytest.mark.slow
 def test_tune_strategy_reports_best_configuration_to_mlflow(tmp_path, capsys):
@@ -275,7 +306,7 @@ def test_sweep_strategy_runs_the_grid_and_logs_lr_sensitivity(tmp_path):
     client, (parent,), children = mlflow_runs(storage, "tiny")
     assert sorted((r.data.tags["variant"], float(r.data.params["lr"])) for r in children) == [
         ("baseline", 0.003), ("baseline", 0.03), ("qk_norm", 0.003), ("qk_norm", 0.03)]
-    assert "lr_sensitivity.csv" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"lr_sensitivity.csv", "cells.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     sens = pd.read_csv(next(storage.glob("tiny-*")) / "lr_sensitivity.csv").set_index("variant")
     for v in ("baseline", "qk_norm"):
         assert parent.data.metrics[f"lr_sensitivity/{v}"] == pytest.approx(sens.loc[v, "lr_sensitivity"])

@@ -192,3 +192,75 @@ def test_a_restarted_ray_trial_resumes_from_its_last_checkpoint(tmp_path):
     reports = result.metrics_dataframe.set_index("step")["loss"]
     assert list(reports.index) == [10, 20, 30]  # 30 comes from the restarted worker group
     assert reports[30] == pytest.approx(uninterrupted.reports[2]["loss"], rel=1e-5)
+
+
+def test_a_full_disk_is_a_clear_error_and_the_previous_checkpoint_still_resumes(tmp_path):
+    import resource
+
+    from tunestab.train import CheckpointError
+
+    cfg = tiny(checkpoint_every=10)
+    uninterrupted = LocalSession(out=io.StringIO())
+    run(cfg, uninterrupted)
+
+    class DiskFillsUp(LocalSession):
+        """Once the step-10 checkpoint is safely stored, no file on this machine may grow past
+        half a checkpoint: the kernel fails the next checkpoint's write part-way (EFBIG), as a
+        full disk fails it (ENOSPC). Python ignores SIGXFSZ, so the write raises instead."""
+
+        def report(self, metrics, checkpoint_dir):
+            super().report(metrics, checkpoint_dir)
+            if checkpoint_dir:
+                size = (tmp_path / "ckpt" / "step_000010" / train.CHECKPOINT_FILE).stat().st_size
+                resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, limits[1]))
+
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        with pytest.raises(CheckpointError) as e:
+            run(cfg, DiskFillsUp(checkpoint_dir=str(tmp_path / "ckpt"), out=io.StringIO()))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert "checkpoint of step 20" in str(e.value) and "File too large" in str(e.value)
+    assert "previous checkpoint is untouched" in str(e.value)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_000010"]
+
+    resumed = LocalSession(resume_from=str(tmp_path / "ckpt" / "step_000010"), out=io.StringIO())
+    run(cfg, resumed)
+    assert [r["step"] for r in resumed.reports] == [20, 30, 40]
+    assert resumed.reports[-1]["val_loss"] == uninterrupted.reports[-1]["val_loss"]
+
+
+def test_a_truncated_checkpoint_is_named_and_the_one_before_it_is_used(tmp_path, capsys):
+    cfg = tiny(checkpoint_every=10)
+    full = LocalSession(checkpoint_dir=str(tmp_path / "ckpt"), out=io.StringIO())
+    run(cfg, full)
+    latest = tmp_path / "ckpt" / "step_000030" / train.CHECKPOINT_FILE
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])
+
+    resumed = LocalSession(resume_from=str(latest.parent), out=io.StringIO())
+    run(cfg, resumed)
+    assert f"skipping checkpoint {latest}" in capsys.readouterr().err
+    assert [r["step"] for r in resumed.reports] == [30, 40]  # from step 20, the one before
+    assert resumed.reports[-1]["val_loss"] == full.reports[-1]["val_loss"]
+
+    # With no good checkpoint left: one message naming each file, exit 2, no training.
+    for step in ("step_000010", "step_000020"):
+        (tmp_path / "ckpt" / step / train.CHECKPOINT_FILE).write_bytes(b"PK\x03\x04 not a whole zip")
+    args = ["--set", "n_layer=2", "--set", "d_model=32", "--set", "n_head=2", "--resume-from", str(latest.parent)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no readable checkpoint" in err
+    assert all(f"step_0000{n}0/checkpoint.pt" in err for n in (1, 2, 3))
+
+
+def test_a_ray_trial_falls_back_to_its_older_checkpoints_newest_first(tmp_path):
+    from ray.train import Checkpoint
+
+    run_dir = tmp_path / "trial"
+    names = ["checkpoint_2026-11-23_08-10-21.259995", "checkpoint_2026-11-23_08-09-52.991071",
+             "checkpoint_2026-11-23_08-11-05.000001"]  # the last: a newer upload that never registered
+    for n in names:
+        (run_dir / n).mkdir(parents=True)
+    (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")
+    older = train.older_checkpoints(Checkpoint(str(run_dir / names[0])))
+    assert [c.path.rsplit("/", 1)[1] for c in older] == [names[1]]

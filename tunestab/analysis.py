@@ -9,11 +9,14 @@ conservative bracket as tunestab/bracket.py), reported as [largest stable, small
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import pandas as pd
 
 from .bracket import bracket
+from .tracking import INCOMPLETE_FILE
+from .train import FINITE_CAP
 
 COLUMNS = ["trial_id", "variant", "lr", "stop_reason", "diverged", "tev_stop_step", "step", "loss", "val_loss",
            "loss_init", "tev_mean", "tev_std"]
@@ -94,6 +97,55 @@ def lr_sensitivity(table: pd.DataFrame, space) -> pd.DataFrame:
         rows.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))),
                      "lr_sensitivity": per_lr.mean() - per_lr.min(), "best_lr": per_lr.idxmin(),
                      "best_val_loss": per_lr.min(), "lrs": len(per_lr)})
+    return pd.DataFrame(rows)
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation (Pearson's on average ranks); NaN with fewer than 3 pairs
+    or a constant series. Here, not scipy's, which is not a dependency."""
+    d = pd.DataFrame({"x": x, "y": y}).astype(float).replace([math.inf, -math.inf], math.nan).dropna()
+    if len(d) < 3:
+        return math.nan
+    return float(d["x"].rank().corr(d["y"].rank()))
+
+
+def trial_spearman(grid, a: str = "tev_mean", b: str = "grad_var_embed") -> dict:
+    """Per trial id: the Spearman correlation of metrics a and b over the trial's reports."""
+    out = {}
+    for r in grid:
+        df = r.metrics_dataframe
+        if r.metrics is not None and df is not None and a in df and b in df:
+            # Reports held at FINITE_CAP stand for non-finite values: not a rank to correlate.
+            keep = (df[a].abs() < FINITE_CAP) & (df[b].abs() < FINITE_CAP)
+            out[r.metrics.get("trial_id")] = spearman(df[a][keep], df[b][keep])
+    return out
+
+
+# What sweep_cells measures per cell; its other columns name the cell.
+CELL_COLUMNS = ["seeds", "diverged", "tev_flagged", "tev_mean", "tev_std", "val_ppl", "val_ppl_sd",
+                "spearman_tev_gradvar"]
+
+
+def sweep_cells(table: pd.DataFrame, space, rho: dict | None = None) -> pd.DataFrame:
+    """For a sweep, Chung et al.'s table: per cell (the variant and every swept parameter but the
+    seed), over its seeds: the runs that diverged (loss rule) and that TEV flagged (scheduler
+    verdict, stop or shadow), and over the runs that did not diverge, the final mu_TEV, sigma_TEV
+    and validation perplexity (mean, and sd of the perplexity) and the mean per-run Spearman
+    correlation of mu_TEV with the embedding-gradient variance over training (`rho`)."""
+    keys = ["variant"] + [p.name for p in space.params if p.name != "seed"]
+    t = table[table["stop_reason"] != "error"].copy()
+    if t.empty:
+        return pd.DataFrame(columns=keys + CELL_COLUMNS)
+    t["rho"] = t["trial_id"].map(rho or {}).astype(float)
+    rows = []
+    for key, g in t.groupby(keys, dropna=False, sort=True):
+        ok = g[stable_mask(g)]
+        ppl = ok["val_loss"].astype(float).map(math.exp)
+        rows.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))),
+                     "seeds": len(g), "diverged": int((g["diverged"] == 1).sum() + (g["stop_reason"] == "tev").sum()),
+                     "tev_flagged": int(g["tev_stop_step"].notna().sum()),
+                     "tev_mean": ok["tev_mean"].mean(), "tev_std": ok["tev_std"].mean(),
+                     "val_ppl": ppl.mean(), "val_ppl_sd": ppl.std(), "spearman_tev_gradvar": g["rho"].mean()})
     return pd.DataFrame(rows)
 
 
@@ -211,35 +263,54 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
     if sens is not None and len(sens):
         sens.to_csv(run_dir / "lr_sensitivity.csv", index=False)
         files.append(run_dir / "lr_sensitivity.csv")
+    cells = sweep_cells(table, space, trial_spearman(grid)) if space.strategy == "sweep" else None
+    if cells is not None and len(cells):
+        cells.to_csv(run_dir / "cells.csv", index=False)
+        files.append(run_dir / "cells.csv")
 
-    client = MlflowClient(tracking_uri)
     metrics = [Metric(f"max_stable_lr/{r['variant']}", float(r["max_stable_lr"]), 0, 0)
                for _, r in s.iterrows() if r["max_stable_lr"] is not None and not pd.isna(r["max_stable_lr"])]
     if sens is not None:
         keys = [c for c in sens.columns if c not in SENSITIVITY_COLUMNS]
         metrics += [Metric("lr_sensitivity/" + "/".join(f"{r[k]}" if k == "variant" else f"{k}={r[k]}" for k in keys),
                            float(r["lr_sensitivity"]), 0, 0) for _, r in sens.iterrows()]
-    best = None
+    best = per = None
     if space.strategy == "tune":
         best, per = best_configs(table, space)
         per.to_csv(run_dir / "max_stable_lr_per_config.csv", index=False)
         files.append(run_dir / "max_stable_lr_per_config.csv")
         if best:
             metrics.append(Metric("best_val_loss", float(best["val_loss"]), 0, 0))
-            client.set_tag(parent_run_id, "best_config", str(best))
-    if metrics:
-        client.log_batch(parent_run_id, metrics=metrics)
-    for f in files:
-        client.log_artifact(parent_run_id, str(f))
-    # Last, so that a reader who sees the parent FINISHED finds everything on it.
-    client.set_terminated(parent_run_id, "FINISHED")
 
-    exp = client.get_run(parent_run_id).info.experiment_id
     print(f"\n{space.name} ({space.strategy}): {len(table)} trials\n\n{md}\n")
     if sens is not None and len(sens):
         print(f"LR sensitivity (Wortsman et al.; lower is more stable):\n{sens.to_string(index=False)}\n")
+    if cells is not None and len(cells) and space.param("seed") is not None:
+        print(f"Per cell over seeds (diverged: by the loss rule or stopped by TEV; the rest: runs that "
+              f"did not diverge):\n{cells.to_string(index=False)}\n")
     if space.strategy == "tune":
         print(f"Best configuration: {best}\nLargest stable LR per configuration:\n{per.to_string(index=False)}\n")
-    print(f"Results: {run_dir}\nMLflow: experiment {space.name!r} (id {exp}), parent run {parent_run_id}\n"
+    print(f"Results: {run_dir}")
+    try:
+        client = MlflowClient(tracking_uri)
+        if best:
+            client.set_tag(parent_run_id, "best_config", str(best))
+        if metrics:
+            client.log_batch(parent_run_id, metrics=metrics)
+        for f in files:
+            client.log_artifact(parent_run_id, str(f))
+        # Last, so that a reader who sees the parent FINISHED finds everything on it.
+        client.set_terminated(parent_run_id, "FINISHED")
+        exp = client.get_run(parent_run_id).info.experiment_id
+    except Exception as e:  # the tracking store went away: the files above hold it all
+        with open(run_dir / INCOMPLETE_FILE, "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} parent run: {type(e).__name__}: {e}\n")
+        print(f"MLflow at {tracking_uri} failed ({type(e).__name__}: {str(e)[:200]}): the parent run is not "
+              f"complete. When it is back:\n  python -m tunestab.replay {run_dir}")
+        return s
+    print(f"MLflow: experiment {space.name!r} (id {exp}), parent run {parent_run_id}\n"
           f"  mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
+    if (run_dir / INCOMPLETE_FILE).exists():
+        print(f"Some results did not reach MLflow while it was away ({run_dir / INCOMPLETE_FILE}); log them with\n"
+              f"  python -m tunestab.replay {run_dir}")
     return s

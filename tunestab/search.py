@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from .config import ConfigError
 from .train import RAY_TRAIN_ENV, cache_dir
 
 STATE_FILE = "tunestab_search.json"
+SPACE_COPY = "space.yaml"
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,7 +78,8 @@ def param_space(space: spec_mod.Space, run_dir: Path) -> dict:
     train_storage = (f"{space.train_storage.rstrip('/')}/{run_dir.name}" if space.train_storage
                      else str(run_dir / "train"))
     runner = {"workers": space.resources.workers, "cpus_per_worker": space.resources.cpus_per_worker,
-              "gpus_per_worker": space.resources.gpus_per_worker, "storage": train_storage}
+              "gpus_per_worker": space.resources.gpus_per_worker, "max_failures": space.resources.max_failures,
+              "storage": train_storage}
     out = {**space.trial, "runner": runner}
     if space.strategy == "max_lr":
         return out  # variant and lr come from BracketSearch
@@ -277,7 +280,7 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
 
     from .analysis import report
     from .scheduler import TEVScheduler
-    from .tracking import MLflowTracking, artifact_location, start_parent
+    from .tracking import INCOMPLETE_FILE, MLflowTracking, artifact_location, start_parent
     from .train import trial_driver
 
     storage = Path(space.storage)
@@ -295,8 +298,15 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
         from mlflow.tracking import MlflowClient
 
         if space.source:
+            # A copy in the run folder too: `python -m tunestab.replay` rebuilds the summary from it.
+            shutil.copyfile(space.source, run_dir / SPACE_COPY)
             MlflowClient(uri).log_artifact(parent, space.source)
     state = json.loads((run_dir / STATE_FILE).read_text())
+    # MLflow's HTTP client retries a failed call 7 times with backoff, about four minutes in
+    # which Tune's loop (and every trial's reports) would wait. Three tries ride out a blip;
+    # a longer outage is left to MLflowTracking, which stops calling until the server is back.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     # `stable_lr` and `objective` depend on how a trial ends, so the driver's Objectives callback
     # adds them to each result; workers do not report them, and Tune must not insist they do.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
@@ -321,7 +331,7 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
         if space.scheduler.type == "tev":
             scheduler = TEVScheduler(space.scheduler.rule, shadow=space.scheduler.shadow,
                                      state_path=str(run_dir / "tev_scheduler.json"))
-        tracking = MLflowTracking(uri, space.name, state["parent_run_id"])
+        tracking = MLflowTracking(uri, space.name, state["parent_run_id"], incomplete=str(run_dir / INCOMPLETE_FILE))
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(space, run_dir),
@@ -333,6 +343,7 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
                                       progress_reporter=progress_reporter(space)),
         )
     grid = tuner.fit()
+    (run_dir / STATE_FILE).write_text(json.dumps({**state, "finished": True}))
     report(space, grid, uri, state["parent_run_id"], run_dir)
     return 0
 

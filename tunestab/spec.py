@@ -66,6 +66,9 @@ class Resources:
     """GPUs per worker; a fraction packs several tiny trials on one GPU."""
     max_concurrent: int = 0
     """Trials running at once; 0 derives it from the cluster's CPUs or GPUs."""
+    max_failures: int = 2
+    """Times a trial's Train workers are restarted from its last checkpoint after a worker
+    dies (a preempted node, an out-of-memory kill) before the trial counts as failed."""
 
 
 @dataclass(frozen=True)
@@ -344,8 +347,9 @@ def parse(raw, where: str = "search space", source: str = "") -> Space:
         problems.append("resources: cpus_per_worker and gpus_per_worker must be >= 0")
     if resources.gpus_per_worker > 1 and resources.gpus_per_worker != int(resources.gpus_per_worker):
         problems.append(f"resources.gpus_per_worker: above 1 it must be whole, got {resources.gpus_per_worker}")
-    if resources.max_concurrent < 0:
-        problems.append(f"resources.max_concurrent: must be >= 0, got {resources.max_concurrent}")
+    for key in ("max_concurrent", "max_failures"):
+        if getattr(resources, key) < 0:
+            problems.append(f"resources.{key}: must be >= 0, got {getattr(resources, key)}")
     if scheduler.type not in ("tev", "none"):
         problems.append(f"scheduler.type: expected tev or none, got {scheduler.type!r}")
 

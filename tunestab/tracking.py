@@ -59,8 +59,23 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             raise TrackingError(f"the folder of the tracking database {uri} is not writable")
     elif scheme in ("", "file"):
         raise TrackingError(f"tracking URI {uri!r}: MLflow 3 refuses the file store; use sqlite:///PATH or http://HOST:PORT")
-    elif scheme not in ("postgresql", "mysql", "mssql", "databricks"):
-        raise TrackingError(f"tracking URI {uri!r}: unknown scheme {scheme!r}")
+    elif scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
+        # A database store: MLflow's own client connects (and creates its tables if needed).
+        try:
+            MlflowClient(uri).search_experiments(max_results=1)
+        except Exception as e:
+            why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise TrackingError(f"tracking database {redact(uri)} is not usable: {type(e).__name__}: {why}") from None
+    elif scheme != "databricks":
+        raise TrackingError(f"tracking URI {redact(uri)!r}: unknown scheme {scheme!r}")
+
+
+def redact(uri: str) -> str:
+    """The URI without its password, for messages."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
 
 
 def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
@@ -79,16 +94,30 @@ def numeric(result: dict) -> dict[str, float]:
             and math.isfinite(v)}
 
 
-class MLflowTracking(Callback):
-    """Parent run per search, child run per trial, metrics at each report's training step."""
+# How long the search waits before asking a tracking server that went away whether it is back.
+RETRY_AFTER_S = 60.0
+# Written into the run folder when something was not logged: `python -m tunestab.replay` logs it.
+INCOMPLETE_FILE = "mlflow_incomplete"
 
-    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str):
+
+class MLflowTracking(Callback):
+    """Parent run per search, child run per trial, metrics at each report's training step.
+
+    MLflow is the system of record but not a dependency of training: when the tracking store
+    fails, the search goes on (Tune's own result files keep every report), this callback writes
+    `incomplete` and stops calling MLflow until a health check says it is back, and
+    `python -m tunestab.replay` later logs what is missing.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, incomplete: str | None = None):
         self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
+        self.incomplete = incomplete  # the marker file to write when something is not logged
         self.runs: dict[str, str] = {}  # trial id -> MLflow run id
         # MLflow run id -> last training step logged. Not saved with Tune's state: a killed driver
         # may have logged more after the last experiment checkpoint, so MLflow itself is asked.
         self.logged: dict[str, int] = {}
         self._client, self._experiment_id = None, None
+        self._down_since = None  # time.monotonic() of the last failure while the store is down
 
     @property
     def client(self) -> MlflowClient:
@@ -97,7 +126,37 @@ class MLflowTracking(Callback):
         return self._client
 
     def __getstate__(self):
-        return {**self.__dict__, "_client": None, "logged": {}}
+        return {**self.__dict__, "_client": None, "logged": {}, "_down_since": None}
+
+    def _safely(self, what: str, fn) -> None:
+        """Run fn, one MLflow action; if the store is down, skip it and remember to replay."""
+        if self._down_since is not None:
+            if time.monotonic() - self._down_since < RETRY_AFTER_S:
+                return
+            if not self._reachable():
+                self._down_since = time.monotonic()
+                return
+            self._down_since = None
+            print(f"tunestab: MLflow at {self.tracking_uri} is back; logging again", flush=True)
+        try:
+            fn()
+        except Exception as e:  # MlflowException, requests' and sqlite's errors: all mean "not logged"
+            self._down_since = time.monotonic()
+            self.logged.clear()  # ask MLflow again what it has once it is back
+            if self.incomplete:
+                with open(self.incomplete, "a") as f:
+                    f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {what}: {type(e).__name__}: {e}\n")
+            print(f"tunestab: WARNING: MLflow at {self.tracking_uri} failed ({what}: {type(e).__name__}: "
+                  f"{str(e)[:200]}). Training goes on and Tune's result files keep every report; "
+                  f"MLflow is retried every {RETRY_AFTER_S:.0f} s, and `python -m tunestab.replay "
+                  f"{os.path.dirname(self.incomplete or '.')}` logs what it missed.", flush=True)
+
+    def _reachable(self) -> bool:
+        try:
+            check_reachable(self.tracking_uri, timeout_s=2.0)
+            return True
+        except TrackingError:
+            return False
 
     def get_state(self) -> dict:
         return {"runs": dict(self.runs)}
@@ -139,23 +198,15 @@ class MLflowTracking(Callback):
             self.runs[trial.trial_id] = run_id
         return self.runs[trial.trial_id]
 
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.run_for(trial)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        run_id = self.run_for(trial)
+    def log_result(self, run_id: str, result: dict) -> None:
         step = int(result.get("step", result.get("training_iteration", 0)))
-        if step <= self.last_logged_step(run_id):
-            return  # a resumed trial replaying steps MLflow already has
-        self.logged[run_id] = step
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in numeric(result).items()]
         for i in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per batch
             self.client.log_batch(run_id, metrics=metrics[i:i + 900])
+        self.logged[run_id] = max(step, self.logged.get(run_id, -1))
 
-    def _finish(self, trial, status: str) -> None:
-        run_id = self.run_for(trial)
-        last = trial.last_result or {}
+    def finish(self, run_id: str, last: dict, status: str) -> None:
         tags = {k: str(last[k]) for k in TAGS if k in last}
         tags["diverged"] = str(int(last.get("diverged", 0)))
         tags["stop_step"] = str(last.get("step", 0))
@@ -164,11 +215,25 @@ class MLflowTracking(Callback):
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(run_id, status)
 
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._safely(f"open the run of trial {trial.trial_id}", lambda: self.run_for(trial))
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        def log():
+            run_id = self.run_for(trial)
+            # A resumed trial replays steps MLflow already has.
+            if int(result.get("step", result.get("training_iteration", 0))) > self.last_logged_step(run_id):
+                self.log_result(run_id, result)
+
+        self._safely(f"log step {result.get('step')} of trial {trial.trial_id}", log)
+
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._finish(trial, "FINISHED")
+        self._safely(f"finish trial {trial.trial_id}",
+                     lambda: self.finish(self.run_for(trial), trial.last_result or {}, "FINISHED"))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._finish(trial, "FAILED")
+        self._safely(f"finish trial {trial.trial_id}",
+                     lambda: self.finish(self.run_for(trial), trial.last_result or {}, "FAILED"))
 
 
 def artifact_location(tracking_uri: str, storage: str) -> str | None:

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -43,6 +44,10 @@ FINITE_CAP = 1e30
 # 0.42x bare-loop speed at 2 s. Polling every 0.1 s costs CPU on small machines (0.80-0.88x);
 # 0.5 s gave 0.89-0.93x for ~1 s more teardown. Measurements: docs/overhead.md.
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# Checkpoints Ray Train keeps per trial: the latest, and the one before it to fall back on when
+# the latest cannot be read. All of them would fill a disk (GPT-2 small with AdamW state: 1.5 GB
+# each).
+KEEP_CHECKPOINTS = 2
 
 # Peak dense bf16 FLOP/s per accelerator, matched against torch.cuda.get_device_name().
 # The H100 value is the SXM part; PCIe H100s are slower, so their MFU reads low, never above 100%.
@@ -53,6 +58,10 @@ PEAK_BF16_FLOPS = {
     "L40S": 362e12,
     "L4": 121e12,
 }
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written, or none of those to resume from can be read."""
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -97,8 +106,14 @@ class LocalSession:
             target = Path(self.checkpoint_dir) / f"step_{metrics['step']:06d}"
             shutil.copytree(checkpoint_dir, target, dirs_exist_ok=True)
 
-    def checkpoint_to_resume(self) -> str | None:
-        return self.resume_from
+    def checkpoints_to_resume(self):
+        """resume_from, then the older step_NNNNNN folders beside it, newest first."""
+        if not self.resume_from:
+            return
+        chosen = Path(self.resume_from)
+        yield str(chosen)
+        if chosen.name.startswith("step_"):
+            yield from (str(p) for p in sorted(chosen.parent.glob("step_*"), reverse=True) if p.name < chosen.name)
 
 
 class RaySession:
@@ -110,14 +125,7 @@ class RaySession:
         self._train, self.echo = ray.train, echo
         ctx = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
-        self._resume_dir = None
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            # Local copy, so that loading does not depend on the storage backend; removed with
-            # the session (TemporaryDirectory cleans up when collected or at exit).
-            self._resume_tmp = tempfile.TemporaryDirectory(prefix="tunestab-resume-")
-            self._resume_dir = self._resume_tmp.name
-            checkpoint.to_directory(self._resume_dir)
+        self._tmp = []
 
     def report(self, metrics: dict, checkpoint_dir: str | None) -> None:
         from ray.train import Checkpoint
@@ -125,10 +133,46 @@ class RaySession:
         if self.echo and self.rank == 0:
             print(json.dumps(metrics), flush=True)
         ckpt = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        self._train.report(metrics, checkpoint=ckpt)
+        try:
+            self._train.report(metrics, checkpoint=ckpt)
+        except OSError as e:  # the upload to storage: a full disk, a lost mount
+            raise CheckpointError(f"cannot store the checkpoint of step {metrics['step']}: {e}; "
+                                  "the previous checkpoint is untouched") from e
 
-    def checkpoint_to_resume(self) -> str | None:
-        return self._resume_dir
+    def checkpoints_to_resume(self):
+        """Ray Train's latest checkpoint, then the older ones of the same run (CheckpointConfig
+        keeps KEEP_CHECKPOINTS), newest first, each copied to a local folder only when asked for,
+        so that loading does not depend on the storage backend."""
+        latest = self._train.get_checkpoint()
+        if latest is None:
+            return
+        for checkpoint in [latest, *older_checkpoints(latest)]:
+            # Removed with the session (TemporaryDirectory cleans up when collected or at exit).
+            tmp = tempfile.TemporaryDirectory(prefix="tunestab-resume-")
+            self._tmp.append(tmp)
+            try:
+                checkpoint.to_directory(tmp.name)
+            except OSError as e:
+                print(f"warning: cannot fetch checkpoint {checkpoint.path}: {e}", file=sys.stderr)
+                continue
+            yield tmp.name
+
+
+def older_checkpoints(latest):
+    """The checkpoints of the same Ray Train run older than `latest`, newest first. Ray Train
+    names them checkpoint_<timestamp>, so their names sort by age; a checkpoint whose upload
+    failed sorts after `latest` and is never offered."""
+    import pyarrow.fs
+    from ray.train import Checkpoint
+
+    parent, name = os.path.split(latest.path.rstrip("/"))
+    try:
+        infos = latest.filesystem.get_file_info(pyarrow.fs.FileSelector(parent))
+    except OSError:
+        return []
+    names = sorted((os.path.basename(i.path) for i in infos if i.type == pyarrow.fs.FileType.Directory), reverse=True)
+    return [Checkpoint(f"{parent}/{n}", filesystem=latest.filesystem) for n in names
+            if n.startswith("checkpoint_") and n < name]
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,8 +261,37 @@ def save_checkpoint(path: Path, model: GPT, optimizer, step: int, batches, diver
         "config": cfg.to_dict(),
     }
     tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint.pt
+    try:
+        # Through a Python file, so that a failed write raises OSError with its errno ("No
+        # space left on device"); torch.save(state, path) reports only a position mismatch.
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, path)  # a crash mid-write never leaves a truncated checkpoint.pt
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write the checkpoint of step {step} to {path.parent}: {e}; "
+                              "the previous checkpoint is untouched") from e
+
+
+def load_checkpoint(folders, device) -> tuple[dict, str]:
+    """The first readable checkpoint of `folders` (newest first) and its folder. A truncated or
+    corrupt one is skipped with a warning: the one before it is still a good place to resume."""
+    bad = []
+    for folder in folders:
+        path = Path(folder) / CHECKPOINT_FILE
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            # torch's first sentence says what failed; the rest is advice the message gives anyway.
+            why = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0]
+            bad.append(f"{path}: unreadable (truncated or corrupt?): {why}")
+            continue
+        for line in bad:
+            print(f"warning: skipping checkpoint {line}", file=sys.stderr)
+        return state, str(folder)
+    if bad:
+        raise CheckpointError("no readable checkpoint to resume from:\n  - " + "\n  - ".join(bad))
+    return None, None
 
 
 def train_step(model: GPT, step_model, optimizer, x, y, cfg: TrialConfig, autocast, probe: bool):
@@ -270,9 +343,8 @@ def run(cfg: TrialConfig, session) -> dict:
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16)
 
     start, divergence = 0, None
-    resume_dir = session.checkpoint_to_resume()
-    if resume_dir:
-        state = torch.load(Path(resume_dir) / CHECKPOINT_FILE, map_location=device, weights_only=True)
+    state, _ = load_checkpoint(session.checkpoints_to_resume(), device)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         batches.load_state_dict(state["data"])
@@ -418,7 +490,7 @@ def torch_trainer(loop, loop_config: dict, workers: int, cpus_per_worker: float 
     """The TorchTrainer of one trial: `workers` ranks (gloo on CPU, NCCL on GPUs), restarted from
     the last checkpoint up to `max_failures` times. `log_level` filters Ray Train's console logs
     (at INFO every worker prints each report with all its metrics)."""
-    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     gpus = float(gpus_per_worker)
@@ -430,6 +502,7 @@ def torch_trainer(loop, loop_config: dict, workers: int, cpus_per_worker: float 
                                                            **({"GPU": gpus} if gpus else {})}),
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
         run_config=RunConfig(storage_path=storage, name=name, failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                              callbacks=list(callbacks), logging_config=LoggingConfig(log_level=log_level)),
     )
 
@@ -501,6 +574,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError([f"--workers: must be >= 0, got {args.workers}"], "command line")
         if args.resume_from and not (Path(args.resume_from) / CHECKPOINT_FILE).is_file():
             raise ConfigError([f"--resume-from: no {CHECKPOINT_FILE} in {args.resume_from}"], "command line")
+        if args.resume_from:
+            try:
+                load_checkpoint(LocalSession(resume_from=args.resume_from).checkpoints_to_resume(), "cpu")
+            except CheckpointError as e:
+                raise ConfigError([f"--resume-from: {e}"], "command line") from None
         # Fail on data and tokenizer problems here, before any training or Ray start-up; the
         # tokenised result is cached, so workers load it instead of tokenising again.
         data_mod.load_splits(cfg.data, cfg.tokenizer, cache_dir(cfg), cfg.val_fraction, cfg.max_tokens or None)
@@ -514,7 +592,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: trial failed: {result.error}", file=sys.stderr)
             return 1
         return 0
-    run(cfg, LocalSession(args.checkpoint_dir, args.resume_from))
+    try:
+        run(cfg, LocalSession(args.checkpoint_dir, args.resume_from))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,122 @@
+"""`python -m tunestab.replay RUN_DIR`: log into MLflow what a search could not log while its
+tracking store was away.
+
+    python -m tunestab.replay ~/tunestab_results/max_lr-20261123-080925
+    python -m tunestab.replay RUN_DIR --tracking-uri http://127.0.0.1:5000   # the store moved
+
+Tune's own files in the run folder keep every report of every trial (`result.json`) and how each
+trial ended (the experiment state). For each trial the child run is found by its `tune_trial_id`
+tag, or opened, and only the steps MLflow does not have are logged; a trial that ended gets its
+tags and final status. A finished search whose parent run is not FINISHED gets its summary,
+tables and plots (tunestab.analysis.report). Replaying twice logs nothing twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+from .search import SPACE_COPY, STATE_FILE
+
+# Tune's trial states -> MLflow's run states, for trials that ended.
+ENDED = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}
+
+
+def experiment(run_dir: Path):
+    """Tune's record of the search in run_dir: an ExperimentAnalysis (no Ray cluster needed)."""
+    from ray.tune import ExperimentAnalysis
+
+    folders = [p for p in (run_dir / "tune").iterdir() if p.is_dir()] if (run_dir / "tune").is_dir() else []
+    if len(folders) != 1:
+        raise FileNotFoundError(f"{run_dir / 'tune'}: expected one Tune experiment folder, found {len(folders)}")
+    return ExperimentAnalysis(str(folders[0]))
+
+
+def reports(trial_path: str) -> list[dict]:
+    path = Path(trial_path) / "result.json"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def replay(run_dir: Path, uri: str) -> dict:
+    """Log what is missing; returns counts of what was done."""
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+    from ray.tune import ResultGrid
+
+    from . import spec as spec_mod
+    from .analysis import report
+    from .tracking import INCOMPLETE_FILE, MLflowTracking, flat_params
+
+    state = json.loads((run_dir / STATE_FILE).read_text())
+    client = MlflowClient(uri)
+    parent = state["parent_run_id"]
+    experiment_name = client.get_experiment(client.get_run(parent).info.experiment_id).name
+    tracking = MLflowTracking(uri, experiment_name, parent)
+    marker = run_dir / INCOMPLETE_FILE
+    done = {"trials": 0, "steps": 0, "ended": 0, "parent": False}
+
+    analysis = experiment(run_dir)
+    for trial in analysis.trials:
+        results = reports(trial.path)
+        if not results:
+            continue  # never reported: nothing to log
+        run_id = tracking.run_for(SimpleNamespace(trial_id=trial.trial_id, config=trial.config))
+        if not client.get_run(run_id).data.params:  # opened just before the store went away
+            config = {k: v for k, v in trial.config.items() if k != "runner"}
+            client.log_batch(run_id, params=[Param(k, v) for k, v in flat_params(config).items()])
+        have = {int(m.step) for m in client.get_metric_history(run_id, "step")}
+        missing = [r for r in results if int(r.get("step", r.get("training_iteration", 0))) not in have]
+        for r in missing:
+            tracking.log_result(run_id, r)
+        status = ENDED.get(trial.status)
+        ended = status is not None and client.get_run(run_id).info.status == "RUNNING"
+        if ended:
+            tracking.finish(run_id, results[-1], status)
+        done["trials"] += bool(missing or ended)
+        done["steps"] += len(missing)
+        done["ended"] += ended
+
+    if marker.exists():
+        marker.rename(run_dir / (INCOMPLETE_FILE + ".replayed"))
+    if state.get("finished") and client.get_run(parent).info.status != "FINISHED":
+        space = spec_mod.load(str(run_dir / SPACE_COPY))
+        report(space, ResultGrid(analysis), uri, parent, run_dir)  # writes the marker again if it fails
+        done["parent"] = True
+    return done
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tunestab.replay", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", help="a search's run folder (printed by the search as 'Results: ...')")
+    ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the search used)")
+    args = ap.parse_args(argv)
+
+    from .tracking import INCOMPLETE_FILE, TrackingError, check_reachable
+
+    run_dir = Path(args.run_dir).expanduser().absolute()
+    if not (run_dir / STATE_FILE).is_file():
+        print(f"error: run_dir: {run_dir} is not a search's run folder (no {STATE_FILE})", file=sys.stderr)
+        return 2
+    uri = args.tracking_uri or json.loads((run_dir / STATE_FILE).read_text())["tracking_uri"]
+    try:
+        check_reachable(uri)
+    except TrackingError as e:
+        print(f"error: tracking_uri: {e}", file=sys.stderr)
+        return 2
+    done = replay(run_dir, uri)
+    print(f"replayed {done['steps']} reports into {done['trials']} trial runs; {done['ended']} runs marked "
+          f"ended; parent run {'completed' if done['parent'] else 'already complete or search unfinished'}")
+    if (run_dir / INCOMPLETE_FILE).exists():
+        print(f"error: MLflow failed again while replaying; see {run_dir / INCOMPLETE_FILE}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
