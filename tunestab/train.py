@@ -71,6 +71,12 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
+def training_flops_per_token(model, cfg: TrialConfig) -> float:
+    """6N for the matmuls with weights (N without the position embedding, which is a lookup),
+    plus 12·L·d·T for attention's two T×T products (PaLM, appendix B): the MFU numerator."""
+    return 6 * (model.num_params() - model.wpe.weight.numel()) + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len
+
+
 def lr_at(step: int, cfg: TrialConfig) -> float:
     """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to lr*min_lr_ratio."""
     if step < cfg.warmup_steps:
@@ -366,9 +372,7 @@ def run(cfg: TrialConfig, session) -> dict:
         divergence = Divergence(cfg, loss0)
 
     peak = peak_flops(device)
-    # Training FLOPs per token: 6N for the matmuls with weights, plus attention (PaLM appendix B).
-    flops_per_token = 6 * (model.num_params() - model.wpe.weight.numel()) \
-        + 12 * cfg.n_layer * cfg.d_model * cfg.seq_len
+    flops_per_token = training_flops_per_token(model, cfg)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     loss_sum = torch.zeros((), device=device)
     bad = torch.zeros((), dtype=torch.bool, device=device)
