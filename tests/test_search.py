@@ -212,7 +212,6 @@ def test_params_vs_loss_plot_is_written(tmp_path):
 
 @pytest.mark.slow
 def test_resume_after_sigkill_finishes_the_search_without_duplicate_mlflow_runs(tmp_path):
-    import os
     import signal
     import subprocess
     import sys
