@@ -33,7 +33,8 @@ def test_a_good_space_parses_into_frozen_parts():
 
 
 def test_shipped_spaces_load():
-    for path in sorted(spec.SPACES_DIR.glob("*.yaml")):
+    results = spec.SPACES_DIR.parent / "docs" / "results"  # the spaces behind docs/results.md
+    for path in sorted(spec.SPACES_DIR.glob("*.yaml")) + sorted(results.glob("*.yaml")):
         spec.load(str(path))
 
 
