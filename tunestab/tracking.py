@@ -65,6 +65,9 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
             MlflowClient(uri).search_experiments(max_results=1)
         except Exception as e:
             why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            password = urllib.parse.urlsplit(uri).password
+            if password:
+                why = why.replace(password, "***")
             raise TrackingError(f"tracking database {redact(uri)} is not usable: {type(e).__name__}: {why}") from None
     elif scheme != "databricks":
         raise TrackingError(f"tracking URI {redact(uri)!r}: unknown scheme {scheme!r}")
