@@ -77,6 +77,9 @@ def test_max_concurrent_follows_the_clusters_largest_size(tmp_path):
     assert concurrent(gpus_per_worker=0.25) == 96  # four small trials per GPU
     assert concurrent(workers=8, gpus_per_worker=1) == 3  # DDP trials of 8 GPUs
     assert concurrent(gpus_per_worker=1, max_concurrent=5) == 5  # the space decides when it says
+    # ... but never more than fit: each extra trial's Train controller would wait, time out and
+    # retry while holding resources (the placement-group deadlock of docs/reliability.md).
+    assert concurrent(gpus_per_worker=1, max_concurrent=50) == 24
     assert search.max_concurrent(spec.parse({"name": "c", "strategy": "max_lr", "variants": ["baseline"],
                                              "params": {"lr": {"loguniform": [1e-3, 1.0]}}}),
                                  {"CPU": 2.0}, str(tmp_path / "none.yaml")) == 2  # no autoscaler: what is up
@@ -111,9 +114,9 @@ def two_node_cluster(monkeypatch):
     ray_bin = str(Path(sys.executable).with_name("ray"))
     gcs, dashboard = free_port(), free_port()
     common = ["--node-ip-address=127.0.0.1", "--object-store-memory=200000000", "--disable-usage-stats"]
-    # The head holds the trial drivers (0.01 CPU each) and room for one 1-CPU Train worker; the
-    # second node has room for one more. Two trials at once therefore need both nodes.
-    subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", "--num-cpus=2", "--include-dashboard=true",
+    # The head holds the trial drivers (no CPU) and room for one 1-CPU Train worker; the second
+    # node has room for one more. Two trials at once therefore need both nodes.
+    subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *common],
                    check=True, capture_output=True)
     try:

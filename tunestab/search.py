@@ -157,13 +157,19 @@ def cluster_capacity(resources: dict, bootstrap_config: str = BOOTSTRAP_CONFIG) 
 def max_concurrent(space: spec_mod.Space, resources: dict, bootstrap_config: str = BOOTSTRAP_CONFIG) -> int:
     """Trials at once: the space's number, else as many as the cluster's GPUs (or CPUs, for CPU
     trials) can hold at its largest."""
-    if space.resources.max_concurrent:
-        return space.resources.max_concurrent
     r = space.resources
     capacity = cluster_capacity(resources, bootstrap_config)
     if r.gpus_per_worker:
-        return max(1, int(capacity["GPU"] // (r.workers * r.gpus_per_worker)))
-    return max(1, int(capacity["CPU"] // max(r.workers * r.cpus_per_worker, 1e-9)))
+        fits = max(1, int(capacity["GPU"] // (r.workers * r.gpus_per_worker)))
+    else:
+        fits = max(1, int(capacity["CPU"] // max(r.workers * r.cpus_per_worker, 1e-9)))
+    if r.max_concurrent > fits:
+        # More trials than the cluster can ever hold would each start a Train controller that
+        # waits for workers, times out and retries, holding resources the running ones need.
+        print(f"note: resources.max_concurrent {r.max_concurrent} is more than the cluster can hold "
+              f"at once ({fits}); running {fits} at a time", file=sys.stderr)
+        return fits
+    return r.max_concurrent or fits
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,11 +322,14 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
 
     start_ray()
 
-    # A trial driver only starts its TorchTrainer and relays reports: a sliver of a CPU (Tune
-    # refuses zero) on the head node, so that it never takes the CPU a GPU node's Train worker
-    # needs (a 4-CPU worker cannot start on a 4-CPU node that also holds a 0.01-CPU driver).
-    trainable = tune.with_resources(
-        trial_driver, tune.PlacementGroupFactory([{"CPU": 0.01, "node:__internal_head__": 0.001}]))
+    # A trial driver only starts its TorchTrainer and relays reports, so it reserves no CPU at
+    # all, only a sliver of the head node's own resource (Tune refuses an empty bundle). Any CPU
+    # would be taken from the Train workers: with a 0.01-CPU driver per trial, two 1-CPU trials
+    # no longer fit on 2 CPUs (2.02 > 2), the second trial's Train controller times out waiting
+    # for its worker, and Train V2 can leave a placement group behind while it retries, which
+    # deadlocked a search of many short trials (docs/reliability.md). Likewise a 4-CPU worker
+    # could not start on a 4-CPU GPU node that also held a driver.
+    trainable = tune.with_resources(trial_driver, tune.PlacementGroupFactory([{"node:__internal_head__": 0.001}]))
     tune_dir = run_dir / "tune"
     if resume and tune.Tuner.can_restore(str(tune_dir / space.name)):
         # The scheduler, searcher and callbacks come back from the Tuner's own pickle.
