@@ -118,21 +118,32 @@ def test_a_hundred_tev_stops_in_a_row_leave_no_actor_or_placement_group_behind(t
         "scheduler": {"type": "tev", "rule": {"max_dispersion": 1e-9, "min_step": 0}},
     })
     storage = tmp_path / "results"
-    try:
-        assert search.main(["--space", space, "--storage", str(storage)]) == 0
+    trial_actors = ("ImplicitFunc", "TrainController", "RayTrainWorker", "SynchronizationActor", "_QueueActor",
+                    "PlacementGroupCleaner")
+
+    def left_behind():
         actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10000, raise_on_missing_output=False)
         groups = list_placement_groups(limit=10000, raise_on_missing_output=False)
+        return ([a.class_name for a in actors if a.class_name in trial_actors],
+                [g.state for g in groups if g.state != "REMOVED"])
+
+    try:
+        assert search.main(["--space", space, "--storage", str(storage)]) == 0
+        # Nothing of any trial is left: no trial driver, Train controller or worker, and every
+        # placement group was removed. Train's PlacementGroupCleaner is detached by design and
+        # exits on its next check (every second) after it sees its controller gone, so the last
+        # trial's cleaner gets a few seconds; a leak stays past them.
+        returned = time.time()
+        while left_behind() != ([], []) and time.time() - returned < 20:
+            time.sleep(1)
+        left = left_behind()
+        print(f"100 stops: the last trial's actors were gone {time.time() - returned:.1f} s after the search")
     finally:
         ray.shutdown()
 
+    assert left == ([], []), left
     table = pd.read_csv(next(storage.glob("stops-*")) / "trials.csv")
     assert len(table) == 100 and set(table.stop_reason) == {"tev"} and set(table.step) == {10}
-    # Nothing of any trial is left: no trial driver, Train controller or worker, and every
-    # placement group was removed.
-    left = sorted(a.class_name for a in actors)
-    assert not [c for c in left if c in ("ImplicitFunc", "TrainController", "RayTrainWorker", "SynchronizationActor",
-                                         "_QueueActor", "PlacementGroupCleaner")], left
-    assert [g.state for g in groups if g.state != "REMOVED"] == []
     # Each next trial started at once: no wait on a leaked group (the Train V2 deadlock).
     starts = sorted(min(r["timestamp"] for r in replay.reports(p))
                     for p in next(storage.glob("stops-*")).glob("tune/stops/trial_driver_*"))

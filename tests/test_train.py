@@ -154,10 +154,13 @@ def test_two_ray_workers_follow_the_one_worker_loss_curve(tmp_path):
     finally:
         ray.shutdown()
     assert result.error is None
-    two = result.metrics_dataframe.set_index("step")["loss"]  # every checkpointed report
-    assert list(two.index) == [10, 20, 30]
-    for r in one.reports[:3]:
-        assert two[r["step"]] == pytest.approx(r["loss"], rel=2e-3), r["step"]
+    # Train V2 builds metrics_dataframe from the checkpoints it kept: the last KEEP_CHECKPOINTS
+    # of those at steps 10, 20 and 30 (the older one is deleted from storage).
+    two = result.metrics_dataframe.set_index("step")["loss"]
+    assert list(two.index) == [10, 20, 30][-train.KEEP_CHECKPOINTS:]
+    one_loss = {r["step"]: r["loss"] for r in one.reports}
+    for step in two.index:
+        assert two[step] == pytest.approx(one_loss[step], rel=2e-3), step
 
 
 @pytest.mark.slow
@@ -190,7 +193,8 @@ def test_a_restarted_ray_trial_resumes_from_its_last_checkpoint(tmp_path):
         ray.shutdown()
     assert marker.exists() and result.error is None  # it crashed once, and recovered
     reports = result.metrics_dataframe.set_index("step")["loss"]
-    assert list(reports.index) == [10, 20, 30]  # 30 comes from the restarted worker group
+    # The kept checkpoints: 20 from the first worker group, 30 from the restarted one.
+    assert list(reports.index) == [10, 20, 30][-train.KEEP_CHECKPOINTS:]
     assert reports[30] == pytest.approx(uninterrupted.reports[2]["loss"], rel=1e-5)
 
 
