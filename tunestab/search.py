@@ -155,8 +155,8 @@ def cluster_capacity(resources: dict, bootstrap_config: str = BOOTSTRAP_CONFIG) 
 
 
 def max_concurrent(space: spec_mod.Space, resources: dict, bootstrap_config: str = BOOTSTRAP_CONFIG) -> int:
-    """Trials at once: the space's number, else as many as the cluster's GPUs (or CPUs, for CPU
-    trials) can hold at its largest."""
+    """Trials at once: as many as the cluster's GPUs (or CPUs, for CPU trials) can hold at its
+    largest, or the space's number when it is smaller."""
     r = space.resources
     capacity = cluster_capacity(resources, bootstrap_config)
     if r.gpus_per_worker:
