@@ -3,7 +3,7 @@ bench/scheduler_eval.py.
 
     python bench/collect_runs.py --space search_spaces/tev_calibration.yaml --out docs/data/tev_runs.jsonl
 
-Each (variant, lr, seed) runs in-process (`tunestab.train.run`, no Ray, one torch thread per
+Each (variant, lr, seed) runs in-process (`tunestab.loop.run`, no Ray, one torch thread per
 process, `--procs` processes) until its budget ends or the loss-based divergence rule of DESIGN.md
 ends it. That is what a trial does in a search with the TEV scheduler in shadow mode: the
 scheduler only watches, so its decisions can be replayed afterwards from the recorded reports.
@@ -45,7 +45,8 @@ def one(settings: dict) -> dict:
 
     torch.set_num_threads(1)
     from tunestab.config import config_from
-    from tunestab.train import LocalSession, run
+    from tunestab.loop import run
+    from tunestab.session import LocalSession
 
     session = LocalSession(out=open(os.devnull, "w"))
     t0 = time.perf_counter()

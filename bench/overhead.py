@@ -5,7 +5,7 @@
 Runs the same model on the same batches three ways in one process, after Ray is started, so all
 three see the same background load:
   bare     a plain PyTorch loop (batches -> forward -> backward -> clip -> AdamW), nothing else;
-  runner   `tunestab.train.run` without Ray: probes, reports, evals at the default cadence;
+  runner   `tunestab.loop.run` without Ray: probes, reports, evals at the default cadence;
   trainer  the same loop in a one-worker Ray `TorchTrainer` (Train V2), with Ray's default
            report blocking (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=2) and with ours (0.1).
 Steady-state tokens/s is measured between the first and the last report (the bare loop stamps
@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tunestab import data as data_mod  # noqa: E402
-from tunestab import train  # noqa: E402
+from tunestab import compute, loop, session  # noqa: E402
 from tunestab.config import TrialConfig, config_from  # noqa: E402
 from tunestab.model import GPT  # noqa: E402
 
@@ -36,14 +36,14 @@ def rate(stamps: list[tuple[int, float]], tokens_per_step: int) -> float:
 
 def bare(cfg: TrialConfig) -> list[tuple[int, float]]:
     torch.manual_seed(cfg.seed)
-    train_tokens, _ = data_mod.load_splits(cfg.data, cfg.tokenizer, train.cache_dir(cfg), cfg.val_fraction)
+    train_tokens, _ = data_mod.load_splits(cfg.data, cfg.tokenizer, loop.cache_dir(cfg), cfg.val_fraction)
     batches = data_mod.Batches(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
     model = GPT(cfg)
-    opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    opt = torch.optim.AdamW(compute.param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     stamps = []
     for step in range(cfg.steps):
         for g in opt.param_groups:
-            g["lr"] = train.lr_at(step, cfg)
+            g["lr"] = loop.lr_at(step, cfg)
         x, y = batches.next()
         _, loss = model(x, y)
         loss.backward()
@@ -56,7 +56,7 @@ def bare(cfg: TrialConfig) -> list[tuple[int, float]]:
     return stamps
 
 
-class StampedSession(train.LocalSession):
+class StampedSession(session.LocalSession):
     def __init__(self):
         super().__init__(out=open(os.devnull, "w"))
         self.stamps = []
@@ -66,7 +66,7 @@ class StampedSession(train.LocalSession):
         self.stamps.append((metrics["step"], time.perf_counter()))
 
 
-class StampedRaySession(train.RaySession):
+class StampedRaySession(session.RaySession):
     def __init__(self, stamp_file: str):
         super().__init__()
         self.stamp_file = stamp_file
@@ -78,7 +78,7 @@ class StampedRaySession(train.RaySession):
 
 
 def stamped_loop(config: dict) -> None:
-    train.run(TrialConfig(**config["trial"]), StampedRaySession(config["stamp_file"]))
+    loop.run(TrialConfig(**config["trial"]), StampedRaySession(config["stamp_file"]))
 
 
 def trainer(cfg: TrialConfig) -> tuple[list, float, float]:
@@ -105,7 +105,7 @@ def main() -> None:
     args = ap.parse_args()
     cfg = config_from({"steps": str(args.steps), "checkpoint_every": "0",
                        **dict(kv.split("=", 1) for kv in args.overrides)})
-    cfg = train.model_config(cfg)
+    cfg = loop.model_config(cfg)
     tps = cfg.batch_size * cfg.seq_len
     print(f"config: n_layer={cfg.n_layer} d_model={cfg.d_model} seq_len={cfg.seq_len} batch_size={cfg.batch_size} "
           f"steps={cfg.steps} report_every={cfg.report_every} eval_every={cfg.eval_every} torch threads="
@@ -123,9 +123,9 @@ def main() -> None:
                  include_dashboard=False, log_to_driver=False)
         if i == len(healths) - 1:
             results["bare"] = (rate(bare(cfg), tps), None, None)
-            session = StampedSession()
-            train.run(cfg, session)
-            results["runner"] = (rate(session.stamps, tps), None, None)
+            stamped = StampedSession()
+            loop.run(cfg, stamped)
+            results["runner"] = (rate(stamped.stamps, tps), None, None)
         stamps, t_start, t_end = trainer(cfg)
         ray.shutdown()
         steady = rate(stamps, tps)

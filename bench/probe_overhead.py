@@ -18,10 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tunestab import data as data_mod  # noqa: E402
-from tunestab import train  # noqa: E402
+from tunestab import compute, loop  # noqa: E402
 from tunestab.config import config_from  # noqa: E402
-from tunestab.model import GPT  # noqa: E402
-from tunestab.train import all_reduce, cache_dir, train_step  # noqa: E402
+from tunestab.loop import all_reduce, cache_dir, train_step  # noqa: E402
 
 
 def main() -> None:
@@ -30,23 +29,16 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     args = ap.parse_args()
     cfg = config_from(dict(kv.split("=", 1) for kv in args.overrides))
-    cfg = train.model_config(cfg)
+    cfg = loop.model_config(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     train_tokens, _ = data_mod.load_splits(cfg.data, cfg.tokenizer, cache_dir(cfg), cfg.val_fraction)
     batches = data_mod.Batches(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = GPT(cfg).to(device)
-    step_model = torch.compile(model) if device.type == "cuda" and cfg.compile else model
-    opt = torch.optim.AdamW(model.param_groups(cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    bf16 = device.type == "cuda" and cfg.bf16
-
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    s = compute.setup(cfg, device)  # what a trial runs: precision, compilation, optimizer
 
     def timed(probe: bool) -> float:
         x, y = (t.to(device) for t in batches.next())
         t0 = time.perf_counter()
-        loss, grad_norm, probes = train_step(model, step_model, opt, x, y, cfg, autocast, probe)
+        loss, grad_norm, probes = train_step(s, x, y, cfg, probe)
         if probe:
             all_reduce({**probes, "grad_norm": grad_norm}, torch.distributed.ReduceOp.MAX, 1)  # host sync
         else:

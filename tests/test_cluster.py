@@ -2,6 +2,7 @@
 concurrency follows the cluster's largest size; and a search submitted with `ray job submit` to
 a two-node Ray cluster on loopback runs trials on both nodes and logs to a real `mlflow server`."""
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -63,10 +64,12 @@ def test_max_concurrent_follows_the_clusters_largest_size(tmp_path):
         "head_node_type": "head",
         "available_node_types": {
             "head": {"resources": {"CPU": 8, "GPU": 0}, "max_workers": 0},
-            "gpu_1x": {"resources": {"CPU": 4, "GPU": 1}, "min_workers": 0, "max_workers": 8},
-            "gpu_8x": {"resources": {"CPU": 96, "GPU": 8}, "min_workers": 0, "max_workers": 2},
+            "gpu_1x": {"resources": {"CPU": 4, "GPU": 1, "accelerator_type:L40S": 1}, "min_workers": 0,
+                       "max_workers": 8},
+            "gpu_8x": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:H100": 1}, "min_workers": 0,
+                       "max_workers": 2},
         }}))
-    now = {"CPU": 8.0}  # only the head is up: no GPU yet
+    now = [{"CPU": 8.0}]  # only the head is up: no GPU yet
 
     def concurrent(**resources):
         s = spec.parse({"name": "g", "strategy": "max_lr", "variants": ["baseline"],
@@ -80,9 +83,17 @@ def test_max_concurrent_follows_the_clusters_largest_size(tmp_path):
     # ... but never more than fit: each extra trial's Train controller would wait, time out and
     # retry while holding resources (the placement-group deadlock of docs/reliability.md).
     assert concurrent(gpus_per_worker=1, max_concurrent=50) == 24
-    assert search.max_concurrent(spec.parse({"name": "c", "strategy": "max_lr", "variants": ["baseline"],
-                                             "params": {"lr": {"loguniform": [1e-3, 1.0]}}}),
-                                 {"CPU": 2.0}, str(tmp_path / "none.yaml")) == 2  # no autoscaler: what is up
+    # A space sized for one GPU counts only that GPU's nodes: 2 x 8 H100s, or 8 L40Ss.
+    assert concurrent(gpus_per_worker=1, accelerator_type="H100") == 16
+    assert concurrent(gpus_per_worker=0.5, accelerator_type="L40S") == 16
+    assert concurrent(gpus_per_worker=1, accelerator_type="A100") == 1  # none: one trial waits for a node
+    space = spec.parse({"name": "c", "strategy": "max_lr", "variants": ["baseline"],
+                        "params": {"lr": {"loguniform": [1e-3, 1.0]}}})
+    assert search.max_concurrent(space, [{"CPU": 2.0}], str(tmp_path / "none.yaml")) == 2  # no autoscaler: what is up
+    live = [{"CPU": 8.0}, {"CPU": 4.0, "GPU": 1.0, "accelerator_type:L40S": 1.0},
+            {"CPU": 96.0, "GPU": 8.0, "accelerator_type:H100": 1.0}]
+    gpu_space = dataclasses.replace(space, resources=spec.Resources(gpus_per_worker=1, accelerator_type="H100"))
+    assert search.max_concurrent(gpu_space, live, str(tmp_path / "none.yaml")) == 8
 
 
 def test_bad_train_storage_is_refused_before_ray(tmp_path, capsys):

@@ -5,10 +5,12 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tunestab.config import VARIANTS, TrialConfig
-from tunestab.model import (GPT, MLRAProjection, SigmaReparamLinear, attend, attention_logits,
-                            flex_capped_attention, plain_attention)
+from tunestab import model as model_mod
+from tunestab.model import (GPT, MLRAProjection, SigmaReparamLinear, attend, attention_logits, causal_block_mask,
+                            flex_capped_attention, linear_cross_entropy, padded_vocab, plain_attention)
 
 TINY = dict(vocab_size=97, n_layer=2, n_head=4, d_model=64, seq_len=32)
 
@@ -91,7 +93,7 @@ def test_fused_and_plain_attention_agree():
     # With a cap: FlexAttention's score_mod path against the reference. On CPU flex runs unfused,
     # but it evaluates the same score_mod and block mask the CUDA kernel is generated from.
     cap = 3.0
-    flex = flex_capped_attention(q * 4, k * 4, v, cap, compiled=False)
+    flex = flex_capped_attention(q * 4, k * 4, v, cap, causal_block_mask(32, "cpu"), compiled=False)
     torch.testing.assert_close(flex, plain_attention(q * 4, k * 4, v, cap), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(flex, plain_attention(q * 4, k * 4, v))  # the cap changed the result
 
@@ -152,7 +154,8 @@ def test_every_variant_halves_its_loss_on_a_fixed_batch(variant):
 
 def test_z_loss_and_final_softcap():
     idx = batch()
-    plain_logits, plain = tiny()(idx, idx)
+    plain_logits, _ = tiny()(idx)
+    _, plain = tiny()(idx, idx)
     _, with_z = tiny(z_loss=1e-2)(idx, idx)
     lse = torch.logsumexp(plain_logits, -1)
     assert with_z.item() == pytest.approx(plain.item() + 1e-2 * lse.pow(2).mean().item(), rel=1e-5)
@@ -161,6 +164,128 @@ def test_z_loss_and_final_softcap():
         m.wte.weight.mul_(100)
     logits, _ = m(idx)
     assert logits.abs().max() <= 0.5
+
+
+def reference_loss(h, weight, targets, vocab, z_loss=0.0, cap=0.0):
+    """What autograd computes from whole logits: the behaviour linear_cross_entropy must match."""
+    z = (h @ weight.t())[:, :vocab]
+    z = z.to(torch.promote_types(z.dtype, torch.float32))
+    if cap:
+        z = cap * torch.tanh(z / cap)
+    loss = F.cross_entropy(z, targets)
+    return loss + z_loss * torch.logsumexp(z, -1).pow(2).mean() if z_loss else loss
+
+
+@pytest.mark.parametrize("z_loss,cap", [(0.0, 0.0), (1e-2, 0.0), (0.0, 2.0), (1e-3, 5.0)])
+def test_chunked_linear_cross_entropy_matches_autograd(monkeypatch, z_loss, cap):
+    monkeypatch.setattr(model_mod, "LOSS_CHUNK_ELEMENTS", 7 * 128)  # 7 tokens a chunk: 10 chunks
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(64, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(128, 16, generator=g, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 97, (64,), generator=g)
+    ref = reference_loss(h, w, t, 97, z_loss, cap)
+    ref_dh, ref_dw = torch.autograd.grad(ref * 3.0, (h, w))
+    out = linear_cross_entropy(h, w, t, 97, z_loss, cap)
+    dh, dw = torch.autograd.grad(out * 3.0, (h, w))  # an upstream gradient other than 1
+    torch.testing.assert_close(out, ref, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(dh, ref_dh, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-9, atol=1e-12)
+    assert dw[97:].abs().max() == 0  # the padding rows never enter the loss
+
+
+def test_chunked_linear_cross_entropy_under_bf16_autocast():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(48, 32, generator=g, requires_grad=True)
+    w = (torch.randn(128, 32, generator=g) * 0.2).requires_grad_()
+    t = torch.randint(0, 100, (48,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = reference_loss(h, w, t, 100)
+        out = linear_cross_entropy(h, w, t, 100)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+    for a, b in zip(torch.autograd.grad(out, (h, w)), torch.autograd.grad(ref, (h, w))):
+        assert a.dtype == b.dtype == torch.float32
+        assert ((a - b).norm() / b.norm()).item() < 1e-2  # bf16 matmul operands
+
+
+def test_training_keeps_no_tokens_by_vocab_tensor_for_backward():
+    """The fp32 logits (and their gradient) of every token are the largest tensors of a GPT-2
+    step: 13 GB each at rybakov_gpu's shape. Nothing of that size may be saved for backward."""
+    m = tiny(vocab_size=300)
+    idx = batch(B=4, T=32, V=300)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _, loss = m(idx, idx)
+    loss.backward()
+    assert saved and max(saved) < 4 * 32 * 300  # tokens x vocab
+
+
+def test_the_vocabulary_is_padded_to_a_multiple_of_128_and_the_padding_is_never_used():
+    assert [padded_vocab(n) for n in (1, 128, 129, 257, 50257)] == [128, 128, 256, 384, 50304]
+    m = tiny()  # vocab 97
+    assert m.wte.weight.shape[0] == m.lm_head.weight.shape[0] == 128
+    logits, _ = m(batch())
+    assert logits.shape[-1] == 97
+    assert m.token_embedding().shape == (97, 64)
+    _, loss = m(batch(), batch())
+    loss.backward()
+    assert m.wte.weight.grad[97:].abs().max() == 0 and m.wte.weight.grad[:97].abs().max() > 0
+
+
+def test_sigma_reparam_trains_under_bf16_autocast_with_sigma_in_fp32():
+    layer = tiny("sigma_reparam").blocks[0].mlp.fc1
+    x = torch.randn(4, 64, requires_grad=True)
+    fp32 = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+        sigma = layer.sigma()
+    assert out.dtype == torch.bfloat16 and sigma.dtype == torch.float32
+    assert layer.u.dtype == layer.v.dtype == torch.float32
+    out.float().sum().backward()
+    assert torch.isfinite(x.grad).all() and layer.gamma.grad is not None
+    torch.testing.assert_close(out.float(), fp32.detach(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("softcap", [0.0, 3.0])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_attention_takes_fp32_q_k_beside_a_bf16_v(softcap, autocast):
+    """What CUDA autocast hands attention under qk_norm: LayerNorm runs in fp32 there, so q and
+    k arrive in fp32 beside the projection's bf16 v. Forward and backward must run, in one dtype."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 4, 32, 16, generator=g).requires_grad_() for _ in range(2))
+    v = torch.randn(2, 4, 32, 16, generator=g).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = attend(q, k, v, softcap)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    ref = attend(q.detach().double(), k.detach().double(), v.detach().double(), softcap)
+    torch.testing.assert_close(y.double(), ref, rtol=3e-2, atol=3e-2)
+
+
+def test_flex_attention_takes_mixed_dtypes_and_its_mask_is_an_input_of_the_compiled_graph():
+    """The FlexAttention path (CUDA; on the CPU forward only, it has no backward there) with
+    fp32 q, k and a bf16 v. And the BlockMask is built once, outside the graph: the compiled
+    model reads it as inputs instead of tracing its construction into every forward."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, 4, 32, 16, generator=g) for _ in range(2))
+    v = torch.randn(2, 4, 32, 16, generator=g).bfloat16()
+    mask = causal_block_mask(32, "cpu")
+    y = attend(q, k, v, 3.0, mask)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), plain_attention(q, k, v.float(), 3.0), rtol=3e-2, atol=3e-2)
+
+    m = tiny("softcap").requires_grad_(False).eval()
+    m.set_block_mask(mask)
+    explained = torch._dynamo.explain(m)(batch())
+    inputs = [n.name for graph in explained.graphs for n in graph.graph.nodes if n.op == "placeholder"]
+    assert explained.graph_break_count == 0
+    assert any("block_mask" in name for name in inputs), inputs
 
 
 def test_variants_compose():

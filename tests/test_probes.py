@@ -79,9 +79,22 @@ def test_probing_does_not_change_the_step():
 def test_embedding_gradient_variance():
     m, _, _ = _probed_step()
     g = m.wte.weight.grad
-    assert grad_variance(m.wte.weight).item() == pytest.approx(((g - g.mean()) ** 2).mean().item(), rel=1e-4)
+    assert grad_variance(g).item() == pytest.approx(((g - g.mean()) ** 2).mean().item(), rel=1e-4)
 
 
 def test_layer_metrics_leave_unrelated_keys_alone():
     out = layer_metrics({"layer_0/out_norm_fc1": torch.tensor(1.0), "layer_1/out_norm_fc1": torch.tensor(3.0)})
     assert out["out_norm_fc1"].item() == 3.0 and "out_norm_qkv" not in out
+
+
+def test_probes_read_only_the_rows_of_real_tokens():
+    """The vocabulary is padded to a multiple of 128 (97 -> 128): the padding rows are no token's
+    embedding and must move neither TEV nor the gradient variance."""
+    m, _, stats = _probed_step(probe_grad_var=True)
+    with torch.no_grad():
+        m.wte.weight[97:] = torch.randn(31, 32) * 100
+    m.wte.weight.grad[97:] = 1e6
+    got = model_probes(m, stats, with_grad_var=True)
+    mu, sigma = tev(m.wte.weight[:97])
+    assert got["tev_mean"].item() == mu.item() and got["tev_std"].item() == sigma.item()
+    assert got["grad_var_embed"].item() == pytest.approx(grad_variance(m.wte.weight.grad[:97]).item(), rel=1e-6)

@@ -18,7 +18,7 @@ import torch
 import yaml
 from conftest import MlflowServer, descendants, process_title
 
-from tunestab import replay, search, train, tracking
+from tunestab import checkpoint, loop, replay, search, session, tracking
 from tunestab.config import TrialConfig
 
 TRIAL = {"n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 32, "batch_size": 4, "warmup_steps": 5,
@@ -93,8 +93,8 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint_and_the_trial_comple
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        uninterrupted = train.LocalSession(out=io.StringIO())
-        train.run(TrialConfig(**{**trial, "variant": "baseline", "seed": 0}), uninterrupted)
+        uninterrupted = session.LocalSession(out=io.StringIO())
+        loop.run(TrialConfig(**{**trial, "variant": "baseline", "seed": 0}), uninterrupted)
     finally:
         torch.set_num_threads(threads)
     after_restart = {r["step"]: r["loss"] for r in results}  # the last report of each step
@@ -286,7 +286,7 @@ def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, capsys):
 
     folder = tmp_path / "step_000010"
     folder.mkdir()
-    torch.save({"model": Payload()}, folder / train.CHECKPOINT_FILE)
-    with pytest.raises(train.CheckpointError) as e:
-        train.load_checkpoint([str(folder)], "cpu")
+    torch.save({"model": Payload()}, folder / checkpoint.CHECKPOINT_FILE)
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.load_checkpoint([str(folder)])
     assert "unreadable" in str(e.value) and not marker.exists()  # weights_only=True: nothing ran

@@ -156,7 +156,7 @@ def test_tune_run_stops_the_divergent_trial_by_tev_and_completes_the_stable_one(
     from ray import tune
     from ray.util.state import list_placement_groups
 
-    from tunestab.train import RAY_TRAIN_ENV, trial_driver
+    from tunestab.trainer import RAY_TRAIN_ENV, trial_driver
 
     sched = TEVScheduler(state_path=str(tmp_path / "tev_scheduler.json"))
     base = {"n_layer": 12, "d_model": 64, "n_head": 4, "grad_clip": 0.0, "steps": 60, "warmup_steps": 30,

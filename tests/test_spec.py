@@ -153,3 +153,36 @@ def test_the_schema_example_in_search_spaces_readme_is_valid():
     text = (spec.SPACES_DIR / "README.md").read_text()
     space = spec.parse(yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1)))
     assert space.strategy == "tune" and space.param("mlra_rank").values == (4, 32)
+
+
+def test_gpu_resources_that_cannot_work_are_refused():
+    two_on_half_a_gpu = {**GOOD, "resources": {"workers": 2, "gpus_per_worker": 0.5}}
+    assert any("Duplicate GPU detected" in p for p in problems_of(two_on_half_a_gpu))
+    spec.parse({**GOOD, "resources": {"workers": 1, "gpus_per_worker": 0.25}})  # packing one-worker trials is fine
+    assert spec.parse({**GOOD, "resources": {"gpus_per_worker": 1, "accelerator_type": "H100"}}).resources.accelerator_type == "H100"
+    problems = problems_of({**GOOD, "resources": {"gpus_per_worker": 1, "accelerator_type": "H100-80GB"}})
+    assert any("unknown 'H100-80GB'" in p and "H100" in p for p in problems)
+    assert any("gpus_per_worker is 0" in p for p in problems_of({**GOOD, "resources": {"accelerator_type": "L40S"}}))
+
+
+def test_micro_batches_must_split_each_workers_share():
+    bad = {**GOOD, "trial": {**GOOD["trial"], "batch_size": 16, "micro_batch_size": 8}, "resources": {"workers": 4}}
+    assert any(p.startswith("trial.micro_batch_size: 8 does not divide the 4 sequences") for p in problems_of(bad))
+    spec.parse({**bad, "resources": {"workers": 2}})
+
+
+def test_accelerator_names_are_rays():
+    from ray.util.accelerators import accelerators
+
+    assert set(spec.ACCELERATOR_TYPES) == {v for k, v in vars(accelerators).items() if k.startswith("NVIDIA_")}
+
+
+def test_reading_a_space_imports_neither_torch_nor_ray():
+    """Checking a file must be instant (it was 4.7 s, through the scheduler's Ray import)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tunestab.spec as s; s.load('default'); s.load('rybakov_gpu'); "
+            "print(sorted(m for m in ('torch', 'ray', 'numpy', 'mlflow', 'optuna') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -16,7 +16,7 @@ import pandas as pd
 
 from .bracket import bracket
 from .tracking import INCOMPLETE_FILE
-from .train import FINITE_CAP
+from .metrics import FINITE_CAP
 
 COLUMNS = ["trial_id", "variant", "lr", "stop_reason", "diverged", "tev_stop_step", "step", "loss", "val_loss",
            "loss_init", "tev_mean", "tev_std"]

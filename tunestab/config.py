@@ -102,6 +102,9 @@ class TrialConfig:
     """Optimizer steps in the trial's budget."""
     batch_size: int = 16
     """Global batch in sequences, split evenly across data-parallel workers."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward on a worker; gradients of the worker's share of the batch
+    are accumulated over its micro-batches. 0: the worker's whole share at once."""
     lr: float = 3e-3
     """Peak learning rate."""
     warmup_steps: int = 30
@@ -154,10 +157,10 @@ class TrialConfig:
     # --- hardware ---
     device: str = "auto"
     """'auto' (CUDA when available), 'cpu' or 'cuda'."""
-    compile: bool = True
-    """torch.compile the model (CUDA only)."""
-    bf16: bool = True
-    """bf16 autocast (CUDA only); weights and optimizer state stay fp32."""
+    compile: bool | None = None
+    """torch.compile the training step (inductor); None: on for CUDA, off on CPU."""
+    bf16: bool | None = None
+    """bf16 autocast, weights and optimizer state in fp32; None: on for CUDA, off on CPU."""
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -173,9 +176,11 @@ class TrialConfig:
                      "report_every", "eval_every", "eval_batches", "blowup_window"):
             if getattr(self, name) < 1:
                 p.append(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("vocab_size", "warmup_steps", "checkpoint_every", "max_tokens", "seed"):
+        for name in ("vocab_size", "warmup_steps", "checkpoint_every", "max_tokens", "seed", "micro_batch_size"):
             if getattr(self, name) < 0:
                 p.append(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if self.micro_batch_size > 0 and self.batch_size >= 1 and self.batch_size % self.micro_batch_size:
+            p.append(f"micro_batch_size: {self.micro_batch_size} does not divide batch_size={self.batch_size}")
         if self.n_head >= 1 and self.d_model >= 1 and self.d_model % self.n_head:
             p.append(f"d_model: {self.d_model} is not divisible by n_head={self.n_head}")
         if self.mlra_rank is not None:

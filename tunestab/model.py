@@ -48,8 +48,10 @@ def plain_attention(q, k, v, softcap: float = 0.0) -> torch.Tensor:
     return torch.softmax(z.float(), dim=-1).to(v.dtype) @ v
 
 
-@functools.lru_cache(maxsize=8)
-def _causal_block_mask(T: int, device: str):
+def causal_block_mask(T: int, device):
+    """FlexAttention's causal BlockMask for sequences of T tokens. Built once per model, outside
+    any compiled graph (`GPT.set_block_mask`): built inside the forward it would be traced into
+    the graph and rebuilt on every step."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     return create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, T, T, device=device)
@@ -57,29 +59,41 @@ def _causal_block_mask(T: int, device: str):
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex():
-    # FlexAttention is only fast compiled; inside an already compiled model this is inlined.
+    # FlexAttention is only fast compiled; inside an already compiled model it is traced as is.
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_capped_attention(q, k, v, softcap: float, compiled: bool = True) -> torch.Tensor:
+def flex_capped_attention(q, k, v, softcap: float, block_mask, compiled: bool = True) -> torch.Tensor:
     """Fused causal attention with c*tanh(z/c) applied to the scaled logits via FlexAttention."""
     from torch.nn.attention.flex_attention import flex_attention
 
     def cap(score, b, h, q_idx, kv_idx):
         return softcap * torch.tanh(score / softcap)
 
-    fn = _compiled_flex() if compiled else flex_attention
-    return fn(q, k, v, score_mod=cap, block_mask=_causal_block_mask(q.size(-2), str(q.device)))
+    fn = _compiled_flex() if compiled and not torch.compiler.is_compiling() else flex_attention
+    return fn(q, k, v, score_mod=cap, block_mask=block_mask)
 
 
-def attend(q, k, v, softcap: float = 0.0) -> torch.Tensor:
-    """Causal attention on (B, H, T, d_head) tensors with the fastest kernel the variant allows."""
+def one_dtype(q, k, v):
+    """q, k and v in one dtype: autocast's when it is on, else v's. Under CUDA autocast a
+    LayerNorm returns fp32, so qk_norm hands attention fp32 q and k beside a bf16 v, and
+    FlexAttention's backward refuses mixed dtypes."""
+    device = v.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else v.dtype
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def attend(q, k, v, softcap: float = 0.0, block_mask=None) -> torch.Tensor:
+    """Causal attention on (B, H, T, d_head) tensors with the fastest kernel the variant allows:
+    SDPA without a cap; with one, FlexAttention when the model has a block mask (on CUDA:
+    FlexAttention has no backward on CPU), else the plain kernel."""
+    q, k, v = one_dtype(q, k, v)
     if not softcap:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    if q.is_cuda:
-        return flex_capped_attention(q, k, v, softcap)
+    if block_mask is not None:
+        return flex_capped_attention(q, k, v, softcap, block_mask)
     return plain_attention(q, k, v, softcap)
 
 
@@ -104,18 +118,25 @@ class SigmaReparamLinear(nn.Linear):
 
     @torch.no_grad()
     def power_iteration(self, steps: int = 1) -> None:
-        for _ in range(steps):
-            self.v.copy_(F.normalize(self.weight.t() @ self.u, dim=0))
-            self.u.copy_(F.normalize(self.weight @ self.v, dim=0))
+        with torch.autocast(self.weight.device.type, enabled=False):  # see sigma()
+            for _ in range(steps):
+                self.v.copy_(F.normalize(self.weight.t() @ self.u, dim=0))
+                self.u.copy_(F.normalize(self.weight @ self.v, dim=0))
 
     @torch.no_grad()
     def reset_power_iteration(self, steps: int = 15) -> None:
         self.u.copy_(F.normalize(torch.randn_like(self.u), dim=0))
         self.power_iteration(steps)
 
+    def sigma(self) -> torch.Tensor:
+        """sigma(W) = u^T W v, in fp32 with autocast off: under bf16 autocast the matmuls would
+        round u, v and sigma to bf16 (and torch.dot refuses an fp32 u beside a bf16 product),
+        and sigma divides every weight of the layer."""
+        with torch.autocast(self.weight.device.type, enabled=False):
+            return torch.dot(self.u, self.weight @ self.v)
+
     def effective_weight(self) -> torch.Tensor:
-        sigma = torch.dot(self.u, self.weight @ self.v)
-        return self.weight * (self.gamma / sigma)
+        return self.weight * (self.gamma / self.sigma())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training:
@@ -177,16 +198,17 @@ class Attention(nn.Module):
         self.post_norm = norm(cfg.post_norm, d, cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, stats: dict | None = None, block_mask=None) -> torch.Tensor:
         B, T, C = x.shape
         qkv = self.qkv(x)
         q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in qkv.split(C, dim=2))
         q, k, v = self.q_norm(q), self.k_norm(k), self.v_norm(v)
         if self.dropout and self.training:
+            q, k, v = one_dtype(q, k, v)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout) \
                 if not self.softcap else F.dropout(plain_attention(q, k, v, self.softcap), self.dropout)
         else:
-            y = attend(q, k, v, self.softcap)
+            y = attend(q, k, v, self.softcap, block_mask)
         y = self.proj(y.transpose(1, 2).reshape(B, T, C))
         if stats is not None:
             with torch.no_grad():
@@ -231,8 +253,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
         self.mlp = MLP(cfg, index)
 
-    def forward(self, x: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), stats)
+    def forward(self, x: torch.Tensor, stats: dict | None = None, block_mask=None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), stats, block_mask)
         x = x + self.mlp(self.ln_2(x), stats)
         if stats is not None:
             stats[f"layer_{self.index}/block_out_var"] = x.detach().float().var()
@@ -240,7 +262,86 @@ class Block(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------
+# the loss
+
+
+# A chunk of the loss holds this many fp32 logits (1 GiB): 5336 tokens at GPT-2's vocabulary.
+LOSS_CHUNK_ELEMENTS = 2**28
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean_i CE(z_i, t_i) + z_loss * mean_i logsumexp(z_i)^2, with z = cap(h @ W^T) over the
+    first `vocab` columns, without keeping z for backward.
+
+    Autograd would save the fp32 logits (and their log-softmax) of every token until backward:
+    at 64 x 1024 tokens and GPT-2's vocabulary, 13 GB each. Here forward runs over chunks of
+    tokens and computes each chunk's loss *and* its gradients (dz = softmax - onehot, then
+    dh = dz W and dW = dz^T h: the three matmuls autograd would run), so only dh (N x d) and
+    dW (V x d) are kept, and backward scales them by the incoming gradient. The matmuls run in
+    `dtype` (the autocast dtype under autocast); the softmax and the sums in fp32 (or wider).
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, vocab: int, z_loss: float, cap: float, dtype):
+        want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        n = h.size(0)
+        rows = max(1, LOSS_CHUNK_ELEMENTS // weight.size(0))
+        w = weight.to(dtype)
+        acc = torch.promote_types(dtype, torch.float32)  # softmax and sums: fp32 at least
+        grad_h = torch.empty_like(h) if want else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want else None
+        total = torch.zeros((), dtype=acc, device=h.device)
+        with torch.autocast(h.device.type, enabled=False):
+            for s in range(0, n, rows):
+                hc, tc = h[s:s + rows].to(dtype), targets[s:s + rows]
+                z = (hc @ w.t())[:, :vocab].to(acc)
+                if cap:
+                    tanh = torch.tanh(z / cap)
+                    z = cap * tanh
+                lse = torch.logsumexp(z, dim=-1)
+                total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+                if z_loss:
+                    total += z_loss * lse.pow(2).sum()
+                if not want:
+                    continue
+                dz = torch.exp(z - lse[:, None])  # softmax
+                if z_loss:
+                    dz = dz * (1 + 2 * z_loss * lse)[:, None]
+                dz.scatter_add_(1, tc[:, None], dz.new_full((tc.numel(), 1), -1.0))
+                if cap:
+                    dz = dz * (1 - tanh * tanh)
+                dz = (dz / n).to(dtype)
+                grad_h[s:s + rows] = (dz @ w[:vocab]).to(h.dtype)
+                grad_w[:vocab] += dz.t() @ hc
+        if want:
+            ctx.save_for_backward(grad_h, grad_w)
+            ctx.weight_dtype = weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad.to(grad_h.dtype), (grad_w * grad).to(ctx.weight_dtype),
+                None, None, None, None, None)
+
+
+def linear_cross_entropy(h, weight, targets, vocab: int, z_loss: float = 0.0, cap: float = 0.0):
+    """The LM loss of hidden states h (N, d) under the LM head `weight` (V_padded, d); see
+    LinearCrossEntropy. Under autocast its matmuls run in the autocast dtype, as lm_head's would."""
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    return LinearCrossEntropy.apply(h, weight, targets, vocab, float(z_loss), float(cap), dtype)
+
+
+# --------------------------------------------------------------------------------------------
 # the model
+
+
+def padded_vocab(n: int) -> int:
+    """The embedding and LM-head rows actually allocated: n rounded up to a multiple of 128, so
+    that the LM head's matmul runs on tensor-core-friendly shapes (GPT-2's 50257 -> 50304).
+    The extra rows never enter the loss, TEV or a token id."""
+    return -(-n // 128) * 128
 
 
 class GPT(nn.Module):
@@ -250,13 +351,16 @@ class GPT(nn.Module):
         if cfg.vocab_size < 1:
             raise ValueError("vocab_size must be set (>= 1) before building the model")
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.vocab_size = cfg.vocab_size
+        self.wte = nn.Embedding(padded_vocab(cfg.vocab_size), cfg.d_model)
         self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, bias=cfg.bias)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, padded_vocab(cfg.vocab_size), bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
+        # FlexAttention's mask for capped attention, when the model runs on CUDA (set_block_mask).
+        self.block_mask = None
         self.apply(self._init_weights)
         # GPT-2: residual-branch output projections scaled by 1/sqrt(2 * n_layer).
         for block in self.blocks:
@@ -265,6 +369,15 @@ class GPT(nn.Module):
         for m in self.modules():
             if isinstance(m, SigmaReparamLinear):
                 m.reset_power_iteration()
+
+    def set_block_mask(self, block_mask) -> None:
+        """Use FlexAttention with this BlockMask (`causal_block_mask`) for capped attention. A
+        module attribute is lifted into a compiled graph as an input, not rebuilt in it."""
+        self.block_mask = block_mask
+
+    def token_embedding(self) -> torch.Tensor:
+        """The embedding rows of real tokens (what TEV measures), without the padding rows."""
+        return self.wte.weight[: self.vocab_size]
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -279,25 +392,19 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, stats: dict | None = None):
-        """Logits (B, T, V) and, with targets, the mean cross-entropy (+ z-loss) in fp32."""
+        """Without targets: (logits (B, T, vocab) in fp32, None). With targets: (None, the mean
+        cross-entropy (+ z-loss) in fp32), computed by `linear_cross_entropy` so that training
+        never holds the (B*T, vocab) logits through backward."""
         T = idx.size(1)
         x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
         x = F.dropout(x, self.cfg.dropout, self.training)
         for block in self.blocks:
-            x = block(x, stats)
-        logits = self.lm_head(self.ln_f(x)).float()
-        if self.cfg.final_softcap:
-            logits = self.cfg.final_softcap * torch.tanh(logits / self.cfg.final_softcap)
+            x = block(x, stats, self.block_mask)
+        h = self.ln_f(x)
+        cap = self.cfg.final_softcap
         if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
-        if self.cfg.z_loss:
-            loss = loss + self.cfg.z_loss * torch.logsumexp(logits, dim=-1).pow(2).mean()
-        return logits, loss
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay matrices and embeddings; not biases, LayerNorm gains or σReparam gamma."""
-        decay, no_decay = [], []
-        for p in self.parameters():
-            (decay if p.dim() >= 2 else no_decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            logits = self.lm_head(h)[..., : self.vocab_size].float()
+            return (cap * torch.tanh(logits / cap) if cap else logits), None
+        loss = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), self.vocab_size,
+                                    self.cfg.z_loss, cap)
+        return None, loss

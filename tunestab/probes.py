@@ -1,7 +1,7 @@
 """Stability probes: Token Embedding Variability, gradient statistics, per-layer output norms.
 
 All probes run only on report steps. The per-layer ones are recorded by the model's forward pass
-(`GPT.forward(..., stats=dict)`); this module turns them into the metric names of DESIGN.md:
+(`GPT.forward(..., stats=dict)`); this module turns them into the metric names of docs/design.md:
 the maximum over layers under the bare name (`out_norm_qkv`, `attn_logit_max`, ...) and each
 layer's value under `layer_<i>/<name>`.
 """
@@ -27,10 +27,10 @@ def tev(embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def grad_variance(param: torch.nn.Parameter) -> torch.Tensor:
-    """Variance of the entries of a parameter's gradient (for the embedding: the quantity TEV
-    stands in for, which costs a full pass over |V| x d gradients every step)."""
-    return param.grad.detach().float().var(correction=0)
+def grad_variance(grad: torch.Tensor) -> torch.Tensor:
+    """Variance of the entries of a gradient (for the embedding: the quantity TEV stands in for,
+    which costs a full pass over |V| x d gradients every step)."""
+    return grad.detach().float().var(correction=0)
 
 
 def layer_metrics(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -44,9 +44,12 @@ def layer_metrics(stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def model_probes(model, stats: dict[str, torch.Tensor], with_grad_var: bool = False) -> dict[str, torch.Tensor]:
-    """Every probe of one report step, as 0-d tensors (to be all-reduced across ranks)."""
+    """Every probe of one report step, as 0-d tensors (to be all-reduced across ranks). Called
+    after backward and before gradient clipping, so grad_var_embed is the raw gradient's. Only
+    the rows of real tokens count, not the vocabulary's padding (model.padded_vocab)."""
     metrics = layer_metrics(stats)
-    metrics["tev_mean"], metrics["tev_std"] = tev(model.wte.weight)
-    if with_grad_var and model.wte.weight.grad is not None:
-        metrics["grad_var_embed"] = grad_variance(model.wte.weight)
+    metrics["tev_mean"], metrics["tev_std"] = tev(model.token_embedding())
+    grad = model.wte.weight.grad
+    if with_grad_var and grad is not None:
+        metrics["grad_var_embed"] = grad_variance(grad[: model.vocab_size])
     return metrics

@@ -26,7 +26,8 @@ from pathlib import Path
 from . import data as data_mod
 from . import spec as spec_mod
 from .config import ConfigError
-from .train import RAY_TRAIN_ENV, cache_dir
+from .loop import cache_dir
+from .trainer import RAY_TRAIN_ENV
 
 STATE_FILE = "tunestab_search.json"
 SPACE_COPY = "space.yaml"
@@ -51,7 +52,7 @@ def objectives(result: dict, lr: float) -> dict:
 def make_callbacks(scheduler, tracking):
     from ray.tune.callback import Callback
 
-    from .scheduler import dispersion
+    from .tev_rule import dispersion
 
     class Objectives(Callback):
         """Adds `stable_lr` and `objective` to every result Tune keeps (after the TEV verdict), and
@@ -74,11 +75,12 @@ def param_space(space: spec_mod.Space, run_dir: Path) -> dict:
     from ray import tune
 
     # Train runs (and their checkpoints), one per trial id, where a resumed search finds them
-    # (train.trial_driver): in the run folder, or under train_storage, which every node reaches.
+    # (trainer.trial_driver): in the run folder, or under train_storage, which every node reaches.
     train_storage = (f"{space.train_storage.rstrip('/')}/{run_dir.name}" if space.train_storage
                      else str(run_dir / "train"))
     runner = {"workers": space.resources.workers, "cpus_per_worker": space.resources.cpus_per_worker,
               "gpus_per_worker": space.resources.gpus_per_worker, "max_failures": space.resources.max_failures,
+              "accelerator_type": space.resources.accelerator_type,
               "storage": train_storage}
     out = {**space.trial, "runner": runner}
     if space.strategy == "max_lr":
@@ -135,12 +137,19 @@ def num_trials(space: spec_mod.Space) -> int:
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
 
 
-def cluster_capacity(resources: dict, bootstrap_config: str = BOOTSTRAP_CONFIG) -> dict:
-    """What the cluster has now, or, on an autoscaling cluster, what it can grow to: a GPU
-    cluster usually starts with no GPU node at all."""
+def cluster_capacity(nodes: list[dict], bootstrap_config: str = BOOTSTRAP_CONFIG, accelerator_type: str = "") -> dict:
+    """The CPUs and GPUs of the cluster's live nodes (`nodes`: each one's resources), or, on an
+    autoscaling cluster, what it can grow to: a GPU cluster usually starts with no GPU node at
+    all. With `accelerator_type`, only GPUs of nodes labelled with it (the launcher labels each
+    node `accelerator_type:<its GPU>`) count."""
     import yaml
 
-    out = {k: float(resources.get(k, 0)) for k in ("CPU", "GPU")}
+    label = f"accelerator_type:{accelerator_type}"
+
+    def gpus(resources: dict) -> float:
+        return float(resources.get("GPU", 0)) if not accelerator_type or label in resources else 0.0
+
+    out = {"CPU": sum(float(n.get("CPU", 0)) for n in nodes), "GPU": sum(gpus(n) for n in nodes)}
     path = Path(os.path.expanduser(bootstrap_config))
     if path.is_file():
         config = yaml.safe_load(path.read_text()) or {}
@@ -148,17 +157,25 @@ def cluster_capacity(resources: dict, bootstrap_config: str = BOOTSTRAP_CONFIG) 
         top = {k: 0.0 for k in out}
         for name, node in (config.get("available_node_types") or {}).items():
             count = 1 if name == head else int(node.get("max_workers", 0))
-            for k in top:
-                top[k] += count * float((node.get("resources") or {}).get(k, 0))
+            resources = node.get("resources") or {}
+            top["CPU"] += count * float(resources.get("CPU", 0))
+            top["GPU"] += count * gpus(resources)
         out = {k: max(out[k], top[k]) for k in out}
     return out
 
 
-def max_concurrent(space: spec_mod.Space, resources: dict, bootstrap_config: str = BOOTSTRAP_CONFIG) -> int:
-    """Trials at once: as many as the cluster's GPUs (or CPUs, for CPU trials) can hold at its
-    largest, or the space's number when it is smaller."""
+def live_nodes() -> list[dict]:
+    import ray
+
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def max_concurrent(space: spec_mod.Space, nodes: list[dict], bootstrap_config: str = BOOTSTRAP_CONFIG) -> int:
+    """Trials at once: as many as the cluster's GPUs (of the space's accelerator_type, if it
+    names one) or CPUs, for CPU trials, can hold at its largest, or the space's number when it
+    is smaller."""
     r = space.resources
-    capacity = cluster_capacity(resources, bootstrap_config)
+    capacity = cluster_capacity(nodes, bootstrap_config, r.accelerator_type)
     if r.gpus_per_worker:
         fits = max(1, int(capacity["GPU"] // (r.workers * r.gpus_per_worker)))
     else:
@@ -281,13 +298,12 @@ def start_ray() -> None:
 
 
 def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
-    import ray
     from ray import tune
 
     from .analysis import report
     from .scheduler import TEVScheduler
     from .tracking import INCOMPLETE_FILE, MLflowTracking, artifact_location, start_parent
-    from .train import trial_driver
+    from .trainer import trial_driver
 
     storage = Path(space.storage)
     run_dir = newest_run_dir(storage, space.name) if resume else None
@@ -346,7 +362,7 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
             param_space=param_space(space, run_dir),
             tune_config=tune.TuneConfig(search_alg=searcher(space, run_dir), scheduler=scheduler,
                                         num_samples=num_trials(space),
-                                        max_concurrent_trials=max_concurrent(space, ray.cluster_resources())),
+                                        max_concurrent_trials=max_concurrent(space, live_nodes())),
             run_config=tune.RunConfig(storage_path=str(tune_dir), name=space.name,
                                       callbacks=make_callbacks(scheduler, tracking), verbose=1,
                                       progress_reporter=progress_reporter(space)),

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .config import FIELD_NAMES, VARIANTS, ConfigError, TrialConfig, config_from
-from .scheduler import TEVRule
+from .tev_rule import TEVRule
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
 STRATEGIES = ("max_lr", "tune", "sweep")
@@ -26,6 +26,10 @@ SAMPLERS = ("tpe", "gp", "cmaes")
 # Distribution name -> what its value must be.
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "grid")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# Ray 2.60's NVIDIA accelerator names (ray.util.accelerators; tests/test_spec.py keeps them in
+# step). The cluster launcher labels each AWS GPU node with its GPU's name.
+ACCELERATOR_TYPES = ("A100", "A100-40G", "A100-80G", "A10G", "B200", "B300", "GB200", "GB300", "H100", "H20",
+                     "H200", "K80", "L4", "L40S", "P100", "P4", "RTX-PRO-6000", "T4", "V100")
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,9 @@ class Resources:
     max_failures: int = 2
     """Times a trial's Train workers are restarted from its last checkpoint after a worker
     dies (a preempted node, an out-of-memory kill) before the trial counts as failed."""
+    accelerator_type: str = ""
+    """The GPU the space was sized for, by Ray's name (H100, A100-80G, L40S, ...): its Train
+    workers run only on nodes with that GPU. Empty: any GPU."""
 
 
 @dataclass(frozen=True)
@@ -347,9 +354,27 @@ def parse(raw, where: str = "search space", source: str = "") -> Space:
         problems.append("resources: cpus_per_worker and gpus_per_worker must be >= 0")
     if resources.gpus_per_worker > 1 and resources.gpus_per_worker != int(resources.gpus_per_worker):
         problems.append(f"resources.gpus_per_worker: above 1 it must be whole, got {resources.gpus_per_worker}")
+    if resources.workers > 1 and 0 < resources.gpus_per_worker < 1:
+        problems.append(f"resources.gpus_per_worker: {resources.gpus_per_worker} with {resources.workers} workers "
+                        "would put two NCCL ranks on one GPU, which NCCL refuses ('Duplicate GPU detected'); "
+                        "a fraction of a GPU is for one-worker trials")
+    if resources.accelerator_type and resources.accelerator_type not in ACCELERATOR_TYPES:
+        problems.append(f"resources.accelerator_type: unknown {resources.accelerator_type!r} "
+                        f"(Ray's names: {', '.join(ACCELERATOR_TYPES)})")
+    if resources.accelerator_type and not resources.gpus_per_worker:
+        problems.append("resources.accelerator_type: names a GPU, but gpus_per_worker is 0")
     for key in ("max_concurrent", "max_failures"):
         if getattr(resources, key) < 0:
             problems.append(f"resources.{key}: must be >= 0, got {getattr(resources, key)}")
+    if trial_ok and resources.workers >= 1:
+        cfg = config_from(trial, "trial")
+        share = cfg.batch_size // resources.workers
+        if cfg.batch_size % resources.workers:
+            problems.append(f"trial.batch_size: {cfg.batch_size} sequences do not split evenly over "
+                            f"resources.workers={resources.workers}")
+        elif cfg.micro_batch_size and share % cfg.micro_batch_size:
+            problems.append(f"trial.micro_batch_size: {cfg.micro_batch_size} does not divide the {share} sequences "
+                            f"each of resources.workers={resources.workers} takes of batch_size={cfg.batch_size}")
     if scheduler.type not in ("tev", "none"):
         problems.append(f"scheduler.type: expected tev or none, got {scheduler.type!r}")
 

@@ -1,0 +1,117 @@
+"""The per-worker loop: schedules, divergence handling, micro-batches, probes, throughput and
+resume (without Ray; the Ray Train path is tests/test_trainer.py)."""
+
+import io
+import math
+
+import pytest
+import torch
+
+from tunestab import compute
+from tunestab.config import TrialConfig
+from tunestab.loop import Divergence, lr_at, run, train_step
+from tunestab.session import LocalSession
+
+TINY = dict(n_layer=2, n_head=2, d_model=32, seq_len=32, batch_size=8, steps=40, warmup_steps=5,
+            report_every=10, eval_every=20, eval_batches=2)
+
+
+def tiny(**kw) -> TrialConfig:
+    return TrialConfig(**{**TINY, **kw})
+
+
+def all_finite(report: dict) -> bool:
+    return all(math.isfinite(v) for v in report.values() if isinstance(v, (int, float)))
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = tiny(lr=1.0, warmup_steps=10, steps=110, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(60, cfg) == pytest.approx(0.55)  # halfway through the cosine
+    assert lr_at(109, cfg) == pytest.approx(0.1, abs=1e-3)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 109))
+
+
+def test_divergence_rule():
+    cfg = tiny(warmup_steps=20, blowup_window=2, blowup_margin=0.0)
+    d = Divergence(cfg, loss0=5.0)
+    assert d.after_report(10, 9.0, False) is None  # above l0, but still warming up
+    assert d.after_report(20, 9.0, False) is None  # the last warm-up step
+    assert d.after_report(30, 4.0, False) is None  # warm-up losses never enter the window
+    assert d.after_report(40, 5.5, False) is None  # smoothed 4.75: one bad report is not a blow-up
+    assert d.after_report(50, 6.0, False) == "blowup"  # smoothed 5.75 > l0
+    assert Divergence(cfg, 5.0).after_report(10, 1.0, True) == "nonfinite"
+    assert d.at_end(5.0) == "no_progress" and d.at_end(4.9) is None
+
+
+def test_train_step_reports_the_global_gradient_norm_before_clipping():
+    cfg = tiny(vocab_size=97, grad_clip=0.5).resolved()
+    s = compute.setup(cfg, torch.device("cpu"))
+    x = torch.randint(0, 97, (4, 32))
+    _, loss = s.model(x, x)
+    loss.backward()
+    expected = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in s.model.parameters())).item()
+    s.optimizer.zero_grad()
+    _, grad_norm, probes = train_step(s, x, x, cfg, probe=True)
+    assert grad_norm.item() == pytest.approx(expected, rel=1e-5) and expected > 0.5  # unclipped value
+    assert "tev_mean" in probes and "layer_1/out_norm_qkv" in probes
+
+
+def test_grad_var_embed_is_the_variance_of_the_gradient_before_clipping():
+    cfg = tiny(vocab_size=97, grad_clip=1e-3, probe_grad_var=True).resolved()
+    s = compute.setup(cfg, torch.device("cpu"))
+    x = torch.randint(0, 97, (4, 32))
+    _, loss = s.model(x, x)
+    loss.backward()
+    raw = s.model.wte.weight.grad[:97].double().var(correction=0).item()
+    s.optimizer.zero_grad()
+    _, grad_norm, probes = train_step(s, x, x, cfg, probe=True)
+    assert grad_norm.item() > 100 * cfg.grad_clip  # the clip shrinks the gradient 100-fold or more
+    assert probes["grad_var_embed"].item() == pytest.approx(raw, rel=1e-4)
+
+
+def test_micro_batches_give_the_losses_of_the_whole_batch():
+    """Gradient accumulation: 8 sequences as 4 micro-batches of 2 take the same steps as 8 at
+    once, up to float summation order."""
+    whole, micro = LocalSession(out=io.StringIO()), LocalSession(out=io.StringIO())
+    run(tiny(steps=30), whole)
+    run(tiny(steps=30, micro_batch_size=2), micro)
+    assert [r["step"] for r in whole.reports] == [r["step"] for r in micro.reports] == [10, 20, 30]
+    for a, b in zip(whole.reports, micro.reports):
+        # (Per-layer probes come from the last micro-batch's forward only, so they differ.)
+        for key in ("loss", "grad_norm", "tev_mean", "tev_std"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert micro.reports[-1]["val_loss"] == pytest.approx(whole.reports[-1]["val_loss"], rel=1e-5)
+
+
+def test_the_first_step_of_each_kind_is_left_out_of_the_throughput():
+    """The first step of each kind (plain, with probes) builds its compiled graph (and on a GPU
+    initialises its kernels): no tokens_per_s is
+    made of it, so a report whose steps all compiled carries none."""
+    session = LocalSession(out=io.StringIO())
+    run(tiny(steps=4, report_every=1, eval_every=4), session)
+    first, *rest = session.reports
+    assert "tokens_per_s" not in first  # step 1: the probe graph's first run
+    assert all(r["tokens_per_s"] > 0 for r in rest)
+
+
+def test_nonfinite_loss_gives_a_finite_last_report():
+    session = LocalSession(out=io.StringIO())
+    last = run(tiny(lr=1e30, grad_clip=0.0, warmup_steps=0, report_every=2), session)
+    assert last["stop_reason"] == "nonfinite" and last["diverged"] == 1
+    assert last["loss"] == last["loss_init"] == last["val_loss"]  # l0 as the sentinel
+    assert all_finite(last)
+
+
+def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
+    cfg = tiny(checkpoint_every=20, variant="sigma_reparam")  # power-iteration buffers must resume too
+    full = LocalSession(checkpoint_dir=str(tmp_path / "ckpt"), out=io.StringIO())
+    run(cfg, full)
+    assert (tmp_path / "ckpt" / "step_000020" / "checkpoint.pt").is_file()
+    resumed = LocalSession(resume_from=str(tmp_path / "ckpt" / "step_000020"), out=io.StringIO())
+    run(cfg, resumed)
+    assert [r["step"] for r in resumed.reports] == [30, 40]
+    for a, b in zip(full.reports[2:], resumed.reports):
+        assert a["loss"] == b["loss"] and a.get("val_loss") == b.get("val_loss")
+    assert full.reports[-1]["val_loss"] == resumed.reports[-1]["val_loss"]

@@ -1,0 +1,85 @@
+"""Ray Train: a trial's TorchTrainer with DDP across workers, restarts from checkpoints."""
+
+import io
+
+import pytest
+
+from tunestab import session as session_mod
+from tunestab import trainer
+from tunestab.loop import run
+from tunestab.session import LocalSession
+from test_loop import tiny
+
+
+@pytest.mark.slow
+def test_two_ray_workers_follow_the_one_worker_loss_curve(tmp_path):
+    # Same global batch (8 sequences): each of 2 DDP workers takes 4 of the 8 blocks a 1-worker
+    # run takes, in 2 micro-batches of 2 (DDP all-reduces only after the second), and DDP averages
+    # the gradients, so the curves differ only by float reduction order.
+    cfg = tiny(checkpoint_every=10, data_cache=str(tmp_path / "cache"))
+    one = LocalSession(out=io.StringIO())
+    run(cfg, one)
+    cfg = tiny(checkpoint_every=10, data_cache=str(tmp_path / "cache"), micro_batch_size=2)
+    import ray
+
+    try:
+        result = trainer.run_with_ray(cfg, workers=2, use_gpu=False, storage=str(tmp_path / "ray"), name="ddp")
+    finally:
+        ray.shutdown()
+    assert result.error is None
+    # Train V2 builds metrics_dataframe from the checkpoints it kept: the last KEEP_CHECKPOINTS
+    # of those at steps 10, 20 and 30 (the older one is deleted from storage).
+    two = result.metrics_dataframe.set_index("step")["loss"]
+    assert list(two.index) == [10, 20, 30][-trainer.KEEP_CHECKPOINTS:]
+    one_loss = {r["step"]: r["loss"] for r in one.reports}
+    for step in two.index:
+        assert two[step] == pytest.approx(one_loss[step], rel=2e-3), step
+
+
+@pytest.mark.slow
+def test_a_restarted_ray_trial_resumes_from_its_last_checkpoint(tmp_path):
+    import ray
+
+    def crash_once_loop(config):
+        import os
+
+        from tunestab.config import TrialConfig as C
+        from tunestab.loop import run as run_loop
+        from tunestab.session import RaySession
+
+        class CrashAfterStep20(RaySession):
+            def report(self, metrics, checkpoint_dir):
+                super().report(metrics, checkpoint_dir)
+                if metrics["step"] == 20 and not os.path.exists(config["marker"]):
+                    open(config["marker"], "w").close()
+                    raise RuntimeError("injected worker failure")
+
+        run_loop(C(**config["trial"]), CrashAfterStep20())
+
+    cfg = tiny(checkpoint_every=10, data_cache=str(tmp_path / "cache"))
+    uninterrupted = LocalSession(out=io.StringIO())
+    run(cfg, uninterrupted)
+    marker = tmp_path / "crashed"
+    try:
+        result = trainer.run_with_ray(cfg, workers=1, use_gpu=False, storage=str(tmp_path / "ray"), name="restart",
+                                    max_failures=1, loop=crash_once_loop, extra={"marker": str(marker)})
+    finally:
+        ray.shutdown()
+    assert marker.exists() and result.error is None  # it crashed once, and recovered
+    reports = result.metrics_dataframe.set_index("step")["loss"]
+    # The kept checkpoints: 20 from the first worker group, 30 from the restarted one.
+    assert list(reports.index) == [10, 20, 30][-trainer.KEEP_CHECKPOINTS:]
+    assert reports[30] == pytest.approx(uninterrupted.reports[2]["loss"], rel=1e-5)
+
+
+def test_a_ray_trial_falls_back_to_its_older_checkpoints_newest_first(tmp_path):
+    from ray.train import Checkpoint
+
+    run_dir = tmp_path / "trial"
+    names = ["checkpoint_2026-11-23_08-10-21.259995", "checkpoint_2026-11-23_08-09-52.991071",
+             "checkpoint_2026-11-23_08-11-05.000001"]  # the last: a newer upload that never registered
+    for n in names:
+        (run_dir / n).mkdir(parents=True)
+    (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")
+    older = session_mod.older_checkpoints(Checkpoint(str(run_dir / names[0])))
+    assert [c.path.rsplit("/", 1)[1] for c in older] == [names[1]]

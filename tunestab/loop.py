@@ -1,0 +1,292 @@
+"""The per-worker pre-training loop: what every Ray Train worker of a trial runs
+(tunestab/trainer.py), and what `python -m tunestab.train` runs in this process.
+
+One step: the worker's share of the global batch, in micro-batches -> forward (+ probes on
+report steps) -> backward (gradients accumulate; DDP all-reduces on the last micro-batch) ->
+probes -> clip -> AdamW. Every `report_every` steps, and on checkpoint steps and the last step,
+the worker reduces its metrics across ranks (mean loss, max of norms) and reports them.
+Divergence ends the trial cleanly, with a finite last report (`Divergence`).
+
+The loop needs torch and numpy only: ray, mlflow, optuna, datasets, pandas and matplotlib may
+be absent, as on a bare CUDA image (tests/test_train.py checks it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import data as data_mod
+from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from .compute import Setup, peak_flops, setup, training_flops_per_token
+from .config import ConfigError, TrialConfig
+from .metrics import finite
+from .probes import model_probes
+
+
+def lr_at(step: int, cfg: TrialConfig) -> float:
+    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to lr*min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+class Divergence:
+    """The loss-based divergence rule (docs/design.md, "Divergence"), evaluated on reported
+    (all-reduced) values.
+
+    - `nonfinite`: the loss or the gradient norm became NaN/inf (the trial ends);
+    - `blowup`: after warm-up, the mean of the last `blowup_window` reported training losses is
+      above the initial loss l0 + blowup_margin: worse than untrained (the trial ends);
+    - `no_progress`: the final validation loss is not below l0 (Wortsman et al.'s clip; marked at
+      the end, the trial has already used its budget).
+    l0 is the validation loss at initialisation, measured before the first step.
+    """
+
+    def __init__(self, cfg: TrialConfig, loss0: float, recent: list[float] | None = None):
+        self.cfg, self.loss0 = cfg, loss0
+        self.recent = list(recent or [])
+
+    def after_report(self, step: int, loss: float, nonfinite: bool) -> str | None:
+        if nonfinite:
+            return "nonfinite"
+        if step <= self.cfg.warmup_steps:
+            return None  # early spikes while the LR ramps up are not a verdict
+        self.recent = (self.recent + [loss])[-self.cfg.blowup_window:]
+        smoothed = sum(self.recent) / len(self.recent)
+        if len(self.recent) == self.cfg.blowup_window and smoothed > self.loss0 + self.cfg.blowup_margin:
+            return "blowup"
+        return None
+
+    def at_end(self, val_loss: float) -> str | None:
+        return "no_progress" if not val_loss < self.loss0 else None
+
+
+def all_reduce(values: dict[str, torch.Tensor], op, world_size: int) -> dict[str, float]:
+    """One collective for a dict of 0-d tensors; SUM is turned into a mean."""
+    if not values:
+        return {}
+    keys = sorted(values)
+    packed = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+    if world_size > 1:
+        dist.all_reduce(packed, op=op)
+        if op == dist.ReduceOp.SUM:
+            packed /= world_size
+    return dict(zip(keys, packed.tolist()))
+
+
+def micro_batch(cfg: TrialConfig, world_size: int) -> int:
+    """Sequences per forward/backward on one worker: micro_batch_size, or the worker's share."""
+    share = cfg.batch_size // world_size
+    micro = cfg.micro_batch_size or share
+    if cfg.batch_size % world_size or share % micro:
+        raise ConfigError([f"micro_batch_size: {micro} does not divide the {share} sequences each of "
+                           f"{world_size} workers takes of batch_size={cfg.batch_size}"], "trial config")
+    return micro
+
+
+@torch.no_grad()
+def evaluate(s: Setup, batches, micro: int) -> torch.Tensor:
+    """Mean validation loss over `batches`, through the plain model (no compiled graph to build
+    for evaluation), in micro-batches as training runs."""
+    s.model.eval()
+    total = torch.zeros((), device=s.device)
+    for x, y in batches:
+        xs, ys = x.split(micro), y.split(micro)
+        for xm, ym in zip(xs, ys):
+            with s.autocast():
+                total += s.model(xm.to(s.device), ym.to(s.device))[1].float() / len(xs)
+    s.model.train()
+    return total / len(batches)
+
+
+def train_step(s: Setup, x, y, cfg: TrialConfig, probe: bool, micro: int = 0):
+    """One optimizer step on the worker's batch (x, y), in micro-batches of `micro` sequences
+    (0: all at once). Returns (mean loss, gradient norm before clipping, probes or None) as
+    device tensors, with no host sync.
+
+    Gradients accumulate over the micro-batches, each loss scaled by 1/n so that the sum is the
+    batch mean; DDP all-reduces only in the last backward. With `probe`, the last micro-batch's
+    forward records the per-layer statistics, and the probes are read after backward and before
+    clipping (grad_var_embed is the raw gradient's variance).
+    """
+    xs, ys = (x.split(micro), y.split(micro)) if micro else ((x,), (y,))
+    total = torch.zeros((), device=x.device)
+    stats = None
+    for i, (xm, ym) in enumerate(zip(xs, ys)):
+        last = i == len(xs) - 1
+        stats = {} if probe and last else None
+        with contextlib.nullcontext() if last else s.no_sync():
+            with s.autocast():
+                _, loss = s.step_model(xm, ym, stats)
+            (loss / len(xs)).backward()
+        total += loss.detach()
+    probes = model_probes(s.model, stats, cfg.probe_grad_var) if probe else None
+    max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(s.model.parameters(), max_norm)
+    s.optimizer.step()
+    s.optimizer.zero_grad(set_to_none=True)
+    return total / len(xs), grad_norm, probes
+
+
+def model_config(cfg: TrialConfig) -> TrialConfig:
+    """The resolved config, with vocab_size taken from the tokenizer when it is 0."""
+    vocab = cfg.vocab_size or data_mod.get_tokenizer(cfg.tokenizer).n_vocab
+    return dataclasses.replace(cfg, vocab_size=vocab).resolved()
+
+
+def cache_dir(cfg: TrialConfig) -> str:
+    return cfg.data_cache or os.path.join(os.path.expanduser("~"), ".cache", "tunestab")
+
+
+def checkpoint_state(s: Setup, step: int, batches, divergence: Divergence, cfg: TrialConfig) -> dict:
+    return {
+        "model": s.model.state_dict(),
+        "optimizer": s.optimizer.state_dict(),
+        "step": step,
+        "data": batches.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if s.device.type == "cuda" else [],
+        "loss0": divergence.loss0,
+        "recent_losses": divergence.recent,
+        "config": cfg.to_dict(),
+    }
+
+
+def restore(session, s: Setup, batches, cfg: TrialConfig) -> tuple[int, Divergence | None]:
+    """Resume from the newest readable checkpoint the session offers: (its step, the divergence
+    rule's state), or (0, None) on a fresh start. The checkpoint is read to the CPU and each
+    tensor copied to its parameter's device by load_state_dict."""
+    state, _ = load_checkpoint(session.checkpoints_to_resume())
+    if state is None:
+        return 0, None
+    s.model.load_state_dict(state["model"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    batches.load_state_dict(state["data"])
+    torch.set_rng_state(state["rng_cpu"])
+    if s.device.type == "cuda" and state["rng_cuda"]:
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return state["step"], Divergence(cfg, state["loss0"], state["recent_losses"])
+
+
+def run(cfg: TrialConfig, session) -> dict:
+    """Train one trial on this worker. Returns the last report (rank 0's view)."""
+    rank, world = session.rank, session.world_size
+    device = session.device(cfg)
+    cuda = device.type == "cuda"
+    cfg = model_config(cfg)
+    micro = micro_batch(cfg, world)
+    train_tokens, val_tokens = data_mod.load_splits(cfg.data, cfg.tokenizer, cache_dir(cfg), cfg.val_fraction,
+                                                    cfg.max_tokens or None)
+    batches = data_mod.Batches(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
+    val = data_mod.eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches, rank, world)
+
+    s = setup(cfg, device, session.wrap_ddp)
+    start, divergence = restore(session, s, batches, cfg)
+    if divergence is None:
+        loss0 = all_reduce({"l": evaluate(s, val, micro)}, dist.ReduceOp.SUM, world)["l"]
+        divergence = Divergence(cfg, loss0)
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    peak = peak_flops(device)
+    flops_per_token = training_flops_per_token(s.model)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    loss_sum = torch.zeros((), device=device)
+    bad = torch.zeros((), dtype=torch.bool, device=device)
+    window_steps, timed_steps, timed_s, last = 0, 0, 0.0, None
+    # The first step of each kind (with probes or without) builds its compiled graph, and on a
+    # GPU initialises its kernels: it is left out of tokens_per_s and mfu.
+    warm: set[bool] = set()
+    tick = time.perf_counter()
+
+    for step in range(start, cfg.steps):
+        for group in s.optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        is_last = step + 1 == cfg.steps
+        is_ckpt = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
+        is_report = (step + 1) % cfg.report_every == 0 or is_last or is_ckpt
+        cold = is_report not in warm
+        if cold:
+            sync()
+            timed_s += time.perf_counter() - tick
+        x, y = batches.next()
+        loss, grad_norm, probes = train_step(s, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
+                                             cfg, is_report, micro)
+        if cold:
+            sync()
+            warm.add(is_report)
+            tick = time.perf_counter()
+        else:
+            timed_steps += 1
+        # Accumulated without a host sync: checked once per report, so a GPU never waits per step.
+        loss_sum += loss
+        bad |= ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
+        window_steps += 1
+        if not is_report:
+            continue
+
+        # ---- report step: everything below is per report, not per step ----
+        sync()
+        timed_s += time.perf_counter() - tick
+        mean = all_reduce({"loss": loss_sum / window_steps, "bad": bad.float()}, dist.ReduceOp.SUM, world)
+        maxed = all_reduce({**probes, "grad_norm": grad_norm}, dist.ReduceOp.MAX, world)
+        nonfinite = mean["bad"] > 0 or not math.isfinite(mean["loss"])
+        reason = divergence.after_report(step + 1, mean["loss"], nonfinite)
+        val_loss = None
+        if reason is None and ((step + 1) % cfg.eval_every == 0 or is_last):
+            val_loss = all_reduce({"v": evaluate(s, val, micro)}, dist.ReduceOp.SUM, world)["v"]
+            if not math.isfinite(val_loss):
+                reason = "nonfinite"
+            elif is_last:
+                reason = divergence.at_end(val_loss)
+
+        metrics = {k: finite(v) for k, v in maxed.items()}
+        metrics.update(
+            loss=mean["loss"] if math.isfinite(mean["loss"]) else divergence.loss0,
+            loss_init=divergence.loss0,
+            step=step + 1,
+            tokens=(step + 1) * tokens_per_step,
+            lr=lr_at(step, cfg),
+            resumed_from=start,  # the checkpoint step this run continued from; 0 on a fresh start
+            diverged=int(reason is not None),
+            stop_reason=reason or ("completed" if is_last else "running"),
+        )
+        if timed_steps:  # a window of compiling steps only has no throughput to report
+            metrics["tokens_per_s"] = timed_steps * tokens_per_step / max(timed_s, 1e-9)
+            if peak:
+                metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / world / peak
+        if val_loss is not None:
+            metrics["val_loss"] = finite(val_loss) if reason != "nonfinite" else divergence.loss0
+        elif reason is not None:
+            # A diverged trial's validation loss is l0 (Wortsman et al.'s clip), never NaN.
+            metrics["val_loss"] = divergence.loss0
+        ends = reason in ("nonfinite", "blowup") or is_last
+
+        with tempfile.TemporaryDirectory(prefix="tunestab-ckpt-") as tmp:
+            ckpt_dir = None
+            if is_ckpt and rank == 0 and not ends:
+                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, checkpoint_state(s, step + 1, batches, divergence, cfg),
+                                step + 1)
+                ckpt_dir = tmp
+            session.report(metrics, ckpt_dir)
+        last = metrics
+        if ends:
+            break
+        loss_sum.zero_()
+        window_steps, timed_steps, timed_s = 0, 0, 0.0
+        tick = time.perf_counter()
+    return last

@@ -1,0 +1,114 @@
+"""Ray Train: one trial as a TorchTrainer, and the Ray Tune trial driver that starts it.
+
+Every worker of a trial runs `train_loop_per_worker`, which is the loop of tunestab/loop.py with
+a RaySession (reports through `ray.train.report`, DDP across the trial's workers). A Tune trial
+is `trial_driver`: a small function that builds the trial's TorchTrainer (Ray Train V2) and
+relays rank 0's reports to Tune.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .config import TrialConfig, config_from
+from .loop import run
+from .session import RaySession
+
+# Ray Train V2's controller takes one report off each worker's size-1 queue per poll, every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s), so reports faster than that block the worker:
+# 0.42x bare-loop speed at 2 s. Polling every 0.1 s costs CPU on small machines (0.80-0.88x);
+# 0.5 s gave 0.89-0.93x for ~1 s more teardown. Measurements: docs/overhead.md.
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+# Checkpoints Ray Train keeps per trial: the latest, and the one before it to fall back on when
+# the latest cannot be read. All of them would fill a disk (GPT-2 small with AdamW state: 1.5 GB
+# each).
+KEEP_CHECKPOINTS = 2
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point of every Ray Train worker: config = {"trial": TrialConfig fields, "echo": bool,
+    "quiet": bool}."""
+    if config.get("quiet"):
+        quiet_report_logs()
+    run(TrialConfig(**config["trial"]), RaySession(echo=config.get("echo", False)))
+
+
+def quiet_report_logs() -> None:
+    """Ray Train V2 (2.60) logs every report with all its metrics at INFO from a logger named
+    after its source file, so `LoggingConfig(log_level=...)`, which filters `ray.train.*`, misses
+    it; in a search that is one screen-wide line per report per trial."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # moved in another Ray version: the logs are noisy, nothing breaks
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def run_with_ray(cfg: TrialConfig, workers: int, use_gpu: bool, storage: str | None, name: str | None,
+                 max_failures: int = 0, loop=train_loop_per_worker, extra: dict | None = None):
+    """One trial through TorchTrainer on `workers` workers (Ray started locally if needed).
+
+    A worker failure restarts the worker group up to `max_failures` times; `run` then resumes
+    from the last checkpoint reported through Ray Train.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(runtime_env={"env_vars": RAY_TRAIN_ENV}, include_dashboard=False,
+                 log_to_driver=True, configure_logging=False)
+    return torch_trainer(loop, {"trial": cfg.to_dict(), "echo": True, **(extra or {})}, workers,
+                         gpus_per_worker=1.0 if use_gpu else 0.0, storage=storage, name=name,
+                         max_failures=max_failures).fit()
+
+
+def torch_trainer(loop, loop_config: dict, workers: int, cpus_per_worker: float = 1.0,
+                  gpus_per_worker: float = 0.0, storage: str | None = None, name: str | None = None,
+                  max_failures: int = 0, callbacks=(), log_level: str = "INFO", accelerator_type: str = ""):
+    """The TorchTrainer of one trial: `workers` ranks (gloo on CPU, NCCL on GPUs), restarted from
+    the last checkpoint up to `max_failures` times. `log_level` filters Ray Train's console logs
+    (at INFO every worker prints each report with all its metrics). `accelerator_type` (Ray's
+    name, e.g. H100) places the workers on nodes with that GPU."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    gpus = float(gpus_per_worker)
+    return TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
+                                     resources_per_worker={"CPU": float(cpus_per_worker),
+                                                           **({"GPU": gpus} if gpus else {})},
+                                     accelerator_type=accelerator_type or None),
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        run_config=RunConfig(storage_path=storage, name=name, failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+                             callbacks=list(callbacks), logging_config=LoggingConfig(log_level=log_level)),
+    )
+
+
+def trial_driver(config: dict) -> None:
+    """One Ray Tune trial: a small driver that runs the trial's TorchTrainer (Ray Train V2).
+
+    `config` holds TrialConfig fields (what the search samples, flat, so that Optuna and MLflow
+    see plain names) and `runner`: {"workers", "cpus_per_worker", "gpus_per_worker",
+    "max_failures", "storage", "accelerator_type"}. Rank 0's reports reach Tune through TuneReportCallback.
+
+    The Train run lives at `<runner.storage>/<trial id>`, a path that outlives this process: Tune
+    hands a function trial a staging directory under the Ray session (`get_trial_dir()`), which
+    a new session after `--resume` does not have, so a restored trial would start from scratch
+    instead of from its last checkpoint.
+    """
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    runner = dict(config.get("runner") or {})
+    cfg = config_from({k: v for k, v in config.items() if k != "runner"}, "trial config")
+    torch_trainer(train_loop_per_worker, {"trial": cfg.to_dict(), "quiet": True}, int(runner.get("workers", 1)),
+                  cpus_per_worker=runner.get("cpus_per_worker", 1), gpus_per_worker=runner.get("gpus_per_worker", 0),
+                  storage=runner.get("storage") or ray.tune.get_context().get_trial_dir(),
+                  name=ray.tune.get_context().get_trial_id(),
+                  max_failures=int(runner.get("max_failures", 0)), callbacks=[TuneReportCallback()],
+                  accelerator_type=runner.get("accelerator_type", ""),
+                  # Tune's progress table and MLflow show the metrics; one line per report per
+                  # trial in the console would bury them.
+                  log_level="WARNING").fit()
