@@ -4,7 +4,7 @@ bench/scheduler_eval.py.
     python bench/collect_runs.py --space search_spaces/tev_calibration.yaml --out docs/data/tev_runs.jsonl
 
 Each (variant, lr, seed) runs in-process (`tunestab.loop.run`, no Ray, one torch thread per
-process, `--procs` processes) until its budget ends or the loss-based divergence rule of DESIGN.md
+process, `--procs` processes) until its budget ends or the loss-based divergence rule of docs/design.md
 ends it. That is what a trial does in a search with the TEV scheduler in shadow mode: the
 scheduler only watches, so its decisions can be replayed afterwards from the recorded reports.
 One JSON line per run: its settings, its outcome, and the reported metrics the scheduler and the

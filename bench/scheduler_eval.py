@@ -4,7 +4,7 @@ two loss-based early stoppers on the same runs.
     python bench/collect_runs.py          # the labelled runs (search_spaces/tev_calibration.yaml)
     python bench/scheduler_eval.py --train-seeds 0 > docs/scheduler_eval.md
 
-A run is *divergent* when the loss-based rule of DESIGN.md ended it (nonfinite, blowup) or
+A run is *divergent* when the loss-based rule of docs/design.md ended it (nonfinite, blowup) or
 marked it at the end (no_progress), at the step of its last report ("loss step"); *converged*
 when it completed its budget. Every rule is replayed on the recorded reports, which is what a
 rule in shadow mode sees; the TEV rule is replayed through `TEVScheduler` itself.

@@ -6,7 +6,7 @@ TEV_i is the standard deviation of token i's embedding row; a trial reports its 
 never looks at the loss or at how a trial ranks against others.
 
 Why the rule looks at σ_TEV/μ_TEV and not at μ_TEV: μ_TEV rises with the learning rate in runs
-that stay stable (docs/tev_first_look.md, DESIGN.md), so a threshold on μ_TEV stops good high-LR
+that stay stable (docs/tev_first_look.md), so a threshold on μ_TEV stops good high-LR
 trials. The ratio is scale-free: a higher LR scales every row's spread by about the same factor
 and leaves the ratio where it was. What goes up when a run diverges is the *heterogeneity* across
 tokens: some rows blow up while the rest do not (the paper's reading of σ_TEV as uneven gradient

@@ -1,5 +1,5 @@
 """MLflow as the system of record: one experiment per search space, one parent run per search,
-one child run per trial (DESIGN.md, "MLflow layout").
+one child run per trial (docs/design.md, "MLflow layout").
 
 `MLflowTracking` is a Ray Tune callback on the driver. It talks to MLflow through `MlflowClient`
 (no global active run, so trials that run side by side never mix their metrics). Its state maps
