@@ -15,11 +15,13 @@ from test_loop import tiny
 def test_two_ray_workers_follow_the_one_worker_loss_curve(tmp_path):
     # Same global batch (8 sequences): each of 2 DDP workers takes 4 of the 8 blocks a 1-worker
     # run takes, in 2 micro-batches of 2 (DDP all-reduces only after the second), and DDP averages
-    # the gradients, so the curves differ only by float reduction order.
+    # the gradients, so the curves differ only by float reduction order. The workers run the GPU
+    # path's order, DDP wrapped first and compiled around (inductor on the CPU, gloo for NCCL);
+    # the 1-worker run is eager.
     cfg = tiny(checkpoint_every=10, data_cache=str(tmp_path / "cache"))
     one = LocalSession(out=io.StringIO())
     run(cfg, one)
-    cfg = tiny(checkpoint_every=10, data_cache=str(tmp_path / "cache"), micro_batch_size=2)
+    cfg = tiny(checkpoint_every=10, data_cache=str(tmp_path / "cache"), micro_batch_size=2, compile=True)
     import ray
 
     try:
