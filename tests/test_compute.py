@@ -57,6 +57,32 @@ def test_ddp_is_wrapped_first_and_compiled_around():
     assert s.bf16 is False  # the per-device default on a CPU
 
 
+@pytest.mark.parametrize("mode", ["independent", "coupled"])
+def test_weight_decay_is_independent_of_the_lr_unless_coupled(mode):
+    """With zero gradients AdamW only decays. Independent: w <- w·(1 - λ·lr_t/lr), the same at
+    any peak LR; coupled: w <- w·(1 - lr_t·λ), 100x stronger at LR 1 than at 0.01."""
+    shrink = {}
+    for lr in (0.01, 1.0):
+        cfg = TrialConfig(vocab_size=97, n_layer=1, d_model=32, n_head=2, seq_len=16, lr=lr, weight_decay=1e-2,
+                          weight_decay_mode=mode).resolved()
+        s = compute.setup(cfg, CPU)
+        w = s.model.blocks[0].mlp.fc1.weight
+        bias = s.model.blocks[0].mlp.fc1.bias.detach().clone()
+        before = w.detach().clone()
+        for group in s.optimizer.param_groups:
+            group["lr"] = lr / 2  # halfway down the schedule
+        for p in s.model.parameters():
+            p.grad = torch.zeros_like(p)
+        s.optimizer.step()
+        shrink[lr] = 1 - (w.detach() / before).mean().item()
+        assert torch.equal(s.model.blocks[0].mlp.fc1.bias.detach(), bias)  # biases never decay
+    if mode == "independent":
+        assert shrink[0.01] == pytest.approx(1e-2 / 2, rel=1e-4) and shrink[1.0] == pytest.approx(1e-2 / 2, rel=1e-4)
+    else:
+        # (5e-5 read off fp32 weights: to 1%)
+        assert shrink[0.01] == pytest.approx(0.01 / 2 * 1e-2, rel=1e-2) and shrink[1.0] == pytest.approx(1e-2 / 2, rel=1e-4)
+
+
 # --------------------------------------------------------------------------------------------
 # the CPU test matrix: every variant x {fp32, bf16 autocast} x {eager, torch.compile (inductor)}
 

@@ -133,9 +133,8 @@ def test_sigma_reparam_effective_weight_has_spectral_norm_gamma():
         layer(x)
     sigma = torch.linalg.matrix_norm(layer.effective_weight().detach(), ord=2)
     assert sigma.item() == pytest.approx(1.7, rel=2e-3)
-    # gamma is learnable and initialised to 1; u, v get no gradient.
-    assert layers[1].gamma.item() == 1.0 and layers[1].gamma.requires_grad
-    assert not layer.u.requires_grad
+    # gamma is learnable; u, v get no gradient.
+    assert layers[1].gamma.requires_grad and not layer.u.requires_grad
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -296,3 +295,36 @@ def test_variants_compose():
     _, loss = m(batch(), batch())
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def init_norms(variant="baseline", **kw) -> dict:
+    """Per-layer output norms at initialisation, on one fixed batch, 4 layers x width 128."""
+    torch.manual_seed(0)
+    m = GPT(TrialConfig(variant=variant, vocab_size=257, n_layer=4, d_model=128, n_head=4, seq_len=64, **kw))
+    stats = {}
+    with torch.no_grad():
+        m(batch(B=8, T=64, V=257), None, stats)
+    return {k: v.item() for k, v in stats.items() if "/out_norm_" in k}
+
+
+def test_mlra_starts_with_the_dense_projections_scale():
+    """Each factor at N(0, 0.02²) makes W = A·B 0.02²·√r in std: MLRA's QKV output started at
+    0.1x the baseline's, its attention logits 40-200x smaller, a confound of every comparison.
+    Matched (the default), W has the dense std, and every output norm is within 1.25x."""
+    m = tiny("mlra", mlra_rank=8)
+    heads = torch.stack([m.blocks[0].attn.qkv.head_weight(w, h) for w in range(3) for h in range(4)])
+    assert heads.std().item() == pytest.approx(0.02, rel=0.1)
+    base, matched, factors = init_norms(), init_norms("mlra"), init_norms("mlra", mlra_init="factors")
+    assert all(0.8 < matched[k] / base[k] < 1.25 for k in base), {k: matched[k] / base[k] for k in base}
+    assert all(factors[k] / base[k] < 0.2 for k in base if "qkv" in k)  # the old init, still selectable
+
+
+def test_sigma_reparam_starts_as_the_dense_layer_it_replaces():
+    """gamma = 1 cancelled GPT-2's init scale (0.02, and 1/sqrt(2L) on the residual projections):
+    out_norm_proj started at 10-21x the baseline's. Matched, gamma = sigma(W) at init."""
+    m = tiny("sigma_reparam")
+    for layer in (mod for mod in m.modules() if isinstance(mod, SigmaReparamLinear)):
+        torch.testing.assert_close(layer.effective_weight(), layer.weight, rtol=1e-3, atol=1e-6)
+    base, matched, one = init_norms(), init_norms("sigma_reparam"), init_norms("sigma_reparam", sigma_reparam_gamma="one")
+    assert all(0.8 < matched[k] / base[k] < 1.25 for k in base), {k: matched[k] / base[k] for k in base}
+    assert max(one[k] / base[k] for k in base if "proj" in k) > 5  # the old init, still selectable

@@ -79,11 +79,15 @@ def enable_tf32() -> None:
 
 
 def param_groups(model: GPT, cfg: TrialConfig) -> list[dict]:
-    """AdamW groups: decay matrices and embeddings; not biases, LayerNorm gains or σReparam gamma."""
+    """AdamW groups: decay matrices and embeddings; not biases, LayerNorm gains or σReparam gamma.
+
+    AdamW multiplies its decay by the current LR: w <- w·(1 - lr_t·wd). Independent decay
+    (Wortsman et al. 2023) is w <- w·(1 - λ·lr_t/lr), so its wd is λ/lr, fixed for the trial."""
     decay, no_decay = [], []
     for p in model.parameters():
         (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    wd = cfg.weight_decay / cfg.lr if cfg.weight_decay_mode == "independent" else cfg.weight_decay
+    return [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @dataclass

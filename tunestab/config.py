@@ -46,6 +46,13 @@ VARIANTS: dict[str, dict] = {
     "sigma_reparam": {"sigma_reparam": True},
 }
 
+# String fields with a fixed set of values.
+CHOICES = {
+    "weight_decay_mode": ("independent", "coupled"),
+    "mlra_init": ("matched", "factors"),
+    "sigma_reparam_gamma": ("matched", "one"),
+}
+
 # Switches that variants set; None means "whatever the variant says", and off when it says nothing.
 SWITCH_OFF = {
     "qk_norm": False,
@@ -90,8 +97,14 @@ class TrialConfig:
     """LayerNorm on q, k and v after the QKV projection, and no pre-attention LayerNorm."""
     mlra_rank: int | None = None
     """Rank r of the per-head factorised W_Q, W_K, W_V (MLRA); 0 is dense attention."""
+    mlra_init: str = "matched"
+    """'matched': A and B drawn so that each head's W = A·B has the dense init's std (0.02);
+    'factors': A and B each N(0, 0.02²), whose product has std 0.02²·√r (50-100× smaller)."""
     sigma_reparam: bool | None = None
     """Spectral reparametrisation of the block linear layers."""
+    sigma_reparam_gamma: str = "matched"
+    """'matched': γ starts at σ(W), so each layer's effective weight equals the dense init
+    (residual scaling included); 'one': γ = 1 (Zhai et al.), which cancels the init's scale."""
     z_loss: float = 0.0
     """Coefficient of the z-loss, coef*(log Z)^2 per token (Wortsman et al.); 0 is off."""
     final_softcap: float = 0.0
@@ -111,8 +124,12 @@ class TrialConfig:
     """Steps of linear warm-up from 0 to lr."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr*min_lr_ratio."""
-    weight_decay: float = 0.1
-    """AdamW decoupled weight decay on matrices (not on biases, norms or gains)."""
+    weight_decay: float = 1e-4
+    """Weight decay λ of matrices and embeddings (not biases, norms or gains); see weight_decay_mode."""
+    weight_decay_mode: str = "independent"
+    """'independent': w <- w·(1 - λ·lr_t/lr) per step, following the schedule but not the LR
+    (Wortsman et al. 2023); 'coupled': AdamW's w <- w·(1 - lr_t·λ), whose strength moves with
+    the LR searched (λ = 0.1 at LR 1 shrinks every weight by 10% a step)."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95
@@ -205,6 +222,9 @@ class TrialConfig:
                 p.append(f"{name}: must be in [0, 1{']' if name == 'min_lr_ratio' else ')'}, got {getattr(self, name)}")
         if not 0 < self.val_fraction < 1:
             p.append(f"val_fraction: must be in (0, 1), got {self.val_fraction}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                p.append(f"{name}: must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             p.append(f"device: must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         return p

@@ -369,6 +369,10 @@ class GPT(nn.Module):
         for m in self.modules():
             if isinstance(m, SigmaReparamLinear):
                 m.reset_power_iteration()
+                if cfg.sigma_reparam_gamma == "matched":
+                    # gamma/sigma(W) = 1: the layer starts as the dense layer it replaces.
+                    with torch.no_grad():
+                        m.gamma.copy_(m.sigma())
 
     def set_block_mask(self, block_mask) -> None:
         """Use FlexAttention with this BlockMask (`causal_block_mask`) for capped attention. A
@@ -379,14 +383,19 @@ class GPT(nn.Module):
         """The embedding rows of real tokens (what TEV measures), without the padding rows."""
         return self.wte.weight[: self.vocab_size]
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
+    def _init_weights(self, m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=0.02)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, MLRAProjection):
             nn.init.normal_(m.up, std=0.02)
+            if self.cfg.mlra_init == "matched":
+                # Each entry of A·B sums r products: its variance is r·std_A²·std_B². Equal stds
+                # with r·std⁴ = 0.02² give the product the dense projection's std.
+                std = math.sqrt(0.02 / math.sqrt(m.rank))
+                nn.init.normal_(m.down.weight, std=std)
+                nn.init.normal_(m.up, std=std)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
