@@ -90,7 +90,7 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|")
     agree = True
     for v in space.variants:
-        gs, ms, md = g.loc[v, "max_stable_lr"], m.loc[v, "max_stable_lr"], m.loc[v, "smallest_divergent_lr"]
+        gs, ms, md = g.loc[v, "largest_stable_lr"], m.loc[v, "largest_stable_lr"], m.loc[v, "smallest_divergent_lr"]
         apart = abs(math.log(ms / gs)) / math.log(ratio) if ms and gs and not (pd.isna(ms) or pd.isna(gs)) else math.inf
         agree &= apart <= 1 + 1e-9
         print(f"| {v} | {gs:.4g} | [{ms:.4g}, {md:.4g}] | {apart:.2f} | {g.loc[v, 'trials']} | "

@@ -7,7 +7,7 @@ import random
 import optuna
 import pytest
 
-from tunestab.bracket import Bracket, BracketSampler, bracket, is_done, next_lr
+from tunestab.bracket import DONE, EXTEND, WAIT, Bracket, BracketSampler, Design, bracket, is_done, next_lr, next_trial
 
 LO, HI, RATIO = 1e-3, 3.0, 1.25
 
@@ -69,14 +69,16 @@ def test_max_trials_ends_a_variant():
 
 def test_as_an_optuna_sampler_each_variant_gets_its_own_bracket(tmp_path):
     thresholds = {"baseline": 0.05, "qk_norm": 0.4}
-    sampler = BracketSampler(list(thresholds), LO, HI, RATIO, slots=2, max_trials=12)
+    design = Design(LO, HI, RATIO, slots=2, max_trials=12, seeds=0)
+    sampler = BracketSampler(list(thresholds), design)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="s", storage=storage, sampler=sampler, direction="maximize")
     space = {"variant": optuna.distributions.CategoricalDistribution(list(thresholds)),
-             "lr": optuna.distributions.FloatDistribution(LO, HI, log=True)}
+             "lr": optuna.distributions.FloatDistribution(LO, HI, log=True),
+             "seed": optuna.distributions.IntDistribution(0, 0)}
     in_flight = []
     while not sampler.finished(study):
-        while len(in_flight) < 4 and sampler.open_variants(study):
+        while len(in_flight) < 4 and sampler.can_propose(study):
             in_flight.append(study.ask(fixed_distributions=space))
         t = in_flight.pop(0)
         lr, variant = t.params["lr"], t.params["variant"]
@@ -84,8 +86,113 @@ def test_as_an_optuna_sampler_each_variant_gets_its_own_bracket(tmp_path):
     for t in in_flight:  # trials still running when the search finished complete as usual
         study.tell(t, t.params["lr"] if t.params["lr"] < thresholds[t.params["variant"]] else 0.0)
     # A new sampler reading the stored study (a restarted search) sees the same brackets.
-    reread = BracketSampler(list(thresholds), LO, HI, RATIO, slots=2, max_trials=12)
-    results = reread.results(optuna.load_study(study_name="s", storage=storage, sampler=reread))
+    reread = BracketSampler(list(thresholds), design)
+    state = reread.state(optuna.load_study(study_name="s", storage=storage, sampler=reread))
     for variant, threshold in thresholds.items():
-        s, d = results[variant].bounds(LO, HI)
-        assert s < threshold <= d and d / s <= RATIO, (variant, results[variant])
+        s, d = bracket([(lr, ok) for lr, _, ok in state[variant][0]]).bounds(LO, HI)
+        assert s < threshold <= d and d / s <= RATIO, (variant, s, d)
+
+
+# --------------------------------------------------------------------------------------------
+# the boundary seeds
+
+
+def drive(outcome, design: Design, parallel: int = 4, seed: int = 0):
+    """Run one variant's max_lr to the end with `parallel` trials in flight, finishing in a
+    random order; outcome(lr, seed) -> stable?"""
+    rng = random.Random(seed)
+    done, running = [], []
+    while True:
+        while len(running) < parallel:
+            nxt = next_trial(done, running, design)
+            if not isinstance(nxt, tuple):
+                break
+            assert nxt not in running and design.lo <= nxt[0] <= design.hi
+            running.append(nxt)
+        if not running:
+            assert next_trial(done, running, design) == DONE
+            return done
+        lr, s = running.pop(rng.randrange(len(running)))
+        done.append((lr, s, outcome(lr, s)))
+
+
+def test_boundary_seeds_sample_a_staggered_grid_around_the_bracket():
+    d = Design(LO, HI, ratio=1.41, seeds=4, points=4, step=math.sqrt(2), seed=7)
+    done = drive(lambda lr, s: lr < 0.1, d)
+    first = [(lr, ok) for lr, s, ok in done if s == 7]
+    b = bracket(first)
+    assert b.stable < 0.1 <= b.divergent and b.divergent / b.stable <= 1.41
+    grid = sorted((lr, s) for lr, s, _ in done if s != 7)
+    assert {s for _, s in grid} == {8, 9, 10, 11}  # seeds besides the bracketing one
+    centre = math.sqrt(b.stable * b.divergent)
+    per_seed = {s: sorted(lr for lr, t in grid if t == s) for s in (8, 9, 10, 11)}
+    for j, s in enumerate((8, 9, 10, 11)):
+        assert len(per_seed[s]) == 4  # a sharp boundary inside the grid: no level added
+        steps = [math.log(b_ / a_) / math.log(math.sqrt(2)) for a_, b_ in zip(per_seed[s], per_seed[s][1:])]
+        assert steps == pytest.approx([1, 1, 1])
+        assert math.log(per_seed[s][0] / centre) / math.log(math.sqrt(2)) == pytest.approx(-1.5 + (j + 0.5) / 4 - 0.5)
+    # Together the four seeds sample the boundary at a quarter of a step.
+    every = sorted(lr for lr, _ in grid)
+    assert [math.log(b_ / a_) / math.log(math.sqrt(2)) for a_, b_ in zip(every, every[1:])] == pytest.approx([0.25] * 15)
+
+
+def test_the_grid_grows_until_both_sides_of_the_boundary_are_seen():
+    """Seeds whose boundaries lie far apart: levels are added below while the lowest still sees
+    a divergence, and above while the highest still sees a stable run, EXTEND at most."""
+    boundary = {0: 0.1, 1: 0.02, 2: 0.1, 3: 0.1, 4: 0.5}
+    d = Design(LO, HI, ratio=1.41, seeds=4, points=4)
+    done = drive(lambda lr, s: lr < boundary[s], d)
+    for s in (1, 4):
+        lrs = sorted(lr for lr, t, _ in done if t == s)
+        assert 4 < len(lrs) <= 4 + 2 * EXTEND
+    assert min(lr for lr, t, ok in done if t == 1) < 0.02  # seed 1's boundary is seen from below
+    assert any(ok for lr, t, ok in done if t == 1) or len([1 for _, t, _ in done if t == 1]) == 4 + 2 * EXTEND
+
+
+def test_nothing_starts_while_the_bracket_may_still_move():
+    d = Design(LO, HI, ratio=1.41, seeds=2)
+    done = [(0.07, 0, True), (0.095, 0, False)]  # narrow enough: 0.095 / 0.07 = 1.36
+    assert next_trial(done, [(0.08, 0)], d) == WAIT  # but a bracketing trial is still in flight
+    lr, seed = next_trial(done, [], d)
+    assert seed in (1, 2)  # a boundary seed's grid trial
+
+
+@pytest.mark.parametrize("outcome,why", [(lambda lr, s: True, "every LR stable"), (lambda lr, s: False, "none")])
+def test_no_boundary_seeds_when_the_boundary_is_outside_the_range(outcome, why):
+    done = drive(outcome, Design(LO, HI, ratio=1.41, seeds=4))
+    assert {s for _, s, _ in done} == {0}, why
+
+
+@pytest.mark.slow
+def test_bracket_search_runs_its_boundary_seeds_under_tune(tmp_path):
+    """BracketSearch in a real Tune run: it waits (suggest -> None) while the bracket may still
+    move, then hands out the boundary seeds' grid, and finishes. The trainable stands in for a
+    trial with a known boundary per variant."""
+    import ray
+    from ray import tune
+
+    from tunestab.bracket import BracketSearch
+
+    edges = {"baseline": 0.05, "qk_norm": 0.3}
+
+    def trial(config):
+        stable = config["lr"] < edges[config["variant"]] * (1.1 if config["seed"] % 2 else 0.95)
+        tune.report({"stable_lr": config["lr"] if stable else 0.0})
+
+    design = Design(LO, HI, ratio=1.41, slots=2, max_trials=10, seeds=2, points=2)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    searcher = BracketSearch(list(edges), design, storage=storage, study_name="b")
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        results = tune.Tuner(trial, tune_config=tune.TuneConfig(search_alg=searcher, num_samples=200,
+                                                                max_concurrent_trials=3),
+                             run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0)).fit()
+    finally:
+        ray.shutdown()
+    configs = [r.config for r in results]
+    for variant, edge in edges.items():
+        mine = [c for c in configs if c["variant"] == variant]
+        grid = [c for c in mine if c["seed"] in (1, 2)]
+        assert len(grid) >= 2 * 2  # both boundary seeds, at two LRs or more each
+        assert min(c["lr"] for c in grid) < edge < max(c["lr"] for c in grid)
+    assert all(r.error is None for r in results)

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tunestab import search
+from tunestab import analysis, search
 from tunestab.analysis import summary
 
 
@@ -24,18 +24,27 @@ def test_objectives_score_how_a_trial_ended():
     assert search.objectives(no_progress, 0.5)["stable_lr"] == 0.0
 
 
-def test_summary_brackets_each_variant_conservatively():
-    table = pd.DataFrame([
-        {"variant": "a", "lr": 0.1, "stop_reason": "completed", "diverged": 0, "val_loss": 3.0},
-        {"variant": "a", "lr": 0.3, "stop_reason": "completed", "diverged": 0, "val_loss": 2.9},
-        {"variant": "a", "lr": 0.5, "stop_reason": "tev", "diverged": 0, "val_loss": None},
-        {"variant": "a", "lr": 0.9, "stop_reason": "blowup", "diverged": 1, "val_loss": 5.5},
-        {"variant": "b", "lr": 0.2, "stop_reason": "error", "diverged": 0, "val_loss": None},
-    ])
-    s = summary(table, ["a", "b"]).set_index("variant")
-    assert s.loc["a", "max_stable_lr"] == 0.3 and s.loc["a", "smallest_divergent_lr"] == 0.5
-    assert s.loc["a", "best_val_loss"] == 2.9 and s.loc["a", "tev_stops"] == 1 and s.loc["a", "diverged"] == 1
-    assert pd.isna(s.loc["b", "max_stable_lr"]) and math.isnan(s.loc["b", "best_val_loss"])
+def test_summary_fits_each_variant_and_keeps_the_bracket():
+    rows = [
+        {"variant": "a", "lr": 0.1, "seed": 0, "stop_reason": "completed", "diverged": 0, "val_loss": 3.0},
+        {"variant": "a", "lr": 0.3, "seed": 0, "stop_reason": "completed", "diverged": 0, "val_loss": 2.9},
+        {"variant": "a", "lr": 0.5, "seed": 0, "stop_reason": "tev", "diverged": 0, "val_loss": None},
+        {"variant": "a", "lr": 0.9, "seed": 0, "stop_reason": "blowup", "diverged": 1, "val_loss": 5.5},
+        {"variant": "a", "lr": 0.3, "seed": 1, "stop_reason": "completed", "diverged": 0, "val_loss": 2.95},
+        {"variant": "a", "lr": 0.5, "seed": 1, "stop_reason": "completed", "diverged": 0, "val_loss": 2.8},
+        {"variant": "b", "lr": 0.2, "seed": 0, "stop_reason": "error", "diverged": 0, "val_loss": None},
+    ]
+    table = pd.DataFrame(rows)
+    fits = analysis.boundaries(table, ["a", "b"])
+    s = summary(table, ["a", "b"], fits).set_index("variant")
+    # The bracket, conservatively: a TEV stop at 0.5 bounds it, whatever seed 1 did there.
+    assert s.loc["a", "largest_stable_lr"] == 0.3 and s.loc["a", "smallest_divergent_lr"] == 0.5
+    # The fit: where P(diverge) crosses 10%, inside its interval, below the divergences.
+    a = s.loc["a"]
+    assert a["max_stable_lr_low"] < a["max_stable_lr"] < a["max_stable_lr_high"] and a["max_stable_lr"] < 0.9
+    assert a["seeds"] == 2 and a["trials"] == 6
+    assert a["best_val_loss"] == 2.8 and a["tev_stops"] == 1 and a["diverged"] == 1
+    assert pd.isna(s.loc["b", "max_stable_lr"]) and math.isnan(s.loc["b", "best_val_loss"])  # only an error
 
 
 TINY = {
@@ -43,7 +52,7 @@ TINY = {
     "trial": {"n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 32, "batch_size": 4, "steps": 20,
               "warmup_steps": 5, "report_every": 10, "eval_every": 20, "checkpoint_every": 0, "eval_batches": 2},
     "params": {"lr": {"loguniform": [1e-3, 30.0]}},
-    "max_lr": {"ratio": 1.25, "slots": 1, "max_trials": 2},
+    "max_lr": {"ratio": 1.25, "slots": 1, "max_trials": 2, "seeds": 0},  # boundary seeds: test_bracket.py
     "resources": {"max_concurrent": 2},
 }
 
@@ -128,9 +137,13 @@ def test_end_to_end_search_writes_parent_and_child_runs_to_mlflow(tmp_path, caps
         assert float(child.data.params["lr"]) > 0 and child.data.params["n_layer"] == "2"
         history = client.get_metric_history(child.info.run_id, "loss")
         assert [m.step for m in history][:1] == [10] and all(math.isfinite(m.value) for m in history)
-    stable = trials[(trials.stop_reason == "completed") & (trials.diverged == 0)]
-    for variant in stable.variant.unique():
-        assert parent.data.metrics[f"max_stable_lr/{variant}"] == stable[stable.variant == variant].lr.max()
+    summary_csv = pd.read_csv(next(storage.glob("tiny-*")) / "summary.csv").set_index("variant")
+    for variant, row in summary_csv.iterrows():
+        for key in ("max_stable_lr", "max_stable_lr_low", "max_stable_lr_high"):
+            if pd.isna(row[key]):  # no boundary between the LRs tried: no metric, never NaN
+                assert f"{key}/{variant}" not in parent.data.metrics
+            else:
+                assert parent.data.metrics[f"{key}/{variant}"] == pytest.approx(row[key])
 
 
 def test_tune_reports_the_best_configuration_and_stable_lr_per_configuration():

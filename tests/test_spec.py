@@ -27,7 +27,7 @@ def problems_of(raw) -> list[str]:
 def test_a_good_space_parses_into_frozen_parts():
     s = spec.parse(GOOD)
     assert s.strategy == "max_lr" and s.variants == ("baseline", "mlra")
-    assert s.param("lr").values == (1e-3, 1.0) and s.max_lr.ratio == 1.25
+    assert s.param("lr").values == (1e-3, 1.0) and s.max_lr.ratio == 1.41 and s.max_lr.seeds == 4
     assert s.scheduler.type == "tev" and not s.scheduler.shadow
     assert s.trial_config("mlra", lr=0.1).resolved().mlra_rank == 32 // 3
 

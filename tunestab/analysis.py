@@ -1,25 +1,31 @@
-"""After a search: the trial table, the max stable LR per variant, plots, and all of it on the
-MLflow parent run.
+"""After a search: the trial table, the max stable LR per variant with its interval, ratios
+between variants, plots, and all of it on the MLflow parent run.
 
-The max stable LR of a variant is the largest LR whose trial completed its budget without
-diverging, below the smallest LR that diverged or was stopped by the TEV scheduler (the same
-conservative bracket as tunestab/bracket.py), reported as [largest stable, smallest divergent].
+The max stable LR of a variant is where P(diverge | LR), fitted to all its trials across seeds,
+crosses 10% (tunestab/boundary.py), with a 90% interval. A trial that diverged or was stopped by
+the TEV scheduler counts as divergent. The bracket [largest stable, smallest divergent] of
+tunestab/bracket.py is reported beside it.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from . import boundary
 from .bracket import bracket
-from .tracking import INCOMPLETE_FILE
 from .metrics import FINITE_CAP
+from .tracking import INCOMPLETE_FILE
 
-COLUMNS = ["trial_id", "variant", "lr", "stop_reason", "diverged", "tev_stop_step", "step", "loss", "val_loss",
-           "loss_init", "tev_mean", "tev_std"]
+COLUMNS = ["trial_id", "variant", "lr", "seed", "stop_reason", "diverged", "tev_stop_step", "step", "loss",
+           "val_loss", "loss_init", "tev_mean", "tev_std"]
+# Fixed after the variant, the LR and the seed: the searched parameters go between them and these.
+FIXED = 4
 
 
 def trial_table(space, grid) -> pd.DataFrame:
@@ -28,15 +34,16 @@ def trial_table(space, grid) -> pd.DataFrame:
         if r.metrics is None:
             continue
         m, c = r.metrics, r.config
-        row = {"trial_id": m.get("trial_id"), "variant": c.get("variant"), "lr": c.get("lr")}
-        row.update({p.name: c.get(p.name) for p in space.params if p.name != "lr"})
-        row.update({k: m.get(k) for k in COLUMNS[3:]})
+        row = {"trial_id": m.get("trial_id"), "variant": c.get("variant"), "lr": c.get("lr"),
+               "seed": c.get("seed", space.trial.get("seed", 0))}
+        row.update({p.name: c.get(p.name) for p in space.params if p.name not in ("lr", "seed")})
+        row.update({k: m.get(k) for k in COLUMNS[FIXED:]})
         if r.error is not None:
             row["stop_reason"] = "error"
         rows.append(row)
-    extra = [p.name for p in space.params if p.name != "lr"]
+    extra = [p.name for p in space.params if p.name not in ("lr", "seed")]
     # Fixed columns, so that an empty search gives an empty table the summary can still read.
-    return pd.DataFrame(rows, columns=COLUMNS[:3] + extra + COLUMNS[3:])
+    return pd.DataFrame(rows, columns=COLUMNS[:FIXED] + extra + COLUMNS[FIXED:])
 
 
 def stable_mask(table: pd.DataFrame) -> pd.Series:
@@ -44,18 +51,54 @@ def stable_mask(table: pd.DataFrame) -> pd.Series:
     return (table["stop_reason"] == "completed") & (table["diverged"] == 0)
 
 
-def summary(table: pd.DataFrame, variants) -> pd.DataFrame:
+def boundaries(table: pd.DataFrame, variants, p: float = boundary.P_DIVERGE) -> dict[str, boundary.Boundary]:
+    """Per variant, P(diverge | LR) fitted to all its trials that ran (tunestab/boundary.py)."""
+    out = {}
+    for v in variants:
+        ran = table[(table["variant"] == v) & (table["stop_reason"] != "error")]
+        # Each variant's posterior draws from its own generator, so ratios pair independent draws.
+        out[v] = boundary.fit(ran["lr"].astype(float), ~stable_mask(ran), ran["seed"], p,
+                              rng=np.random.default_rng(zlib.crc32(str(v).encode())))
+    return out
+
+
+SUMMARY_COLUMNS = ["variant", "max_stable_lr", "max_stable_lr_low", "max_stable_lr_high", "seeds", "trials",
+                   "largest_stable_lr", "smallest_divergent_lr", "best_val_loss", "diverged", "tev_stops"]
+
+
+def summary(table: pd.DataFrame, variants, fits: dict | None = None) -> pd.DataFrame:
+    """One row per variant: the fitted max stable LR and its interval (when `fits` has it), the
+    bracket, the best validation loss of a stable trial, and how the trials ended."""
     rows = []
     for v in variants:
         t = table[table["variant"] == v]
         ran = t[t["stop_reason"] != "error"]
         stable = stable_mask(ran)
         b = bracket(list(zip(ran["lr"], stable)))
-        rows.append({"variant": v, "max_stable_lr": b.stable, "smallest_divergent_lr": b.divergent,
+        f = (fits or {}).get(v)
+        rows.append({"variant": v, "max_stable_lr": f.lr if f else math.nan,
+                     "max_stable_lr_low": f.low if f else math.nan, "max_stable_lr_high": f.high if f else math.nan,
+                     "seeds": int(ran["seed"].nunique()), "trials": len(t),
+                     "largest_stable_lr": b.stable, "smallest_divergent_lr": b.divergent,
                      "best_val_loss": ran[stable]["val_loss"].min() if stable.any() else math.nan,
-                     "trials": len(t), "diverged": int((ran["diverged"] == 1).sum()),
-                     "tev_stops": int((ran["stop_reason"] == "tev").sum())})
-    return pd.DataFrame(rows)
+                     "diverged": int((ran["diverged"] == 1).sum()), "tev_stops": int((ran["stop_reason"] == "tev").sum())})
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+# Rybakov et al. 2024's 1.5x claims compare these with qk_norm; every variant is also compared
+# with the baseline.
+RYBAKOV_PAIRS = (("qk_norm_cap", "qk_norm"), ("qkv_norm", "qk_norm"), ("qk_fc_norm", "qk_norm"))
+
+
+def ratios(fits: dict[str, boundary.Boundary]) -> pd.DataFrame:
+    """Max stable LR of one variant over another's, with the 90% interval of the ratio."""
+    pairs = [(v, "baseline") for v in fits if v != "baseline" and "baseline" in fits]
+    pairs += [(a, b) for a, b in RYBAKOV_PAIRS if a in fits and b in fits]
+    rows = []
+    for a, b in pairs:
+        r, low, high = boundary.ratio(fits[a], fits[b])
+        rows.append({"variant": a, "reference": b, "ratio": r, "ratio_low": low, "ratio_high": high})
+    return pd.DataFrame(rows, columns=["variant", "reference", "ratio", "ratio_low", "ratio_high"])
 
 
 def best_configs(table: pd.DataFrame, space) -> tuple[dict | None, pd.DataFrame]:
@@ -153,13 +196,22 @@ def fmt(x, spec=".3g") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
-def summary_markdown(s: pd.DataFrame) -> str:
-    lines = ["| variant | max stable LR | bracket | best val loss | trials | diverged | TEV stops |",
-             "|---|---|---|---|---|---|---|"]
+def summary_markdown(s: pd.DataFrame, p: float = boundary.P_DIVERGE) -> str:
+    lines = [f"| variant | max stable LR (P(diverge) = {p:g}) | 90% interval | seeds | trials | bracket | "
+             "best val loss | diverged | TEV stops |", "|---|---|---|---|---|---|---|---|---|"]
     for _, r in s.iterrows():
-        lines.append(f"| {r['variant']} | {fmt(r['max_stable_lr'])} | [{fmt(r['max_stable_lr'])}, "
-                     f"{fmt(r['smallest_divergent_lr'])}] | {fmt(r['best_val_loss'], '.4f')} | {r['trials']} | "
-                     f"{r['diverged']} | {r['tev_stops']} |")
+        lines.append(f"| {r['variant']} | {fmt(r['max_stable_lr'])} | [{fmt(r['max_stable_lr_low'])}, "
+                     f"{fmt(r['max_stable_lr_high'])}] | {r['seeds']} | {r['trials']} | [{fmt(r['largest_stable_lr'])}, "
+                     f"{fmt(r['smallest_divergent_lr'])}] | {fmt(r['best_val_loss'], '.4f')} | {r['diverged']} | "
+                     f"{r['tev_stops']} |")
+    return "\n".join(lines)
+
+
+def ratios_markdown(r: pd.DataFrame) -> str:
+    lines = ["| max stable LR of | over | ratio | 90% interval |", "|---|---|---|---|"]
+    for _, row in r.iterrows():
+        lines.append(f"| {row['variant']} | {row['reference']} | {fmt(row['ratio'])} | "
+                     f"[{fmt(row['ratio_low'])}, {fmt(row['ratio_high'])}] |")
     return "\n".join(lines)
 
 
@@ -182,6 +234,36 @@ def plot_loss_vs_lr(table: pd.DataFrame, path: Path) -> None:
     ax.set_ylabel("final validation loss")
     ax.set_title("final loss against LR (x: diverged or stopped by TEV)")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_p_diverge(table: pd.DataFrame, fits: dict, path: Path) -> None:
+    """Per variant: each trial as a point at 1 (diverged or stopped by TEV) or 0 (completed),
+    the fitted P(diverge | LR), and the max stable LR with its interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    found = [v for v, f in fits.items() if f.found]
+    fig, axes = plt.subplots(len(found), 1, figsize=(7, 1.9 * len(found) + 0.6), sharex=True, squeeze=False)
+    for ax, v in zip(axes[:, 0], found):
+        f, t = fits[v], table[(table["variant"] == v) & (table["stop_reason"] != "error")]
+        div = (~stable_mask(t)).astype(float)
+        jitter = np.random.default_rng(0).uniform(-0.04, 0.04, len(t))
+        ax.scatter(t["lr"], div + jitter, s=14, c=np.where(div > 0, "tab:red", "tab:blue"), alpha=0.7)
+        lrs, ps = zip(*f.curve)
+        ax.plot(lrs, ps, color="black", lw=1.2)
+        ax.axvspan(f.low, f.high, color="tab:green", alpha=0.15)
+        ax.axvline(f.lr, color="tab:green", lw=1.2)
+        ax.axhline(f.p, color="grey", lw=0.6, ls=":")
+        ax.set_ylabel("P(diverge)")
+        ax.set_title(f"{v}: max stable LR {f.lr:.3g} [{f.low:.3g}, {f.high:.3g}] from {f.trials} trials, "
+                     f"{f.seeds} seeds", fontsize=9)
+        ax.set_xscale("log")
+    axes[-1, 0].set_xlabel("learning rate")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -243,12 +325,24 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
     from mlflow.tracking import MlflowClient
 
     table = trial_table(space, grid)
-    s = summary(table, space.variants)
-    md = summary_markdown(s)
+    p = space.max_lr.p_diverge
+    # A boundary in LR is read where the trials differ in LR and seed alone (not in a depth or a
+    # rank as well, whose trials would be pooled into one curve).
+    fits = (boundaries(table, space.variants, p) if space.param("lr") is not None
+            and space.strategy != "tune" and all(q.name in ("lr", "seed") for q in space.params) else None)
+    s = summary(table, space.variants, fits)
+    md = summary_markdown(s, p)
+    rat = ratios(fits) if fits else None
     table.to_csv(run_dir / "trials.csv", index=False)
     s.to_csv(run_dir / "summary.csv", index=False)
-    (run_dir / "summary.md").write_text(md + "\n")
+    (run_dir / "summary.md").write_text(md + "\n" + (f"\n{ratios_markdown(rat)}\n" if rat is not None and len(rat) else ""))
     files = [run_dir / "trials.csv", run_dir / "summary.csv", run_dir / "summary.md"]
+    if rat is not None and len(rat):
+        rat.to_csv(run_dir / "ratios.csv", index=False)
+        files.append(run_dir / "ratios.csv")
+    if fits and any(f.found for f in fits.values()):
+        plot_p_diverge(table, fits, run_dir / "p_diverge.png")
+        files.append(run_dir / "p_diverge.png")
     if len(table):
         plot_loss_vs_lr(table, run_dir / "loss_vs_lr.png")
         plot_tev_curves(grid, run_dir / "tev_curves.png")
@@ -268,8 +362,11 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
         cells.to_csv(run_dir / "cells.csv", index=False)
         files.append(run_dir / "cells.csv")
 
-    metrics = [Metric(f"max_stable_lr/{r['variant']}", float(r["max_stable_lr"]), 0, 0)
-               for _, r in s.iterrows() if r["max_stable_lr"] is not None and not pd.isna(r["max_stable_lr"])]
+    metrics = [Metric(f"{key}/{r['variant']}", float(r[key]), 0, 0) for _, r in s.iterrows()
+               for key in ("max_stable_lr", "max_stable_lr_low", "max_stable_lr_high") if not pd.isna(r[key])]
+    if rat is not None:
+        metrics += [Metric(f"lr_ratio{suffix}/{r['variant']}_vs_{r['reference']}", float(r[f"ratio{suffix}"]), 0, 0)
+                    for _, r in rat.iterrows() for suffix in ("", "_low", "_high") if not pd.isna(r[f"ratio{suffix}"])]
     if sens is not None:
         keys = [c for c in sens.columns if c not in SENSITIVITY_COLUMNS]
         metrics += [Metric("lr_sensitivity/" + "/".join(f"{r[k]}" if k == "variant" else f"{k}={r[k]}" for k in keys),
@@ -283,6 +380,8 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
             metrics.append(Metric("best_val_loss", float(best["val_loss"]), 0, 0))
 
     print(f"\n{space.name} ({space.strategy}): {len(table)} trials\n\n{md}\n")
+    if rat is not None and len(rat):
+        print(f"Ratios of max stable LRs, with 90% intervals:\n\n{ratios_markdown(rat)}\n")
     if sens is not None and len(sens):
         print(f"LR sensitivity (Wortsman et al.; lower is more stable):\n{sens.to_string(index=False)}\n")
     if cells is not None and len(cells) and space.param("seed") is not None:

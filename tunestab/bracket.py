@@ -1,22 +1,30 @@
-"""The `max_lr` strategy: per variant, bracket the largest learning rate that does not diverge.
+"""The `max_lr` strategy: per variant, find where the LR starts to diverge, then spend seeds there.
 
-Each variant keeps a bracket [largest stable LR, smallest divergent LR] in log-LR. Until it is
-narrow enough (divergent / stable <= ratio), the next LR is one of the `slots` points that split
-the bracket evenly in log space, the one farthest from any trial still running, so that `slots`
-trials of a variant can run side by side and each still halves-or-better the bracket. Before any
-outcome is known, the ends of the searched range stand in for the bracket: a trial at the top of
-the range is not spent to learn that it diverges, nor one at the bottom to learn that it does not.
+**1. Bracket** (one seed, the space's `trial.seed`). Each variant keeps a bracket [largest
+stable LR, smallest divergent LR] in log-LR. Until it is narrow enough (divergent / stable <=
+`ratio`), the next LR is one of the `slots` points that split the bracket evenly in log space,
+the one farthest from any trial still running, so that `slots` trials of a variant run side by
+side and each still halves-or-better the bracket. Before any outcome is known, the ends of the
+searched range stand in for the bracket: a trial at the top of the range is not spent to learn
+that it diverges, nor one at the bottom to learn that it does not. The bracket is taken
+conservatively: the smallest divergent LR bounds it from above, and only stable LRs below that
+count.
 
-Outcomes are noisy at the boundary (a seed can diverge where a lower LR did not). The bracket is
-taken conservatively: the smallest divergent LR bounds it from above, and only stable LRs below
-that count.
+**2. Boundary seeds.** One seed says where *that seed* diverges. Around the bracket's centre, `seeds`
+further seeds (trial.seed + 1, + 2, ...) each run a grid of `points` LRs `step` apart; seed j's grid is
+offset by j/seeds of a step, so together the seeds sample the boundary `seeds` times finer than
+one grid would. While any trial at the lowest grid level diverged, a level is added below; while
+any at the highest completed, one is added above (at most `EXTEND` each way), so that the fit sees
+the boundary from both sides. tunestab/boundary.py fits P(diverge | LR) to all of a variant's
+trials and reads the max stable LR, with its interval, where it crosses 10%.
 
 A trial that failed (an error, not a divergence) says nothing about the LR and is left out.
-`BracketSampler` is this logic as an Optuna sampler: the study stores every trial (variant, lr,
-and the objective `stable_lr` = lr when the trial completed without diverging, 0 when it diverged
-or the TEV scheduler stopped it), so a restarted search reads its brackets back from the study.
-`BracketSearch` is Ray Tune's `OptunaSearch` with that sampler, finishing when every variant's
-bracket is narrow enough or has used its trials.
+`BracketSampler` is this logic as an Optuna sampler over {variant, lr, seed}: the study stores
+every trial and its objective (`stable_lr` = lr when the trial completed without diverging, 0
+when it diverged or the TEV scheduler stopped it), so a restarted search reads its state back
+from the study. `BracketSearch` is Ray Tune's `OptunaSearch` with that sampler; it proposes
+nothing while a variant's next step waits on trials in flight, and finishes when every variant
+has its boundary trials.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 OBJECTIVE = "stable_lr"
+# Grid levels a variant's boundary grid may grow by on each side.
+EXTEND = 3
 
 
 @dataclass(frozen=True)
@@ -78,37 +88,109 @@ def next_lr(outcomes, pending: list[float], lo: float, hi: float, slots: int) ->
     return math.exp(max(candidates, key=lambda x: (round(room(x), 9), -x)))
 
 
-class BracketSampler(optuna.samplers.BaseSampler):
-    """Optuna sampler for `variant` (categorical) then `lr` (log float), as in the module doc."""
+@dataclass(frozen=True)
+class Design:
+    """How `max_lr` spends one variant's trials (the space's `max_lr` section)."""
 
-    def __init__(self, variants: list[str], lo: float, hi: float, ratio: float = 1.25, slots: int = 2,
-                 max_trials: int = 12):
-        self.variants, self.lo, self.hi = list(variants), lo, hi
-        self.ratio, self.slots, self.max_trials = ratio, slots, max_trials
+    lo: float
+    hi: float
+    """The searched LR range."""
+    ratio: float = 1.25
+    slots: int = 2
+    max_trials: int = 12
+    """Bracketing trials at most."""
+    seed: int = 0
+    """The bracketing seed; boundary seeds are seed + 1 ... seed + seeds."""
+    seeds: int = 4
+    points: int = 4
+    step: float = math.sqrt(2)
+
+    def grid_lr(self, centre: float, level: int, j: int) -> float:
+        """Boundary seed j's LR at grid level `level` (0 ... points - 1 around the centre)."""
+        offset = level - (self.points - 1) / 2 + (j + 0.5) / self.seeds - 0.5
+        return min(self.hi, max(self.lo, centre * self.step ** offset))
+
+
+WAIT = "wait"  # next_trial: nothing to start until a trial in flight finishes
+DONE = "done"  # next_trial: this variant has every trial it needs
+
+
+def same(a: float, b: float) -> bool:
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+
+
+def next_trial(outcomes: list[tuple[float, int, bool]], pending: list[tuple[float, int]], d: Design):
+    """One variant's next trial as (lr, seed), or WAIT, or DONE.
+
+    outcomes: (lr, seed, stable?) of its finished trials; pending: (lr, seed) of those running."""
+    first = [(lr, ok) for lr, seed, ok in outcomes if seed == d.seed]
+    running = [lr for lr, seed in pending if seed == d.seed]
+    if not is_done(first, d.lo, d.hi, d.ratio, d.max_trials - len(running)):
+        return next_lr(first, running, d.lo, d.hi, d.slots), d.seed
+    if running:
+        return WAIT  # the bracket may still move
+    b = bracket(first)
+    if d.seeds < 1 or b.stable is None or b.divergent is None:
+        # One seed only, or the boundary lies outside the searched range: nothing to place.
+        return DONE
+    centre = math.sqrt(b.stable * b.divergent)
+    lowest, highest = 0, d.points - 1
+    while True:
+        todo, waiting = [], False
+        for level in range(lowest, highest + 1):
+            for j in range(d.seeds):
+                lr, seed = d.grid_lr(centre, level, j), d.seed + 1 + j
+                if any(same(lr, a) and s == seed for a, s in pending):
+                    waiting = True
+                elif not any(same(lr, a) and s == seed for a, s, _ in outcomes):
+                    todo.append((abs(level - (d.points - 1) / 2), (lr, seed)))
+        if todo:
+            return min(todo)[1]  # nearest the centre first
+        if waiting:
+            return WAIT
+        grown = False
+        if lowest > -EXTEND and d.grid_lr(centre, lowest - 1, 0) > d.lo and any(
+                not ok for lr, s, ok in outcomes for j in range(d.seeds)
+                if s == d.seed + 1 + j and same(lr, d.grid_lr(centre, lowest, j))):
+            lowest, grown = lowest - 1, True
+        if highest < d.points - 1 + EXTEND and d.grid_lr(centre, highest + 1, d.seeds - 1) < d.hi and any(
+                ok for lr, s, ok in outcomes for j in range(d.seeds)
+                if s == d.seed + 1 + j and same(lr, d.grid_lr(centre, highest, j))):
+            highest, grown = highest + 1, True
+        if not grown:
+            return DONE
+
+
+class BracketSampler(optuna.samplers.BaseSampler):
+    """Optuna sampler for `variant` (categorical), then `lr` (log float) and `seed` (int)."""
+
+    def __init__(self, variants: list[str], design: Design):
+        self.variants, self.design = list(variants), design
+        self._chosen: dict[int, tuple[float, int]] = {}  # trial number -> its (lr, seed)
 
     def state(self, study: optuna.Study, exclude: int | None = None) -> dict[str, tuple[list, list]]:
-        """variant -> (finished outcomes [(lr, stable)], pending LRs)."""
+        """variant -> (finished outcomes [(lr, seed, stable)], pending [(lr, seed)])."""
         out = {v: ([], []) for v in self.variants}
         for t in study.get_trials(deepcopy=False):
             v, lr = t.params.get("variant"), t.params.get("lr")
             if v not in out or lr is None or t.number == exclude:
                 continue
+            seed = int(t.params.get("seed", self.design.seed))
             if t.state == optuna.trial.TrialState.COMPLETE:
-                out[v][0].append((lr, t.values[0] > 0))
+                out[v][0].append((lr, seed, t.values[0] > 0))
             elif t.state == optuna.trial.TrialState.RUNNING:
-                out[v][1].append(lr)
+                out[v][1].append((lr, seed))
         return out
 
-    def open_variants(self, study: optuna.Study, exclude: int | None = None) -> list[str]:
-        state = self.state(study, exclude)
-        return [v for v in self.variants
-                if not is_done(state[v][0], self.lo, self.hi, self.ratio, self.max_trials - len(state[v][1]))]
+    def proposals(self, study: optuna.Study, exclude: int | None = None) -> dict[str, object]:
+        """variant -> its next_trial (an (lr, seed), WAIT or DONE)."""
+        return {v: next_trial(done, pending, self.design) for v, (done, pending) in self.state(study, exclude).items()}
 
     def finished(self, study: optuna.Study) -> bool:
-        return not self.open_variants(study)
+        return all(p == DONE for p in self.proposals(study).values())
 
-    def results(self, study: optuna.Study) -> dict[str, Bracket]:
-        return {v: bracket(outcomes) for v, (outcomes, _) in self.state(study).items()}
+    def can_propose(self, study: optuna.Study) -> bool:
+        return any(isinstance(p, tuple) for p in self.proposals(study).values())
 
     def infer_relative_search_space(self, study, trial):
         return {}
@@ -117,14 +199,18 @@ class BracketSampler(optuna.samplers.BaseSampler):
         return {}
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        state = self.state(study, exclude=trial.number)
         if param_name == "variant":
-            open_ = self.open_variants(study, exclude=trial.number) or self.variants
+            state = self.state(study, exclude=trial.number)
+            ready = {v: p for v, p in self.proposals(study, exclude=trial.number).items() if isinstance(p, tuple)}
+            choices = list(ready) or self.variants
             # The variant with the fewest trials so far, finished or running.
-            return min(open_, key=lambda v: (len(state[v][0]) + len(state[v][1]), self.variants.index(v)))
+            variant = min(choices, key=lambda v: (len(state[v][0]) + len(state[v][1]), self.variants.index(v)))
+            self._chosen[trial.number] = ready.get(variant) or (self.design.lo, self.design.seed)
+            return variant
         if param_name == "lr":
-            outcomes, pending = state[trial.params["variant"]]
-            return next_lr(outcomes, pending, self.lo, self.hi, self.slots)
+            return self._chosen[trial.number][0]
+        if param_name == "seed":
+            return self._chosen.pop(trial.number)[1]
         return optuna.samplers.RandomSampler().sample_independent(study, trial, param_name, param_distribution)
 
 
@@ -138,13 +224,13 @@ class FinalOnlyOptunaSearch(OptunaSearch):
 
 
 class BracketSearch(FinalOnlyOptunaSearch):
-    """OptunaSearch over {variant, lr} with BracketSampler; FINISHED when every bracket is."""
+    """OptunaSearch over {variant, lr, seed} with BracketSampler; FINISHED when every variant is."""
 
-    def __init__(self, variants: list[str], lo: float, hi: float, ratio: float, slots: int, max_trials: int,
-                 storage=None, study_name: str | None = None):
-        self.bracket_sampler = BracketSampler(variants, lo, hi, ratio, slots, max_trials)
+    def __init__(self, variants: list[str], design: Design, storage=None, study_name: str | None = None):
+        self.bracket_sampler = BracketSampler(variants, design)
         space = {"variant": optuna.distributions.CategoricalDistribution(list(variants)),
-                 "lr": optuna.distributions.FloatDistribution(lo, hi, log=True)}
+                 "lr": optuna.distributions.FloatDistribution(design.lo, design.hi, log=True),
+                 "seed": optuna.distributions.IntDistribution(design.seed, design.seed + max(design.seeds, 0))}
         super().__init__(space=space, metric=OBJECTIVE, mode="max", sampler=self.bracket_sampler,
                          storage=storage, study_name=study_name)
 
@@ -152,4 +238,6 @@ class BracketSearch(FinalOnlyOptunaSearch):
         study = self._ot_study
         if self.bracket_sampler.finished(study):
             return Searcher.FINISHED
+        if not self.bracket_sampler.can_propose(study):
+            return None  # every open variant waits on trials in flight; Tune asks again later
         return super().suggest(trial_id)

@@ -113,9 +113,7 @@ def searcher(space: spec_mod.Space, run_dir: Path):
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'optuna.db'}")
     if space.strategy == "max_lr":
-        lo, hi = space.param("lr").values
-        return BracketSearch(list(space.variants), lo, hi, space.max_lr.ratio, space.max_lr.slots,
-                             space.max_lr.max_trials, storage=storage, study_name=space.name)
+        return BracketSearch(list(space.variants), design(space), storage=storage, study_name=space.name)
     if space.strategy == "tune":
         sampler = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler,
                    "cmaes": optuna.samplers.CmaEsSampler}[space.tune.sampler](seed=space.tune.seed)
@@ -124,9 +122,23 @@ def searcher(space: spec_mod.Space, run_dir: Path):
     return None  # sweep: Tune's own grid
 
 
+def design(space: spec_mod.Space):
+    """How max_lr spends each variant's trials (tunestab/bracket.py)."""
+    from .bracket import Design
+
+    m = space.max_lr
+    lo, hi = space.param("lr").values
+    return Design(lo, hi, m.ratio, m.slots, m.max_trials, space.trial_config(space.variants[0]).seed, m.seeds,
+                  m.points, m.step)
+
+
 def num_trials(space: spec_mod.Space) -> int:
     if space.strategy == "max_lr":
-        return space.max_lr.max_trials * len(space.variants)
+        from .bracket import EXTEND
+
+        m = space.max_lr
+        # The bracket, then each boundary seed's grid at its largest.
+        return (m.max_trials + m.seeds * (m.points + 2 * EXTEND)) * len(space.variants)
     if space.strategy == "tune":
         return space.tune.num_samples
     return 1  # a grid is expanded by Tune itself

@@ -80,12 +80,20 @@ class Resources:
 
 @dataclass(frozen=True)
 class MaxLR:
-    ratio: float = 1.25
-    """Stop when smallest divergent / largest stable LR is at most this."""
+    ratio: float = 1.41
+    """Bracketing ends when smallest divergent / largest stable LR is at most this."""
     slots: int = 2
-    """Trials per variant proposed in parallel inside the current bracket."""
+    """Bracketing trials per variant proposed in parallel inside the current bracket."""
     max_trials: int = 12
-    """Trials per variant at most, bracket or not."""
+    """Bracketing trials per variant at most, bracket or not."""
+    seeds: int = 4
+    """Boundary seeds: each runs `points` LRs around the bracket (0: the bracket alone, no interval)."""
+    points: int = 4
+    """LRs per boundary seed, `step` apart; more are added where the boundary lies past them."""
+    step: float = 1.41
+    """Ratio between a boundary seed's neighbouring LRs."""
+    p_diverge: float = 0.1
+    """The max stable LR is where the fitted P(diverge | LR) crosses this."""
 
 
 @dataclass(frozen=True)
@@ -344,6 +352,14 @@ def parse(raw, where: str = "search space", source: str = "") -> Space:
 
     if max_lr.ratio <= 1:
         problems.append(f"max_lr.ratio: must be > 1, got {max_lr.ratio}")
+    if max_lr.step <= 1:
+        problems.append(f"max_lr.step: must be > 1, got {max_lr.step}")
+    if max_lr.seeds < 0:
+        problems.append(f"max_lr.seeds: must be >= 0, got {max_lr.seeds}")
+    if max_lr.points < 2:
+        problems.append(f"max_lr.points: must be >= 2, got {max_lr.points}")
+    if not 0 < max_lr.p_diverge < 0.5:
+        problems.append(f"max_lr.p_diverge: must be in (0, 0.5), got {max_lr.p_diverge}")
     for key, value in (("max_lr.slots", max_lr.slots), ("max_lr.max_trials", max_lr.max_trials),
                        ("tune.num_samples", tune_.num_samples), ("resources.workers", resources.workers)):
         if value < 1:

@@ -1,0 +1,93 @@
+"""The max stable LR with an interval: P(diverge | LR) fitted across seeds, and how often its
+interval covers the true boundary in simulated max_lr searches."""
+
+import math
+from statistics import NormalDist
+
+import numpy as np
+import pytest
+
+from tunestab import boundary
+from tunestab.bracket import Design
+from test_bracket import drive
+
+STEP = math.log(math.sqrt(2))
+
+
+def test_a_sharp_boundary_is_placed_in_its_gap():
+    lrs = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32] * 3
+    f = boundary.fit(lrs, [lr > 0.05 for lr in lrs], seeds=[0] * 6 + [1] * 6 + [2] * 6)
+    assert f.found and f.seeds == 3 and f.trials == 18
+    # Separated data say only that every seed's boundary is between 0.04 and 0.08: the interval
+    # spans that gap (and, with 3 seeds, a little below it: the 10% point may lie lower).
+    assert f.low <= 0.045 and 0.06 <= f.high <= 0.085 and f.low < f.lr < f.high
+
+
+def test_a_gradual_boundary_gives_a_wider_interval_around_its_10_percent_point():
+    rng = np.random.default_rng(0)
+    lrs = np.exp(np.repeat(np.linspace(np.log(0.01), np.log(1.0), 12), 6))
+    p = 1 / (1 + np.exp(-(np.log(lrs) - np.log(0.2)) / 0.5))
+    f = boundary.fit(lrs, rng.random(len(lrs)) < p)
+    truth = math.exp(math.log(0.2) + 0.5 * math.log(0.1 / 0.9))  # 0.066
+    assert f.low < truth < f.high and f.high / f.low > 2
+
+
+def test_all_stable_or_all_divergent_places_no_boundary():
+    assert not boundary.fit([0.1, 0.2, 0.4], [False] * 3).found
+    assert not boundary.fit([0.1, 0.2, 0.4], [True] * 3).found
+    assert math.isnan(boundary.ratio(boundary.fit([0.1, 0.2], [False, True]), boundary.fit([0.1], [True]))[0])
+
+
+def test_ratios_have_intervals_that_widen_with_each_side():
+    lrs = [0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64] * 4
+    seeds = sorted([0, 1, 2, 3] * 7)
+    low = boundary.fit(lrs, [lr > 0.05 for lr in lrs], seeds, rng=np.random.default_rng(1))
+    high = boundary.fit(lrs, [lr > 0.2 for lr in lrs], seeds, rng=np.random.default_rng(2))
+    r, r_low, r_high = boundary.ratio(high, low)
+    assert r == pytest.approx(high.lr / low.lr, rel=0.2)
+    assert r_low < 4 < r_high and r_low > 1  # the true ratio of the two boundaries is 4
+
+
+def coverage(truth_model: str, spread_steps: float, searches: int = 100) -> int:
+    """How many of `searches` simulated max_lr searches (the real design, tunestab/bracket.py)
+    end with an interval that covers the true LR where P(diverge) is 10%."""
+    rng = np.random.default_rng(2026)
+    design = Design(1e-3, 1.0, ratio=1.41, seeds=4, points=4, step=math.sqrt(2))
+    scale = spread_steps * STEP
+    covered = 0
+    for i in range(searches):
+        centre = rng.uniform(math.log(0.01), math.log(0.3))
+        if truth_model == "coin":
+            # Near the boundary the outcome is chaotic: each trial diverges with P(lr), whatever
+            # its seed (seed 0 of one proxy completed at LR 0.604 and diverged at 0.6).
+            truth = centre + scale * math.log(0.1 / 0.9)
+            draws = {}
+
+            def outcome(lr, s):
+                key = (round(lr, 12), s)
+                if key not in draws:
+                    draws[key] = rng.random() >= 1 / (1 + math.exp(-(math.log(lr) - centre) / scale))
+                return draws[key]
+        else:
+            # Each seed has its own boundary, normal in ln LR: stable below it, divergent above.
+            edges = {}
+            truth = centre + scale * NormalDist().inv_cdf(0.1)
+
+            def outcome(lr, s):
+                if s not in edges:
+                    edges[s] = centre + scale * rng.standard_normal()
+                return math.log(lr) < edges[s]
+        done = drive(outcome, design, seed=i)
+        f = boundary.fit([lr for lr, _, _ in done], [not ok for _, _, ok in done], [s for _, s, _ in done],
+                         rng=np.random.default_rng(i))
+        covered += f.found and math.log(f.low) <= truth <= math.log(f.high)
+    return covered
+
+
+@pytest.mark.parametrize("truth_model", ["coin", "seed thresholds"])
+@pytest.mark.parametrize("spread_steps", [0.1, 0.3])
+def test_the_90_percent_interval_covers_the_true_boundary_in_85_of_100_searches(truth_model, spread_steps):
+    """The issue's bar, on both readings of "seed noise", with a boundary spread over a tenth and
+    a third of a sqrt(2) step. (Measured wider spreads, and the parametric bootstrap this
+    replaced: docs/results.md.)"""
+    assert coverage(truth_model, spread_steps) >= 85
