@@ -1,19 +1,60 @@
 """Summarise proxy-study runs (bench/collect_runs.py output): per variant and LR, how each seed
-ended, its final loss, and its block-0 max attention logit (the logit growth QK-norm targets).
+ended, its final loss, and its block-0 max attention logit (the growth QK-norm targets); then per
+variant the max stable LR with its 90% interval (tunestab/boundary.py) read two ways: by the
+loop's loss rule with the floor at l0 (a run fails when it blows up above its initial loss), and
+with the floor at the unigram entropy of the training tokens (it also fails when it ends no
+better than a model that ignores context).
 
-    python bench/proxy_table.py docs/data/proxy/a.jsonl
+    python bench/proxy_table.py docs/data/proxy/a.jsonl [more.jsonl ...]
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tunestab import boundary, data  # noqa: E402
+from tunestab.loop import cache_dir  # noqa: E402
+from tunestab.config import config_from  # noqa: E402
 
 
 def load(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def final_loss(run: dict) -> float:
+    last = run["reports"][-1]
+    return last.get("val_loss", last["loss"])
+
+
+def unigram_floor(settings: dict) -> float:
+    cfg = config_from(settings)
+    train, _ = data.load_splits(cfg.data, cfg.tokenizer, cache_dir(cfg), cfg.val_fraction, cfg.max_tokens or None)
+    return data.unigram_entropy(train)
+
+
+def failed(run: dict, floor: float | None) -> bool:
+    """Diverged by the loss rule, or (with a floor) ended no better than it."""
+    if run["stop_reason"] != "completed":
+        return True
+    return floor is not None and not final_loss(run) < min(floor, run["loss_init"])
+
+
+def boundaries(runs: list[dict], floor: float | None) -> dict[str, boundary.Boundary]:
+    by = defaultdict(list)
+    for r in runs:
+        by[r["settings"]["variant"]].append(r)
+    return {v: boundary.fit([r["settings"]["lr"] for r in rs], [failed(r, floor) for r in rs],
+                            [r["settings"].get("seed", 0) for r in rs]) for v, rs in by.items()}
+
+
+def fmt(b: boundary.Boundary) -> str:
+    return f"{b.lr:.3g} [{b.low:.3g}, {b.high:.3g}]" if b.found else "-"
 
 
 def main(argv=None) -> int:
@@ -23,16 +64,29 @@ def main(argv=None) -> int:
         for r in runs:
             s = r["settings"]
             by[(s["variant"], s["lr"])].append(r)
-        print(f"{path}: {len(runs)} runs")
-        print("| variant | lr | ended (per seed) | final loss | block-0 max logit | max logit (all blocks) |")
+        floor = unigram_floor(runs[0]["settings"])
+        print(f"{path}: {len(runs)} runs; unigram entropy of the training tokens {floor:.3f} nats")
+        print("| variant | lr | ended (per seed) | final val loss | block-0 max logit | max logit (all blocks) |")
         print("|---|---|---|---|---|---|")
         for (variant, lr), rs in sorted(by.items()):
-            rs.sort(key=lambda r: r["settings"]["seed"])
+            rs.sort(key=lambda r: r["settings"].get("seed", 0))
             ended = " ".join(f"{r['stop_reason']}@{r['reports'][-1]['step']}" for r in rs)
-            final = " ".join(f"{r['reports'][-1].get('val_loss', r['reports'][-1]['loss']):.3f}" for r in rs)
+            final = " ".join(f"{final_loss(r):.3f}" for r in rs)
             b0 = " ".join(f"{max(x.get('layer_0/attn_logit_max', 0) for x in r['reports']):.3g}" for r in rs)
             allb = " ".join(f"{max(x.get('attn_logit_max', 0) for x in r['reports']):.3g}" for r in rs)
             print(f"| {variant} | {lr:g} | {ended} | {final} | {b0} | {allb} |")
+        l0, uni = boundaries(runs, None), boundaries(runs, floor)
+        seeds = {v: len({r["settings"].get("seed", 0) for r in runs if r["settings"]["variant"] == v}) for v in l0}
+        print(f"\n| variant | seeds | max stable LR, floor l0 [90%] | max stable LR, floor unigram {floor:.2f} [90%] |")
+        print("|---|---|---|---|")
+        for v in l0:
+            print(f"| {v} | {seeds[v]} | {fmt(l0[v])} | {fmt(uni[v])} |")
+        if "baseline" in l0 and "qk_norm" in l0:
+            for name, fits in (("l0", l0), ("unigram", uni)):
+                r, lo, hi = boundary.ratio(fits["qk_norm"], fits["baseline"])
+                if not math.isnan(r):
+                    print(f"qk_norm / baseline, floor {name}: {r:.3g} [{lo:.3g}, {hi:.3g}]")
+        print()
     return 0
 
 

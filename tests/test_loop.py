@@ -115,3 +115,32 @@ def test_resume_reproduces_the_uninterrupted_losses(tmp_path):
     for a, b in zip(full.reports[2:], resumed.reports):
         assert a["loss"] == b["loss"] and a.get("val_loss") == b.get("val_loss")
     assert full.reports[-1]["val_loss"] == resumed.reports[-1]["val_loss"]
+
+
+def test_a_unigram_progress_floor_fails_a_trial_that_learned_only_token_frequencies():
+    """`progress_floor: unigram`: a final validation loss no better than the unigram entropy of
+    the training tokens (what a model that ignores context reaches) is `no_progress`, not a
+    completed trial. The default floor stays l0, the loss at initialisation."""
+    from tunestab import data
+
+    cfg = tiny(steps=10, report_every=5, eval_every=10, lr=1e-3)  # too short to get past token frequencies
+    default, floored = LocalSession(out=io.StringIO()), LocalSession(out=io.StringIO())
+    run(cfg, default)
+    run(tiny(steps=10, report_every=5, eval_every=10, lr=1e-3, progress_floor="unigram"), floored)
+    train, _ = data.load_splits("builtin", "bytes", cfg.data_cache or "~/.cache/tunestab", cfg.val_fraction)
+    entropy = data.unigram_entropy(train)
+    assert 3.0 < entropy < 3.3  # English and Python source, one byte a token
+    last, ended = default.reports[-1], floored.reports[-1]
+    assert entropy < last["val_loss"] < last["loss_init"]  # beats l0, not the token frequencies
+    assert last["stop_reason"] == "completed" and last["loss_floor"] == last["loss_init"]
+    assert ended["stop_reason"] == "no_progress" and ended["diverged"] == 1
+    assert ended["loss_floor"] == pytest.approx(entropy) and ended["val_loss"] == last["val_loss"]
+    d = Divergence(tiny(progress_floor="unigram"), loss0=5.5, unigram=3.1)
+    assert d.at_end(3.2) == "no_progress" and d.at_end(3.0) is None
+
+
+def test_unigram_entropy():
+    from tunestab.data import unigram_entropy
+
+    assert unigram_entropy([1, 1, 2, 2]) == pytest.approx(math.log(2))
+    assert unigram_entropy([5] * 10) == 0

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tunestab import analysis, search
+from tunestab import analysis, search, spec
 from tunestab.analysis import summary
 
 
@@ -323,3 +323,56 @@ def test_sweep_strategy_runs_the_grid_and_logs_lr_sensitivity(tmp_path):
     for v in ("baseline", "qk_norm"):
         assert parent.data.metrics[f"lr_sensitivity/{v}"] == pytest.approx(sens.loc[v, "lr_sensitivity"])
         assert sens.loc[v, "lr_sensitivity"] >= 0 and sens.loc[v, "lrs"] == 2
+
+
+def test_tune_over_seeds_scores_each_configuration_by_its_mean_and_spread():
+    space = spec.parse({**TINY, "strategy": "tune", "tune": {"seeds": 3},
+                        "params": {"mlra_rank": {"int": [2, 8]}, "lr": {"loguniform": [1e-3, 0.1]}}})
+    rows = []
+    for rank, losses in ((2, [3.0, 3.1, 2.9]), (4, [2.5, 2.6, None]), (8, [2.7, 2.75, 2.65])):
+        for seed, loss in enumerate(losses):
+            rows.append({"variant": "mlra", "mlra_rank": rank, "lr": 0.01, "seed": seed, "val_loss": loss,
+                         "loss_init": 5.5, "stop_reason": "completed" if loss else "blowup", "diverged": int(not loss)})
+    scores = analysis.config_scores(pd.DataFrame(rows), space)
+    # Rank 4's diverged seed counts at l0: its mean is (2.5 + 2.6 + 5.5) / 3, worst of the three.
+    assert list(scores["mlra_rank"]) == [8, 2, 4] and list(scores["seeds"]) == [3, 3, 3]
+    assert scores.iloc[0]["objective_mean"] == pytest.approx(2.7) and scores.iloc[2]["diverged"] == 1
+    assert analysis.separated(scores) is True  # 2.7 +- 0.05 against 3.0 +- 0.1
+    close = scores.copy()
+    close.loc[1, "objective_mean"] = 2.8
+    assert analysis.separated(close) is False
+    assert any("params.seed" in p for p in problems_of_space({**TINY, "strategy": "tune", "tune": {"seeds": 3},
+                                                               "params": {"seed": {"choice": [0, 1]}}}))
+
+
+def problems_of_space(raw) -> list[str]:
+    with pytest.raises(spec.SpecError) as e:
+        spec.parse(raw)
+    return e.value.problems
+
+
+def test_the_seed_repeater_runs_each_configuration_at_consecutive_seeds_and_reports_their_mean():
+    from ray.tune.search import Searcher
+
+    from tunestab.bracket import SeedRepeater
+
+    class Fixed(Searcher):
+        def __init__(self):
+            super().__init__(metric="objective", mode="min")
+            self.n, self.seen = 0, []
+
+        def suggest(self, trial_id):
+            self.n += 1
+            return {"mlra_rank": self.n}
+
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            self.seen.append(result["objective"])
+
+    inner = Fixed()
+    rep = SeedRepeater(inner, repeat=3, base_seed=5)
+    configs = [rep.suggest(f"t{i}") for i in range(6)]
+    assert [(c["mlra_rank"], c["seed"]) for c in configs] == [(1, 5), (1, 6), (1, 7), (2, 5), (2, 6), (2, 7)]
+    assert all("__trial_index__" not in c for c in configs)
+    for i, value in enumerate([3.0, 2.0, 1.0]):
+        rep.on_trial_complete(f"t{i}", {"objective": value})
+    assert inner.seen == [2.0]  # the first configuration's mean over its three seeds

@@ -114,6 +114,33 @@ def best_configs(table: pd.DataFrame, space) -> tuple[dict | None, pd.DataFrame]
     return best, per
 
 
+def config_scores(table: pd.DataFrame, space) -> pd.DataFrame:
+    """For `tune` over seeds: per configuration (the variant and the searched parameters), its
+    seeds, the mean and sd over seeds of the objective Optuna saw (the final validation loss, or
+    l0 for a trial that diverged or was stopped), and how many seeds diverged. Best first."""
+    keys = ["variant"] + [p.name for p in space.params if p.name != "seed"]
+    t = table[table["stop_reason"] != "error"].copy()
+    t["objective"] = t["val_loss"].astype(float).where(stable_mask(t), t["loss_init"].astype(float))
+    rows = []
+    for key, g in t.groupby(keys, dropna=False):
+        rows.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))), "seeds": len(g),
+                     "objective_mean": g["objective"].mean(), "objective_sd": g["objective"].std(),
+                     "diverged": int((~stable_mask(g)).sum())})
+    out = pd.DataFrame(rows, columns=keys + ["seeds", "objective_mean", "objective_sd", "diverged"])
+    return out.sort_values("objective_mean").reset_index(drop=True)
+
+
+def separated(scores: pd.DataFrame) -> bool | None:
+    """Whether the best configuration stands outside the seed spread of the runner-up: its mean
+    plus one sd below the runner-up's mean minus one sd. None with fewer than two configurations
+    of two or more seeds."""
+    ranked = scores[scores["seeds"] >= 2]
+    if len(ranked) < 2:
+        return None
+    best, second = ranked.iloc[0], ranked.iloc[1]
+    return bool(best["objective_mean"] + best["objective_sd"] < second["objective_mean"] - second["objective_sd"])
+
+
 # What lr_sensitivity measures per group; its other columns name the group.
 SENSITIVITY_COLUMNS = ["lr_sensitivity", "best_lr", "best_val_loss", "lrs"]
 
@@ -372,12 +399,21 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
         metrics += [Metric("lr_sensitivity/" + "/".join(f"{r[k]}" if k == "variant" else f"{k}={r[k]}" for k in keys),
                            float(r["lr_sensitivity"]), 0, 0) for _, r in sens.iterrows()]
     best = per = None
+    scores = verdict = None
     if space.strategy == "tune":
         best, per = best_configs(table, space)
         per.to_csv(run_dir / "max_stable_lr_per_config.csv", index=False)
         files.append(run_dir / "max_stable_lr_per_config.csv")
         if best:
             metrics.append(Metric("best_val_loss", float(best["val_loss"]), 0, 0))
+        if space.tune.seeds > 1:
+            scores = config_scores(table, space)
+            verdict = separated(scores)
+            scores.to_csv(run_dir / "configs.csv", index=False)
+            files.append(run_dir / "configs.csv")
+            if len(scores):
+                top = scores.iloc[0]
+                metrics += [Metric("best_objective_mean", float(top["objective_mean"]), 0, 0)]
 
     print(f"\n{space.name} ({space.strategy}): {len(table)} trials\n\n{md}\n")
     if rat is not None and len(rat):
@@ -389,11 +425,18 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
               f"did not diverge):\n{cells.to_string(index=False)}\n")
     if space.strategy == "tune":
         print(f"Best configuration: {best}\nLargest stable LR per configuration:\n{per.to_string(index=False)}\n")
+    if scores is not None:
+        print(f"Configurations over {space.tune.seeds} seeds, best mean objective first:\n{scores.head(10).to_string(index=False)}\n"
+              f"The best stands outside the runner-up's seed spread (mean +- sd): "
+              f"{'yes' if verdict else 'no' if verdict is not None else 'not enough configurations'}\n")
     print(f"Results: {run_dir}")
     try:
         client = MlflowClient(tracking_uri)
         if best:
             client.set_tag(parent_run_id, "best_config", str(best))
+        if scores is not None and len(scores):
+            client.set_tag(parent_run_id, "best_config_over_seeds", str(scores.iloc[0].to_dict()))
+            client.set_tag(parent_run_id, "best_config_separated", str(verdict))
         if metrics:
             client.log_batch(parent_run_id, metrics=metrics)
         for f in files:

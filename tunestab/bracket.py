@@ -33,8 +33,9 @@ import math
 from dataclasses import dataclass
 
 import optuna
-from ray.tune.search import Searcher
+from ray.tune.search import Repeater, Searcher
 from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search.repeater import TRIAL_INDEX
 
 OBJECTIVE = "stable_lr"
 # Grid levels a variant's boundary grid may grow by on each side.
@@ -221,6 +222,22 @@ class FinalOnlyOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         pass
+
+
+class SeedRepeater(Repeater):
+    """The `tune` strategy with `tune.seeds` > 1: Ray Tune's Repeater runs each configuration
+    Optuna proposes at `repeat` seeds (trial.seed, + 1, ...) and gives Optuna their mean
+    objective, so a candidate is scored over seeds rather than on one seed's luck."""
+
+    def __init__(self, searcher: Searcher, repeat: int, base_seed: int = 0):
+        super().__init__(searcher, repeat=repeat, set_index=True)
+        self.base_seed = base_seed
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        if isinstance(config, dict):  # a copy of the group's config, Repeater's own
+            config["seed"] = self.base_seed + config.pop(TRIAL_INDEX)
+        return config
 
 
 class BracketSearch(FinalOnlyOptunaSearch):

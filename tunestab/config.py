@@ -51,6 +51,7 @@ CHOICES = {
     "weight_decay_mode": ("independent", "coupled"),
     "mlra_init": ("matched", "factors"),
     "sigma_reparam_gamma": ("matched", "one"),
+    "progress_floor": ("uniform", "unigram"),
 }
 
 # Switches that variants set; None means "whatever the variant says", and off when it says nothing.
@@ -170,6 +171,11 @@ class TrialConfig:
     """Reports averaged into the smoothed training loss for the blow-up rule."""
     blowup_margin: float = 0.0
     """Blow-up when the smoothed loss exceeds the initial loss by more than this, after warm-up."""
+    progress_floor: str = "uniform"
+    """The final validation loss a trial must beat, or it ends `no_progress`: 'uniform' is the
+    loss at initialisation l0 (Wortsman et al.'s clip); 'unigram' the entropy of the training
+    tokens' frequencies, what a model that ignores context reaches, and where a model whose
+    attention collapsed (logits of 1e4 and more) ends up."""
 
     # --- hardware ---
     device: str = "auto"

@@ -449,6 +449,14 @@ def load_splits(source: str, tokenizer: str, cache_dir: str, val_fraction: float
 # batches
 
 
+def unigram_entropy(tokens: np.ndarray) -> float:
+    """Entropy in nats of the tokens' frequencies: the loss of the best model that ignores
+    context, which predicts every token from how common it is."""
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 def _blocks(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     """View tokens as non-overlapping [n_blocks, seq_len + 1] blocks (the remainder is dropped)."""
     tokens = np.asarray(tokens)

@@ -49,14 +49,17 @@ class Divergence:
     - `nonfinite`: the loss or the gradient norm became NaN/inf (the trial ends);
     - `blowup`: after warm-up, the mean of the last `blowup_window` reported training losses is
       above the initial loss l0 + blowup_margin: worse than untrained (the trial ends);
-    - `no_progress`: the final validation loss is not below l0 (Wortsman et al.'s clip; marked at
-      the end, the trial has already used its budget).
+    - `no_progress`: the final validation loss is not below the floor (marked at the end, the
+      trial has already used its budget): l0 (Wortsman et al.'s clip), or with
+      `progress_floor: unigram` the lower of l0 and the unigram entropy of the training tokens.
     l0 is the validation loss at initialisation, measured before the first step.
     """
 
-    def __init__(self, cfg: TrialConfig, loss0: float, recent: list[float] | None = None):
+    def __init__(self, cfg: TrialConfig, loss0: float, recent: list[float] | None = None,
+                 unigram: float | None = None):
         self.cfg, self.loss0 = cfg, loss0
         self.recent = list(recent or [])
+        self.floor = min(loss0, unigram) if cfg.progress_floor == "unigram" and unigram is not None else loss0
 
     def after_report(self, step: int, loss: float, nonfinite: bool) -> str | None:
         if nonfinite:
@@ -70,7 +73,7 @@ class Divergence:
         return None
 
     def at_end(self, val_loss: float) -> str | None:
-        return "no_progress" if not val_loss < self.loss0 else None
+        return "no_progress" if not val_loss < self.floor else None
 
 
 def all_reduce(values: dict[str, torch.Tensor], op, world_size: int) -> dict[str, float]:
@@ -164,7 +167,7 @@ def checkpoint_state(s: Setup, step: int, batches, divergence: Divergence, cfg: 
     }
 
 
-def restore(session, s: Setup, batches, cfg: TrialConfig) -> tuple[int, Divergence | None]:
+def restore(session, s: Setup, batches, cfg: TrialConfig, unigram: float | None = None) -> tuple[int, Divergence | None]:
     """Resume from the newest readable checkpoint the session offers: (its step, the divergence
     rule's state), or (0, None) on a fresh start. The checkpoint is read to the CPU and each
     tensor copied to its parameter's device by load_state_dict."""
@@ -177,7 +180,7 @@ def restore(session, s: Setup, batches, cfg: TrialConfig) -> tuple[int, Divergen
     torch.set_rng_state(state["rng_cpu"])
     if s.device.type == "cuda" and state["rng_cuda"]:
         torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return state["step"], Divergence(cfg, state["loss0"], state["recent_losses"])
+    return state["step"], Divergence(cfg, state["loss0"], state["recent_losses"], unigram)
 
 
 def run(cfg: TrialConfig, session) -> dict:
@@ -193,10 +196,11 @@ def run(cfg: TrialConfig, session) -> dict:
     val = data_mod.eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches, rank, world)
 
     s = setup(cfg, device, session.wrap_ddp)
-    start, divergence = restore(session, s, batches, cfg)
+    unigram = data_mod.unigram_entropy(train_tokens) if cfg.progress_floor == "unigram" else None
+    start, divergence = restore(session, s, batches, cfg, unigram)
     if divergence is None:
         loss0 = all_reduce({"l": evaluate(s, val, micro)}, dist.ReduceOp.SUM, world)["l"]
-        divergence = Divergence(cfg, loss0)
+        divergence = Divergence(cfg, loss0, unigram=unigram)
 
     def sync():
         if cuda:
@@ -258,6 +262,7 @@ def run(cfg: TrialConfig, session) -> dict:
         metrics.update(
             loss=mean["loss"] if math.isfinite(mean["loss"]) else divergence.loss0,
             loss_init=divergence.loss0,
+            loss_floor=divergence.floor,
             step=step + 1,
             tokens=(step + 1) * tokens_per_step,
             lr=lr_at(step, cfg),

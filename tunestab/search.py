@@ -117,8 +117,13 @@ def searcher(space: spec_mod.Space, run_dir: Path):
     if space.strategy == "tune":
         sampler = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler,
                    "cmaes": optuna.samplers.CmaEsSampler}[space.tune.sampler](seed=space.tune.seed)
-        return FinalOnlyOptunaSearch(metric="objective", mode="min", sampler=sampler, storage=storage,
-                                     study_name=space.name)
+        optuna_search = FinalOnlyOptunaSearch(metric="objective", mode="min", sampler=sampler, storage=storage,
+                                              study_name=space.name)
+        if space.tune.seeds > 1:
+            from .bracket import SeedRepeater
+
+            return SeedRepeater(optuna_search, space.tune.seeds, space.trial_config(space.variants[0]).seed)
+        return optuna_search
     return None  # sweep: Tune's own grid
 
 
@@ -140,7 +145,7 @@ def num_trials(space: spec_mod.Space) -> int:
         # The bracket, then each boundary seed's grid at its largest.
         return (m.max_trials + m.seeds * (m.points + 2 * EXTEND)) * len(space.variants)
     if space.strategy == "tune":
-        return space.tune.num_samples
+        return space.tune.num_samples * space.tune.seeds
     return 1  # a grid is expanded by Tune itself
 
 

@@ -101,7 +101,9 @@ class Tune:
     sampler: str = "tpe"
     """Optuna sampler: tpe, gp or cmaes."""
     num_samples: int = 16
-    """Trials in all (over all variants)."""
+    """Configurations Optuna proposes in all (over all variants)."""
+    seeds: int = 1
+    """Seeds each configuration runs at (trial.seed, + 1, ...); Optuna sees their mean objective."""
     seed: int = 0
     """Sampler seed."""
 
@@ -361,7 +363,8 @@ def parse(raw, where: str = "search space", source: str = "") -> Space:
     if not 0 < max_lr.p_diverge < 0.5:
         problems.append(f"max_lr.p_diverge: must be in (0, 0.5), got {max_lr.p_diverge}")
     for key, value in (("max_lr.slots", max_lr.slots), ("max_lr.max_trials", max_lr.max_trials),
-                       ("tune.num_samples", tune_.num_samples), ("resources.workers", resources.workers)):
+                       ("tune.num_samples", tune_.num_samples), ("tune.seeds", tune_.seeds),
+                       ("resources.workers", resources.workers)):
         if value < 1:
             problems.append(f"{key}: must be >= 1, got {value}")
     if tune_.sampler not in SAMPLERS:
@@ -401,6 +404,8 @@ def parse(raw, where: str = "search space", source: str = "") -> Space:
         if any(p.name != "lr" for p in params):
             problems.append("params: the max_lr strategy searches lr alone; fix the others under `trial`")
     elif strategy == "tune":
+        if tune_.seeds > 1 and any(p.name == "seed" for p in params):
+            problems.append("params.seed: with tune.seeds each configuration already runs at several seeds")
         if not any(p.kind in ("loguniform", "uniform", "int", "choice") for p in params):
             problems.append("params: the tune strategy needs at least one range or choice to sample")
         if any(p.kind == "grid" for p in params):
