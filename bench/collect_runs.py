@@ -24,7 +24,8 @@ import time
 from tunestab import spec as spec_mod
 
 KEEP = ("step", "loss", "val_loss", "tev_mean", "tev_std", "grad_norm", "lr", "attn_logit_max",
-        "layer_0/attn_logit_max", "out_norm_qkv", "diverged", "stop_reason")
+        "layer_0/attn_logit_max", "out_norm_qkv", "loss_max", "tev_dispersion_max", "tev_growth_max",
+        "diverged", "stop_reason")
 
 
 def grid(space: spec_mod.Space) -> list[dict]:

@@ -144,3 +144,38 @@ def test_unigram_entropy():
 
     assert unigram_entropy([1, 1, 2, 2]) == pytest.approx(math.log(2))
     assert unigram_entropy([5] * 10) == 0
+
+
+def test_a_report_summarises_every_step_since_the_last_one():
+    """TEV after every step and the loss of every step: a spike between two reports shows in
+    the next report's maxima, in TEV and in the loss alike."""
+    from tunestab.loop import Window
+
+    class Embedding:
+        def __init__(self):
+            self.rows = torch.zeros(4, 8)
+
+        def token_embedding(self):
+            return self.rows
+
+    model, w = Embedding(), Window(torch.device("cpu"))
+    spread = torch.tensor([[1.0, -1.0] * 4, [1.0, -1.0] * 4, [2.0, -2.0] * 4, [3.0, -3.0] * 4])  # TEV_i: 1, 1, 2, 3
+    history = []
+    for scale, loss in ((1.0, 3.0), (4.0, 9.0), (1.5, 3.5)):  # the middle step spikes
+        model.rows = spread * scale
+        w.add(torch.tensor(loss), torch.tensor(1.0), model)
+        history.append(scale * torch.tensor([1.0, 1, 2, 3]))
+    m = {k: v.item() for k, v in w.maxima().items()}
+    ratio = (history[0].std(correction=0) / history[0].mean()).item()  # the same at every scale
+    assert m["loss_max"] == 9.0 and (w.loss_sum / w.steps).item() == pytest.approx(15.5 / 3)
+    assert m["tev_dispersion_max"] == pytest.approx(ratio)
+    assert m["tev_growth_max"] == pytest.approx(history[1].mean().item() - history[0].mean().item())
+    w.reset()
+    assert "tev_growth_max" not in w.maxima() and w.prev_mean is not None  # growth needs a step after the report
+
+
+def test_reports_carry_the_per_step_maxima():
+    session = LocalSession(out=io.StringIO())
+    run(tiny(steps=20, report_every=5), session)
+    for r in session.reports:
+        assert r["loss_max"] >= r["loss"] and r["tev_dispersion_max"] >= 0 and "tev_growth_max" in r

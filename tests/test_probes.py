@@ -98,3 +98,12 @@ def test_probes_read_only_the_rows_of_real_tokens():
     mu, sigma = tev(m.wte.weight[:97])
     assert got["tev_mean"].item() == mu.item() and got["tev_std"].item() == sigma.item()
     assert got["grad_var_embed"].item() == pytest.approx(grad_variance(m.wte.weight.grad[:97]).item(), rel=1e-6)
+
+
+def test_the_per_step_tev_agrees_with_the_reported_one():
+    from tunestab.probes import tev_fast
+
+    g = torch.Generator().manual_seed(3)
+    E = torch.randn(300, 64, generator=g) * torch.linspace(0.01, 1, 300).unsqueeze(1) + 0.05 * torch.randn(300, 1, generator=g)
+    for a, b in zip(tev_fast(E), tev(E)):
+        assert a.item() == pytest.approx(b.item(), rel=1e-5)

@@ -29,7 +29,7 @@ from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from .compute import Setup, peak_flops, setup, training_flops_per_token
 from .config import ConfigError, TrialConfig
 from .metrics import finite
-from .probes import model_probes
+from .probes import model_probes, tev_fast
 
 
 def lr_at(step: int, cfg: TrialConfig) -> float:
@@ -87,6 +87,46 @@ def all_reduce(values: dict[str, torch.Tensor], op, world_size: int) -> dict[str
         if op == dist.ReduceOp.SUM:
             packed /= world_size
     return dict(zip(keys, packed.tolist()))
+
+
+class Window:
+    """The steps since the last report, summarised on the device with no host sync per step: the
+    mean and the largest training loss, whether anything went non-finite, and, from TEV measured
+    after every step, the largest σ_TEV/μ_TEV and the steepest one-step growth of μ_TEV. The loss
+    and TEV are summarised alike, so that a stopping rule on either sees the same steps: at a
+    report every 10 steps, a lead shorter than a report would otherwise be invisible to both."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.prev_mean = None  # μ_TEV after the previous step, across reports
+        self.reset()
+
+    def reset(self) -> None:
+        self.steps = 0
+        self.loss_sum = torch.zeros((), device=self.device)
+        self.loss_max, self.dispersion_max, self.growth_max = (
+            torch.full((), -math.inf, device=self.device) for _ in range(3))
+
+    @torch.no_grad()
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, model) -> None:
+        mean, std = tev_fast(model.token_embedding())  # O(V·d), one pass (docs/scheduler.md: its cost)
+        self.steps += 1
+        self.loss_sum += loss
+        self.loss_max = torch.maximum(self.loss_max, loss)
+        self.dispersion_max = torch.maximum(self.dispersion_max, std / mean)
+        if self.prev_mean is not None:
+            self.growth_max = torch.maximum(self.growth_max, mean - self.prev_mean)
+        self.prev_mean = mean
+        self.bad |= ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
+
+    def maxima(self) -> dict[str, torch.Tensor]:
+        """The per-step summaries, for a MAX all-reduce (a NaN stays NaN, a step without a
+        predecessor has no growth)."""
+        out = {"loss_max": self.loss_max, "tev_dispersion_max": self.dispersion_max}
+        if self.steps and bool(torch.isfinite(self.growth_max) | torch.isnan(self.growth_max)):
+            out["tev_growth_max"] = self.growth_max
+        return out
 
 
 def micro_batch(cfg: TrialConfig, world_size: int) -> int:
@@ -209,9 +249,8 @@ def run(cfg: TrialConfig, session) -> dict:
     peak = peak_flops(device)
     flops_per_token = training_flops_per_token(s.model)
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    loss_sum = torch.zeros((), device=device)
-    bad = torch.zeros((), dtype=torch.bool, device=device)
-    window_steps, timed_steps, timed_s, last = 0, 0, 0.0, None
+    window = Window(device)
+    timed_steps, timed_s, last = 0, 0.0, None
     # The first step of each kind (with probes or without) builds its compiled graph, and on a
     # GPU initialises its kernels: it is left out of tokens_per_s and mfu.
     warm: set[bool] = set()
@@ -237,17 +276,16 @@ def run(cfg: TrialConfig, session) -> dict:
         else:
             timed_steps += 1
         # Accumulated without a host sync: checked once per report, so a GPU never waits per step.
-        loss_sum += loss
-        bad |= ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
-        window_steps += 1
+        window.add(loss, grad_norm, s.model)
         if not is_report:
             continue
 
         # ---- report step: everything below is per report, not per step ----
         sync()
         timed_s += time.perf_counter() - tick
-        mean = all_reduce({"loss": loss_sum / window_steps, "bad": bad.float()}, dist.ReduceOp.SUM, world)
-        maxed = all_reduce({**probes, "grad_norm": grad_norm}, dist.ReduceOp.MAX, world)
+        mean = all_reduce({"loss": window.loss_sum / window.steps, "bad": window.bad.float()}, dist.ReduceOp.SUM, world)
+        # Per step summaries: TEV is the same on every rank; loss_max is the largest of any rank's.
+        maxed = all_reduce({**probes, **window.maxima(), "grad_norm": grad_norm}, dist.ReduceOp.MAX, world)
         nonfinite = mean["bad"] > 0 or not math.isfinite(mean["loss"])
         reason = divergence.after_report(step + 1, mean["loss"], nonfinite)
         val_loss = None
@@ -291,7 +329,7 @@ def run(cfg: TrialConfig, session) -> dict:
         last = metrics
         if ends:
             break
-        loss_sum.zero_()
-        window_steps, timed_steps, timed_s = 0, 0, 0.0
+        window.reset()
+        timed_steps, timed_s = 0, 0.0
         tick = time.perf_counter()
     return last
