@@ -25,7 +25,7 @@ from tunestab import spec as spec_mod
 
 KEEP = ("step", "loss", "val_loss", "tev_mean", "tev_std", "grad_norm", "lr", "attn_logit_max",
         "layer_0/attn_logit_max", "out_norm_qkv", "loss_max", "tev_dispersion_max", "tev_growth_max",
-        "diverged", "stop_reason")
+        "tev_row_max", "embed_update_max", "loss_floor", "loss_init", "diverged", "stop_reason")
 
 
 def grid(space: spec_mod.Space) -> list[dict]:

@@ -3,7 +3,8 @@
     python bench/tev_cost.py                       # GPT-2 small, one sequence of 1024 tokens, CPU
     python bench/tev_cost.py --batch 4 --rounds 5
 
-TEV is one pass over the |V| x d token embedding (tunestab.probes.tev): O(V·d), whatever the batch.
+The per-step window reads the |V| x d token embedding twice (TEV_i of every row, and the change
+since the last step): O(V·d), whatever the batch.
 A training step is O(params x tokens). Each round times one training step (tunestab.loop.train_step
 on the setup a trial uses) and then the TEV a report window adds per step
 (tunestab.loop.Window.add); the ratio of the medians is the per-step cost. Goal: <= 1% at GPT-2
@@ -41,8 +42,8 @@ def main() -> int:
     for _ in range(args.rounds):
         steps.append(st.run(1))
         t0 = time.perf_counter()
-        window.add(torch.zeros((), device=device), torch.zeros((), device=device), st.s.model)
-        window.dispersion_max.item()  # waits for it
+        window.add(torch.zeros((), device=device), torch.zeros((), device=device), st.s.model, 1e-3)
+        window.max["tev_dispersion_max"].item()  # waits for it
         tevs.append(time.perf_counter() - t0)
     step, t = statistics.median(steps), statistics.median(tevs)
     print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; GPT-2 small, "

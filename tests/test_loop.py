@@ -163,13 +163,16 @@ def test_a_report_summarises_every_step_since_the_last_one():
     history = []
     for scale, loss in ((1.0, 3.0), (4.0, 9.0), (1.5, 3.5)):  # the middle step spikes
         model.rows = spread * scale
-        w.add(torch.tensor(loss), torch.tensor(1.0), model)
+        w.add(torch.tensor(loss), torch.tensor(1.0), model, lr=0.5)
         history.append(scale * torch.tensor([1.0, 1, 2, 3]))
     m = {k: v.item() for k, v in w.maxima().items()}
     ratio = (history[0].std(correction=0) / history[0].mean()).item()  # the same at every scale
     assert m["loss_max"] == 9.0 and (w.loss_sum / w.steps).item() == pytest.approx(15.5 / 3)
     assert m["tev_dispersion_max"] == pytest.approx(ratio)
     assert m["tev_growth_max"] == pytest.approx(history[1].mean().item() - history[0].mean().item())
+    assert m["tev_row_max"] == pytest.approx(3 / 1.75)  # the largest row over the mean, at any scale
+    rms_step = (spread * 3.0).pow(2).mean().sqrt().item()  # the spike step: from 1x to 4x
+    assert m["embed_update_max"] == pytest.approx(rms_step / 0.5)
     w.reset()
     assert "tev_growth_max" not in w.maxima() and w.prev_mean is not None  # growth needs a step after the report
 

@@ -29,7 +29,7 @@ from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from .compute import Setup, peak_flops, setup, training_flops_per_token
 from .config import ConfigError, TrialConfig
 from .metrics import finite
-from .probes import model_probes, tev_fast
+from .probes import model_probes, tev_rows
 
 
 def lr_at(step: int, cfg: TrialConfig) -> float:
@@ -91,42 +91,60 @@ def all_reduce(values: dict[str, torch.Tensor], op, world_size: int) -> dict[str
 
 class Window:
     """The steps since the last report, summarised on the device with no host sync per step: the
-    mean and the largest training loss, whether anything went non-finite, and, from TEV measured
-    after every step, the largest σ_TEV/μ_TEV and the steepest one-step growth of μ_TEV. The loss
-    and TEV are summarised alike, so that a stopping rule on either sees the same steps: at a
-    report every 10 steps, a lead shorter than a report would otherwise be invisible to both."""
+    mean and the largest training loss, whether anything went non-finite, and, from the token
+    embedding after every step, the largest of
+
+    - `tev_dispersion_max`: σ_TEV/μ_TEV, the spread of TEV across tokens;
+    - `tev_growth_max`: the one-step growth of μ_TEV;
+    - `tev_row_max`: max_i TEV_i / μ_TEV, the most extreme single token;
+    - `embed_update_max`: the RMS of the embedding's one-step change over that step's LR (Adam
+      moves each entry by about the LR; a far larger or smaller move is unusual).
+
+    The loss and TEV are summarised alike (`loss_max`), so that a stopping rule on either sees
+    the same steps: at a report every 10 steps, a lead shorter than a report would otherwise be
+    invisible to both. Cost: two passes over the V x d embedding a step (docs/scheduler.md)."""
+
+    NAMES = ("loss_max", "tev_dispersion_max", "tev_growth_max", "tev_row_max", "embed_update_max")
 
     def __init__(self, device: torch.device):
         self.device = device
         self.bad = torch.zeros((), dtype=torch.bool, device=device)
-        self.prev_mean = None  # μ_TEV after the previous step, across reports
+        self.prev_mean = self.prev_embedding = None  # after the previous step, across reports
         self.reset()
 
     def reset(self) -> None:
         self.steps = 0
         self.loss_sum = torch.zeros((), device=self.device)
-        self.loss_max, self.dispersion_max, self.growth_max = (
-            torch.full((), -math.inf, device=self.device) for _ in range(3))
+        self.max = {name: torch.full((), -math.inf, device=self.device) for name in self.NAMES}
+
+    def _keep(self, name: str, value: torch.Tensor) -> None:
+        self.max[name] = torch.maximum(self.max[name], value)
 
     @torch.no_grad()
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, model) -> None:
-        mean, std = tev_fast(model.token_embedding())  # O(V·d), one pass (docs/scheduler.md: its cost)
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, model, lr: float) -> None:
+        embedding = model.token_embedding().detach()
+        rows = tev_rows(embedding)
+        mean = rows.mean()
         self.steps += 1
         self.loss_sum += loss
-        self.loss_max = torch.maximum(self.loss_max, loss)
-        self.dispersion_max = torch.maximum(self.dispersion_max, std / mean)
+        self._keep("loss_max", loss)
+        self._keep("tev_dispersion_max", rows.std(correction=0) / mean)
+        self._keep("tev_row_max", rows.max() / mean)
         if self.prev_mean is not None:
-            self.growth_max = torch.maximum(self.growth_max, mean - self.prev_mean)
+            self._keep("tev_growth_max", mean - self.prev_mean)
+            # In place in the buffer of the last step's embedding: no allocation a step.
+            change = torch.linalg.vector_norm(self.prev_embedding.sub_(embedding)) / embedding.numel() ** 0.5
+            self._keep("embed_update_max", change / lr)
+            self.prev_embedding.copy_(embedding)
+        else:
+            self.prev_embedding = embedding.float().clone()
         self.prev_mean = mean
         self.bad |= ~torch.isfinite(loss) | ~torch.isfinite(grad_norm)
 
     def maxima(self) -> dict[str, torch.Tensor]:
-        """The per-step summaries, for a MAX all-reduce (a NaN stays NaN, a step without a
-        predecessor has no growth)."""
-        out = {"loss_max": self.loss_max, "tev_dispersion_max": self.dispersion_max}
-        if self.steps and bool(torch.isfinite(self.growth_max) | torch.isnan(self.growth_max)):
-            out["tev_growth_max"] = self.growth_max
-        return out
+        """The per-step summaries, for a MAX all-reduce. A NaN stays NaN; a summary no step
+        produced (the growth and the update need a step before, as after a resume) is left out."""
+        return {k: v for k, v in self.max.items() if self.steps and not bool(v == -math.inf)}
 
 
 def micro_batch(cfg: TrialConfig, world_size: int) -> int:
@@ -276,7 +294,7 @@ def run(cfg: TrialConfig, session) -> dict:
         else:
             timed_steps += 1
         # Accumulated without a host sync: checked once per report, so a GPU never waits per step.
-        window.add(loss, grad_norm, s.model)
+        window.add(loss, grad_norm, s.model, lr_at(step, cfg))
         if not is_report:
             continue
 

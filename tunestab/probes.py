@@ -27,18 +27,17 @@ def tev(embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def tev_fast(embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """tev() in one pass, for every training step: each row's sum by a matrix-vector product and
+def tev_rows(embedding: torch.Tensor) -> torch.Tensor:
+    """TEV_i in one pass, for every training step: each row's sum by a matrix-vector product and
     its sum of squares by a norm, so Var = E[x²] - E[x]². Five times faster than tev() on a
     GPT-2 embedding on the CPU; it loses digits only on rows whose mean dwarfs their spread
     (2e-5 relative at a mean of 100 standard deviations), which a stopping rule does not feel.
-    Reported TEV (tev_mean, tev_std) comes from tev()."""
+    Reported TEV (tev_mean, tev_std) comes from tev(). Returns TEV_i of every row."""
     e = embedding.detach().float()
     d = e.size(1)
     mean = (e @ torch.full((d,), 1.0 / d, device=e.device, dtype=e.dtype))
     square = torch.linalg.vector_norm(e, dim=1).pow(2) / d
-    per_token = (square - mean * mean).clamp_min(0).sqrt()
-    return per_token.mean(), per_token.std(correction=0)
+    return (square - mean * mean).clamp_min(0).sqrt()
 
 
 @torch.no_grad()
