@@ -53,9 +53,43 @@ def test_exploding_run_is_stopped_at_the_report_where_its_spread_jumps():
 def test_slow_divergence_is_caught_by_the_rise_against_its_own_past():
     # The ratio stays under the ceiling but jumps 1.7x from one report to the next.
     ratios = [0.1, 0.15, 0.18, 0.2, 0.2, 0.34, 0.38]
-    sched = TEVScheduler(TEVRule(max_dispersion=0.4, dispersion_rise=1.6, rise_floor=0.3))
+    sched = TEVScheduler(TEVRule(threshold=0.4, rise=1.6, rise_floor=0.3))
     assert feed(sched, stream([0.3] * 7, ratios)) == [CONTINUE] * 5 + [STOP]
-    assert sched.verdicts["t"]["reason"].startswith("rise")
+    assert "rose" in sched.verdicts["t"]["reason"]
+
+
+@pytest.mark.parametrize("signal,key", [("dispersion_max", "tev_dispersion_max"), ("row_max", "tev_row_max"),
+                                        ("update", "embed_update_max"), ("growth", "tev_growth_max")])
+def test_a_rule_can_watch_any_per_step_signal_of_the_report(signal, key):
+    results = stream([0.3] * 6, [0.2] * 6)
+    for r, v in zip(results, [1.0, 1.1, 1.0, 1.2, 5.0, 6.0]):
+        r[key] = v
+    sched = TEVScheduler(TEVRule(signal=signal, threshold=4.0, rise=0, min_step=0))
+    assert feed(sched, results) == [CONTINUE] * 4 + [STOP]
+    assert sched.verdicts["t"]["reason"].startswith(f"{signal}=5")
+
+
+def test_peer_compares_a_trial_with_the_same_variant_at_lower_lrs_at_the_same_step():
+    """σ/μ of 0.5 is ordinary where the lower-LR trials of the variant sit at 0.45, and 2.5x
+    their median where they sit at 0.2: only the second is stopped."""
+    sched = TEVScheduler(TEVRule(signal="peer", threshold=2.0, rise=0, min_step=0))
+
+    def trial(tid, variant, lr):
+        t = SimpleNamespace(trial_id=tid, config={"variant": variant, "lr": lr})
+        sched.on_trial_add(None, t)
+        return t
+
+    peers = [trial("a", "baseline", 0.01), trial("b", "baseline", 0.02), trial("c", "qk_norm", 0.01)]
+    for step in (10, 20, 30):
+        for t, ratio in zip(peers, (0.2, 0.2, 0.45)):
+            sched.on_trial_result(None, t, {"step": step, "tev_mean": 1.0, "tev_std": ratio})
+    high_baseline, high_qk = trial("x", "baseline", 0.1), trial("y", "qk_norm", 0.1)
+    decisions = {t.trial_id: [sched.on_trial_result(None, t, {"step": s, "tev_mean": 1.0, "tev_std": r})
+                              for s, r in ((10, 0.3), (20, 0.5))] for t in (high_baseline, high_qk)}
+    assert decisions == {"x": [CONTINUE, STOP], "y": [CONTINUE, CONTINUE]}
+    assert sched.verdicts["x"]["reason"].startswith("peer=2.5")
+    lone = trial("z", "mlra", 0.1)  # no peers yet: no verdict, whatever its spread
+    assert sched.on_trial_result(None, lone, {"step": 10, "tev_mean": 1.0, "tev_std": 0.9}) == CONTINUE
 
 
 def test_no_verdict_before_min_step_even_for_a_wide_spread():
@@ -65,7 +99,7 @@ def test_no_verdict_before_min_step_even_for_a_wide_spread():
 
 
 def test_patience_needs_consecutive_reports():
-    sched = TEVScheduler(TEVRule(max_dispersion=0.4, patience=2, dispersion_rise=0))
+    sched = TEVScheduler(TEVRule(threshold=0.4, patience=2, rise=0))
     ratios = [0.2, 0.2, 0.2, 0.5, 0.2, 0.5, 0.5]
     assert feed(sched, stream([0.3] * 7, ratios)) == [CONTINUE] * 6 + [STOP]
     assert sched.verdicts["t"]["step"] == 70
@@ -117,7 +151,7 @@ def test_an_active_stop_is_annotated_as_stop_reason_tev():
 def test_save_restore_round_trips_and_decides_the_same(tmp_path):
     ratios = [0.17, 0.22, 0.2, 0.3, 0.62]
     results = stream([0.5, 0.9, 1.0, 0.95, 0.9], ratios)
-    a = TEVScheduler(TEVRule(max_dispersion=0.5, patience=2, dispersion_rise=0))
+    a = TEVScheduler(TEVRule(threshold=0.5, patience=2, rise=0))
     feed(a, results[:4], tid="x")
     feed(a, results, tid="y")
     a.save(str(tmp_path / "s.json"))
@@ -144,8 +178,8 @@ def test_state_survives_the_pickle_that_tuner_restore_brings_back(tmp_path):
 
 def test_bad_rule_is_refused_with_every_problem():
     with pytest.raises(ValueError) as e:
-        TEVScheduler(TEVRule(max_dispersion=0, dispersion_rise=0.5, patience=0))
-    assert "max_dispersion" in str(e.value) and "dispersion_rise" in str(e.value) and "patience" in str(e.value)
+        TEVScheduler(TEVRule(threshold=0, rise=0.5, patience=0))
+    assert "threshold" in str(e.value) and "rise" in str(e.value) and "patience" in str(e.value)
 
 
 @pytest.mark.slow

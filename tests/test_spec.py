@@ -46,14 +46,14 @@ def test_every_problem_is_reported_with_its_key():
                    "mlra_rank": {"int": [1, 999]}, "warmup_steps": {"choice": []}, "batch_size": {"normal": [1, 2]}},
         "resources": {"workers": 0, "gpus": 1},
         "tune": {"sampler": "random"},
-        "scheduler": {"type": "tev", "rule": {"max_dispersion": -1, "nonsense": 2}},
+        "scheduler": {"type": "tev", "rule": {"threshold": -1, "nonsense": 2}},
     }
     text = "\n".join(problems_of(raw))
     for fragment in ("name:", "strategy:", "variants: unknown ['nope']", "colour: unknown key",
                      "trial.n_layer:", "trial.stepz: unknown", "params.lr.loguniform: low must be below high",
                      "params.warmup_steps.choice: expected a non-empty list", "params.batch_size.normal: unknown distribution",
                      "resources.workers: must be >= 1", "resources.gpus: unknown key", "tune.sampler:",
-                     "scheduler.rule.max_dispersion", "scheduler.rule.nonsense: unknown key"):
+                     "scheduler.rule.threshold", "scheduler.rule.nonsense: unknown key"):
         assert fragment in text, fragment
 
 

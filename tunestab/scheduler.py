@@ -28,19 +28,20 @@ from ray.tune.callback import Callback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from .metrics import is_sentinel
-from .tev_rule import TEVRule, dispersion
+from .tev_rule import TEVRule, signal_of
 
 
 class TEVScheduler(FIFOScheduler):
     """Stops a trial when its TEV says it is going unstable.
 
-    The rule (`TEVRule`; defaults calibrated on 112 labelled CPU runs, held-out results in
-    docs/scheduler.md): with r = tev_std / tev_mean, from step `min_step` (30) on, stop at the
-    first report where r >= `max_dispersion` (0.60), or where r >= `rise_floor` (0.30) and
-    r >= `dispersion_rise` (1.6) x r one report earlier, for `patience` (1) reports in a row.
-    r is scale-free, so a trial with a high LR (and so a high μ_TEV) is not stopped for its level.
+    The rule (`TEVRule`, tunestab/tev_rule.py; its default and how it compares with loss-based
+    rules on held-out runs: docs/scheduler.md) watches one TEV signal of each report and stops a
+    trial when the signal reaches a threshold or rises steeply against its own history, from step
+    `min_step` on, for `patience` reports in a row. The `peer` signal divides a trial's σ_TEV/μ_TEV
+    by the median of the same variant's trials at lower LRs at the same step, from the trials
+    this scheduler has seen.
 
-    Trials run in FIFO order. On every result the scheduler appends (step, μ_TEV, σ_TEV) to the
+    Trials run in FIFO order. On every result the scheduler appends (step, signal) to the
     trial's history and asks the rule; the first verdict is kept with its step and reason. A
     non-finite report (NaN/inf, or the 1e30 stand-in the worker puts in their place, or
     `stop_reason=nonfinite`) always stops the trial, in shadow mode too.
@@ -69,7 +70,8 @@ class TEVScheduler(FIFOScheduler):
         if problems:
             raise ValueError("TEVRule: " + "; ".join(problems))
         self.shadow, self.state_path, self.time_attr = shadow, state_path, time_attr
-        self.history: dict[str, list[list[float]]] = {}  # trial id -> [[step, tev_mean, tev_std], ...]
+        self.history: dict[str, list[list[float]]] = {}  # trial id -> [[step, signal], ...]
+        self.trials: dict[str, list] = {}  # trial id -> [variant, lr]: the peers of `peer`
         self.verdicts: dict[str, dict] = {}  # trial id -> {"step", "reason", "stopped"}
         self._streak: dict[str, int] = {}
         self._loaded = False
@@ -84,6 +86,8 @@ class TEVScheduler(FIFOScheduler):
             return TrialScheduler.CONTINUE
         step = result[self.time_attr]
         mean, std = result.get("tev_mean"), result.get("tev_std")
+        config = getattr(trial, "config", None) or {}
+        self.trials.setdefault(tid, [config.get("variant"), config.get("lr")])
         hist = self.history.setdefault(tid, [])
         # A restored trial reports again from its checkpoint: keep the history up to there.
         while hist and hist[-1][0] >= step:
@@ -94,13 +98,14 @@ class TEVScheduler(FIFOScheduler):
             self._record(tid, step, "nonfinite report", stopped=True)
             self._save_state()
             return TrialScheduler.STOP
-        if mean is None or std is None:  # a result without probes: nothing to judge
+        value = signal_of(self.rule, result)
+        if value is None:  # a result without probes: nothing to judge
             return TrialScheduler.CONTINUE
-        hist.append([step, float(mean), float(std)])
+        hist.append([step, value])
         decision = TrialScheduler.CONTINUE
-        if step >= self.rule.min_step and tid not in self.verdicts:
-            ratios = [dispersion(m, s) for _, m, s in hist]
-            why = self.rule.test(ratios)
+        values = self._values(tid) if step >= self.rule.min_step and tid not in self.verdicts else None
+        if values:
+            why = self.rule.test(values)
             self._streak[tid] = self._streak.get(tid, 0) + 1 if why else 0
             if why and self._streak[tid] >= self.rule.patience:
                 self._record(tid, step, why, stopped=not self.shadow)
@@ -108,6 +113,27 @@ class TEVScheduler(FIFOScheduler):
                     decision = TrialScheduler.STOP
         self._save_state()
         return decision
+
+    def _values(self, tid: str) -> list[float] | None:
+        """The trial's signal over its reports; for `peer`, each report's σ/μ over the median of
+        its peers' at the same step, where there are peers (None until the latest report has)."""
+        hist = self.history[tid]
+        if self.rule.signal != "peer":
+            return [v for _, v in hist]
+        variant, lr = self.trials.get(tid, [None, None])
+        if lr is None:
+            return None
+        peers = [dict(map(tuple, self.history[p])) for p, (v, other) in self.trials.items()
+                 if p != tid and v == variant and other is not None and other < lr and p in self.history]
+        values = []
+        for step, value in hist:
+            at = sorted(h[step] for h in peers if step in h)
+            if at:
+                median = at[len(at) // 2] if len(at) % 2 else (at[len(at) // 2 - 1] + at[len(at) // 2]) / 2
+                values.append(value / median if median > 0 else 0.0)
+            elif step == hist[-1][0]:
+                return None
+        return values or None
 
     def _record(self, tid: str, step: int, reason: str, stopped: bool) -> None:
         if tid not in self.verdicts:
@@ -138,12 +164,13 @@ class TEVScheduler(FIFOScheduler):
 
     def state(self) -> dict:
         return {"rule": dataclasses.asdict(self.rule), "shadow": self.shadow, "history": self.history,
-                "verdicts": self.verdicts, "streak": self._streak}
+                "trials": self.trials, "verdicts": self.verdicts, "streak": self._streak}
 
     def set_state(self, state: dict) -> None:
         self.rule = TEVRule(**state["rule"])
         self.shadow = state["shadow"]
         self.history, self.verdicts, self._streak = state["history"], state["verdicts"], state["streak"]
+        self.trials = state.get("trials", {})
 
     def save(self, checkpoint_path: str) -> None:
         """Write the whole state as JSON, atomically (a kill mid-write leaves the old file)."""

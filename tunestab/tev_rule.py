@@ -2,40 +2,64 @@
 
 Pure Python with no heavy imports, so that a search-space file (tunestab/spec.py) can check its
 `scheduler.rule` section without importing Ray or torch. The Tune scheduler that applies it is
-tunestab/scheduler.py; why the rule watches σ_TEV/μ_TEV is explained there.
+tunestab/scheduler.py; bench/scheduler_eval.py replays it, and its rivals, on labelled runs.
+
+A rule watches one TEV signal of each report (tunestab/loop.py's reports):
+
+| signal | value | why it might lead the loss |
+|---|---|---|
+| `dispersion` | σ_TEV/μ_TEV at the report | some rows blow up while the rest do not |
+| `dispersion_max` | the largest σ_TEV/μ_TEV of any step since the last report | the same, without waiting for a report |
+| `growth` | the steepest one-step growth of μ_TEV since the last report | the embedding's spread jumps |
+| `row_max` | the largest TEV_i / μ_TEV since the last report | one token's row runs away first |
+| `update` | the embedding's largest one-step RMS move per unit LR since the last report | Adam moves each entry by about the LR; far more is unusual |
+| `peer` | σ_TEV/μ_TEV over the median of the same variant's trials at lower LRs, at the same step | a trial against what its LR's neighbours look like |
+
+and stops a trial when the value reaches `threshold`, or, with `rise` > 0, when it reaches `rise`
+times its own value `lookback` reports earlier (and is at least `rise_floor`), for `patience`
+reports in a row, never before `min_step`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+
+SIGNALS = ("dispersion", "dispersion_max", "growth", "row_max", "update", "peer")
+# The report key each per-report signal reads (dispersion and peer are computed from two).
+REPORT_KEYS = {"dispersion_max": "tev_dispersion_max", "growth": "tev_growth_max", "row_max": "tev_row_max",
+               "update": "embed_update_max"}
 
 
 @dataclass(frozen=True)
 class TEVRule:
-    """When a trial's TEV says it is going unstable. Defaults: calibrated in docs/scheduler.md."""
+    """When a trial's TEV says it is going unstable. Defaults: docs/scheduler.md."""
 
-    max_dispersion: float = 0.60
-    """Stop when σ_TEV/μ_TEV reaches this: a spread across tokens no converging run reached."""
-    dispersion_rise: float = 1.6
-    """... or when σ_TEV/μ_TEV reaches this multiple of the trial's own ratio `lookback` reports
-    earlier (a sudden change in one trial, whatever its level). 0 turns this test off."""
+    signal: str = "dispersion"
+    """Which TEV signal the rule watches (the table in tunestab/tev_rule.py)."""
+    threshold: float = 0.60
+    """Stop when the signal reaches this (inf: only the rise test)."""
+    rise: float = 1.6
+    """... or when it reaches this multiple of its own value `lookback` reports earlier (0: off)."""
     rise_floor: float = 0.30
-    """The rise test only counts once σ_TEV/μ_TEV is at least this (tiny ratios early in a run
+    """The rise test counts only once the signal is at least this (tiny values early in a run
     double from one report to the next without meaning anything)."""
     lookback: int = 1
     """How many reports back the rise test compares with."""
     min_step: int = 30
     """No verdict before this step: at initialisation every row has the same spread (σ_TEV ≈ 0),
-    and while the LR warms up the ratio climbs from there in every run."""
+    and while the LR warms up the signals climb in every run."""
     patience: int = 1
     """Consecutive reports that must meet a test before the trial is stopped."""
 
     def problems(self) -> list[str]:
         out = []
-        if not self.max_dispersion > 0:
-            out.append(f"max_dispersion: must be > 0, got {self.max_dispersion}")
-        if self.dispersion_rise < 0 or 0 < self.dispersion_rise <= 1:
-            out.append(f"dispersion_rise: must be > 1 (or 0 for off), got {self.dispersion_rise}")
+        if self.signal not in SIGNALS:
+            out.append(f"signal: expected one of {', '.join(SIGNALS)}, got {self.signal!r}")
+        if not self.threshold > 0:
+            out.append(f"threshold: must be > 0, got {self.threshold}")
+        if self.rise < 0 or 0 < self.rise <= 1:
+            out.append(f"rise: must be > 1 (or 0 for off), got {self.rise}")
         if self.rise_floor < 0:
             out.append(f"rise_floor: must be >= 0, got {self.rise_floor}")
         for name in ("lookback", "patience"):
@@ -43,20 +67,33 @@ class TEVRule:
                 out.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         if self.min_step < 0:
             out.append(f"min_step: must be >= 0, got {self.min_step}")
+        if math.isinf(self.threshold) and not self.rise:
+            out.append("threshold: with rise 0 an infinite threshold never stops anything")
         return out
 
-    def test(self, ratios: list[float]) -> str | None:
-        """Which test the latest ratio (last of `ratios`, one per report) meets, if any."""
-        now = ratios[-1]
-        if now >= self.max_dispersion:
-            return f"dispersion σ/μ={now:.3g} >= {self.max_dispersion:g}"
-        if self.dispersion_rise and len(ratios) > self.lookback and now >= self.rise_floor:
-            before = ratios[-1 - self.lookback]
-            if now >= self.dispersion_rise * before:
-                return f"rise σ/μ={now:.3g} >= {self.dispersion_rise:g} x {before:.3g}"
+    def test(self, values: list[float]) -> str | None:
+        """Which test the latest value (last of `values`, one per report) meets, if any."""
+        now = values[-1]
+        if now >= self.threshold:
+            return f"{self.signal}={now:.3g} >= {self.threshold:g}"
+        if self.rise and len(values) > self.lookback and now >= self.rise_floor:
+            before = values[-1 - self.lookback]
+            if now >= self.rise * before:
+                return f"{self.signal} rose to {now:.3g} >= {self.rise:g} x {before:.3g}"
         return None
 
 
 def dispersion(mean: float, std: float) -> float:
-    """σ_TEV/μ_TEV, what the rule watches (0 before the embedding has any spread)."""
+    """σ_TEV/μ_TEV (0 before the embedding has any spread)."""
     return float(std) / float(mean) if mean > 0 else 0.0
+
+
+def signal_of(rule: TEVRule, report: dict) -> float | None:
+    """The rule's signal in one report (None where the report does not carry it). `peer` needs
+    other trials and is computed by its caller from `dispersion` values."""
+    if rule.signal in ("dispersion", "peer"):
+        if report.get("tev_mean") is None or report.get("tev_std") is None:
+            return None
+        return dispersion(report["tev_mean"], report["tev_std"])
+    value = report.get(REPORT_KEYS[rule.signal])
+    return float(value) if value is not None else None
