@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -104,6 +105,45 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint_and_the_trial_comple
     assert list(table.stop_reason) == ["completed"]
 
 
+class PendingWatch(threading.Thread):
+    """Polls the State API once a second while a search runs and records how long any placement
+    group stayed PENDING while the cluster's free resources could hold it: a deadlock, not a slow
+    start (a busy machine slows processes, not the logical resources Ray schedules by)."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.stop, self.polls, self.longest, self.stuck = False, 0, 0.0, {}
+
+    def run(self):
+        import ray
+        from ray.util.state import list_placement_groups
+
+        since: dict[str, float] = {}
+        while not self.stop:
+            time.sleep(1)
+            if not ray.is_initialized():
+                continue
+            try:
+                free = ray.available_resources()
+                pending = list_placement_groups(filters=[("state", "=", "PENDING")], detail=True,
+                                                raise_on_missing_output=False)
+            except Exception:  # the cluster starting or stopping
+                continue
+            self.polls += 1
+            now, waiting = time.time(), set()
+            for g in pending:
+                need: dict[str, float] = {}
+                for b in g.bundles:
+                    for k, v in b["unit_resources"].items():
+                        need[k] = need.get(k, 0.0) + v
+                if all(free.get(k, 0.0) >= v for k, v in need.items()):
+                    waiting.add(g.placement_group_id)
+                    since.setdefault(g.placement_group_id, now)
+                    self.longest = max(self.longest, now - since[g.placement_group_id])
+                    self.stuck[g.placement_group_id] = round(now - since[g.placement_group_id])
+            since = {k: v for k, v in since.items() if k in waiting}
+
+
 @pytest.mark.slow
 def test_a_hundred_tev_stops_in_a_row_leave_no_actor_or_placement_group_behind(tmp_path):
     import ray
@@ -127,8 +167,12 @@ def test_a_hundred_tev_stops_in_a_row_leave_no_actor_or_placement_group_behind(t
         return ([a.class_name for a in actors if a.class_name in trial_actors],
                 [g.state for g in groups if g.state != "REMOVED"])
 
+    watch = PendingWatch()
+    watch.start()
     try:
         assert search.main(["--space", space, "--storage", str(storage)]) == 0
+        watch.stop = True
+        watch.join()
         # Nothing of any trial is left: no trial driver, Train controller or worker, and every
         # placement group was removed. Train's PlacementGroupCleaner is detached by design and
         # exits on its next check (every second) after it sees its controller gone, so the last
@@ -144,12 +188,13 @@ def test_a_hundred_tev_stops_in_a_row_leave_no_actor_or_placement_group_behind(t
     assert left == ([], []), left
     table = pd.read_csv(next(storage.glob("stops-*")) / "trials.csv")
     assert len(table) == 100 and set(table.stop_reason) == {"tev"} and set(table.step) == {10}
-    # Each next trial started at once: no wait on a leaked group (the Train V2 deadlock).
+    # No trial waited on resources that were free (the Train V2 deadlock: a leaked group held the
+    # CPU every pending trial needed). How long the trials took to start is the machine's business.
     starts = sorted(min(r["timestamp"] for r in replay.reports(p))
                     for p in next(storage.glob("stops-*")).glob("tune/stops/trial_driver_*"))
-    gaps = [b - a for a, b in zip(starts, starts[1:])]
-    print(f"100 stops: first reports {starts[-1] - starts[0]:.0f} s apart in all; largest gap {max(gaps):.1f} s")
-    assert max(gaps) < 30, gaps
+    print(f"100 stops: first reports {starts[-1] - starts[0]:.0f} s apart in all; {watch.polls} polls; "
+          f"longest a placement group was pending with room for it: {watch.longest:.0f} s")
+    assert watch.polls > 10 and watch.longest < 30, watch.stuck
 
 
 def test_tracking_skips_mlflow_while_it_is_down_and_records_what_it_missed(tmp_path, monkeypatch, capsys):
