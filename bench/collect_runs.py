@@ -1,7 +1,7 @@
 """Run a sweep study's grid to the end and keep every report: the labelled runs behind
 bench/scheduler_eval.py.
 
-    python bench/collect_runs.py --space search_spaces/tev_calibration.yaml --out docs/data/tev_runs.jsonl
+    python bench/collect_runs.py --space search_spaces/tev_labels.yaml --out docs/data/tev_runs_v2.jsonl
 
 Each (variant, lr, seed) runs in-process (`tunestab.loop.run`, no Ray, one torch thread per
 process, `--procs` processes) until its budget ends or the loss-based divergence rule of docs/design.md
@@ -60,7 +60,7 @@ def one(settings: dict) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--space", default="search_spaces/tev_calibration.yaml")
+    ap.add_argument("--space", default="search_spaces/tev_labels.yaml")
     ap.add_argument("--out", default="docs/data/tev_runs.jsonl")
     ap.add_argument("--procs", type=int, default=2)
     args = ap.parse_args(argv)

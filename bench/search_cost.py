@@ -2,7 +2,7 @@
 run to the end (Rybakov et al.'s protocol), on the same variants, model and budget.
 
     python bench/search_cost.py                       # default.yaml's variants and trial budget
-    python bench/search_cost.py --space max_lr --ratio 1.5 --max-trials 8
+    python bench/search_cost.py --space docs/results/legacy/max_lr.yaml --ratio 1.5 --max-trials 8
 
 Both searches run through the product (`python -m tunestab.search`), one after the other:
 - grid:   strategy `sweep`, scheduler `none`, LR at lo * ratio^k over the space's [lo, hi], so

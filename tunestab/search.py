@@ -2,7 +2,7 @@
 with the TEV scheduler stopping unstable trials and everything logged to MLflow.
 
     python -m tunestab.search                          # search_spaces/default.yaml: CPU, offline, minutes
-    python -m tunestab.search --space max_lr --storage /data/runs --tracking-uri http://127.0.0.1:5000
+    python -m tunestab.search --space rybakov_cpu --storage /data/runs --tracking-uri http://127.0.0.1:5000
     python -m tunestab.search --space default --resume # continue the newest interrupted search
 
 Strategies (the space's `strategy`):
