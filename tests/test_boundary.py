@@ -91,3 +91,14 @@ def test_the_90_percent_interval_covers_the_true_boundary_in_85_of_100_searches(
     a third of a sqrt(2) step. (Measured wider spreads, and the parametric bootstrap this
     replaced: docs/results.md.)"""
     assert coverage(truth_model, spread_steps) >= 85
+
+
+def test_fewer_than_three_seeds_give_a_point_but_no_interval():
+    """One seed's outcomes say where that seed's boundary is, not how it varies between seeds:
+    an interval there would be the prior's."""
+    lrs = [0.008, 0.011, 0.021, 0.026, 0.034, 0.05]
+    one = boundary.fit(lrs, [lr > 0.022 for lr in lrs], seeds=[0] * 6)
+    assert one.found and 0.008 < one.lr < 0.026
+    assert math.isnan(one.low) and math.isnan(one.high) and one.samples == ()
+    three = boundary.fit(lrs * 3, [lr > 0.022 for lr in lrs] * 3, seeds=[0] * 6 + [1] * 6 + [2] * 6)
+    assert three.low < three.lr < three.high

@@ -32,18 +32,21 @@ def test_summary_fits_each_variant_and_keeps_the_bracket():
         {"variant": "a", "lr": 0.9, "seed": 0, "stop_reason": "blowup", "diverged": 1, "val_loss": 5.5},
         {"variant": "a", "lr": 0.3, "seed": 1, "stop_reason": "completed", "diverged": 0, "val_loss": 2.95},
         {"variant": "a", "lr": 0.5, "seed": 1, "stop_reason": "completed", "diverged": 0, "val_loss": 2.8},
+        {"variant": "a", "lr": 0.4, "seed": 2, "stop_reason": "completed", "diverged": 0, "val_loss": 2.85},
+        {"variant": "a", "lr": 0.7, "seed": 2, "stop_reason": "blowup", "diverged": 1, "val_loss": 5.5},
         {"variant": "b", "lr": 0.2, "seed": 0, "stop_reason": "error", "diverged": 0, "val_loss": None},
     ]
     table = pd.DataFrame(rows)
     fits = analysis.boundaries(table, ["a", "b"])
     s = summary(table, ["a", "b"], fits).set_index("variant")
-    # The bracket, conservatively: a TEV stop at 0.5 bounds it, whatever seed 1 did there.
-    assert s.loc["a", "largest_stable_lr"] == 0.3 and s.loc["a", "smallest_divergent_lr"] == 0.5
+    # The bracket over all seeds, conservatively: a TEV stop at 0.5 bounds it, whatever seed 1 did
+    # there, and the largest stable LR below it is seed 2's 0.4.
+    assert s.loc["a", "largest_stable_lr"] == 0.4 and s.loc["a", "smallest_divergent_lr"] == 0.5
     # The fit: where P(diverge) crosses 10%, inside its interval, below the divergences.
     a = s.loc["a"]
     assert a["max_stable_lr_low"] < a["max_stable_lr"] < a["max_stable_lr_high"] and a["max_stable_lr"] < 0.9
-    assert a["seeds"] == 2 and a["trials"] == 6
-    assert a["best_val_loss"] == 2.8 and a["tev_stops"] == 1 and a["diverged"] == 1
+    assert a["seeds"] == 3 and a["trials"] == 8
+    assert a["best_val_loss"] == 2.8 and a["tev_stops"] == 1 and a["diverged"] == 2
     assert pd.isna(s.loc["b", "max_stable_lr"]) and math.isnan(s.loc["b", "best_val_loss"])  # only an error
 
 

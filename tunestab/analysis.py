@@ -283,12 +283,13 @@ def plot_p_diverge(table: pd.DataFrame, fits: dict, path: Path) -> None:
         ax.scatter(t["lr"], div + jitter, s=14, c=np.where(div > 0, "tab:red", "tab:blue"), alpha=0.7)
         lrs, ps = zip(*f.curve)
         ax.plot(lrs, ps, color="black", lw=1.2)
-        ax.axvspan(f.low, f.high, color="tab:green", alpha=0.15)
+        if not math.isnan(f.low):
+            ax.axvspan(f.low, f.high, color="tab:green", alpha=0.15)
         ax.axvline(f.lr, color="tab:green", lw=1.2)
         ax.axhline(f.p, color="grey", lw=0.6, ls=":")
         ax.set_ylabel("P(diverge)")
-        ax.set_title(f"{v}: max stable LR {f.lr:.3g} [{f.low:.3g}, {f.high:.3g}] from {f.trials} trials, "
-                     f"{f.seeds} seeds", fontsize=9)
+        interval = f"[{f.low:.3g}, {f.high:.3g}]" if not math.isnan(f.low) else "(no interval: fewer than 3 seeds)"
+        ax.set_title(f"{v}: max stable LR {f.lr:.3g} {interval} from {f.trials} trials, {f.seeds} seeds", fontsize=9)
         ax.set_xscale("log")
     axes[-1, 0].set_xlabel("learning rate")
     fig.tight_layout()
@@ -416,6 +417,9 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
                 metrics += [Metric("best_objective_mean", float(top["objective_mean"]), 0, 0)]
 
     print(f"\n{space.name} ({space.strategy}): {len(table)} trials\n\n{md}\n")
+    if fits and any(f.found and math.isnan(f.low) for f in fits.values()):
+        print(f"(An interval needs trials at {boundary.MIN_SEEDS} seeds or more, to tell how the boundary varies "
+              f"between seeds: set max_lr.seeds.)\n")
     if rat is not None and len(rat):
         print(f"Ratios of max stable LRs, with 90% intervals:\n\n{ratios_markdown(rat)}\n")
     if sens is not None and len(sens):

@@ -34,6 +34,10 @@ CONFIDENCE = 0.90
 # The prior on s, in ln LR: from a boundary far sharper than any grid tried (0.01, 1/35 of a
 # sqrt(2) step) to one spread over a factor e^5 per logistic unit.
 SCALE_RANGE = (0.01, 5.0)
+# How gradual the boundary is across seeds can only be read off several seeds: with fewer, the
+# posterior of its 10% point is the prior's (one seed's trials, however many, put its lower end
+# a thousandfold below the boundary), so no interval is given.
+MIN_SEEDS = 3
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,8 @@ class Boundary:
 
 def fit(lrs, diverged, seeds=None, p: float = P_DIVERGE, confidence: float = CONFIDENCE,
         grid: tuple[int, int] = (240, 60), samples: int = 4000, rng: np.random.Generator | None = None) -> Boundary:
-    """The max stable LR of one variant from its trials: (lr, diverged?) pairs, at any seeds."""
+    """The max stable LR of one variant from its trials: (lr, diverged?) pairs, at any seeds.
+    With fewer than MIN_SEEDS seeds the point is given without an interval."""
     x = np.log(np.asarray(lrs, dtype=float))
     y = np.asarray(diverged, dtype=float)
     n_seeds = len(set(seeds)) if seeds is not None else 0
@@ -83,9 +88,11 @@ def fit(lrs, diverged, seeds=None, p: float = P_DIVERGE, confidence: float = CON
     zz = (np.log(lr_grid)[None, None, :] - m[:, None, None]) / s[None, :, None]
     mean_p = (w[:, :, None] / (1 + np.exp(-zz))).sum((0, 1))
     rng = rng or np.random.default_rng(0)
+    curve = tuple(zip(lr_grid.tolist(), mean_p.tolist()))
+    if seeds is not None and n_seeds < MIN_SEEDS:
+        return Boundary(math.exp(mid), math.nan, math.nan, len(x), n_seeds, p, curve)
     drawn = rng.choice(qs, size=samples, p=w.ravel()[order])
-    return Boundary(math.exp(mid), math.exp(low), math.exp(high), len(x), n_seeds, p,
-                    tuple(zip(lr_grid.tolist(), mean_p.tolist())), tuple(drawn.tolist()))
+    return Boundary(math.exp(mid), math.exp(low), math.exp(high), len(x), n_seeds, p, curve, tuple(drawn.tolist()))
 
 
 def ratio(a: Boundary, b: Boundary, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
