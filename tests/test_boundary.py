@@ -36,6 +36,8 @@ def test_all_stable_or_all_divergent_places_no_boundary():
     assert not boundary.fit([0.1, 0.2, 0.4], [False] * 3).found
     assert not boundary.fit([0.1, 0.2, 0.4], [True] * 3).found
     assert math.isnan(boundary.ratio(boundary.fit([0.1, 0.2], [False, True]), boundary.fit([0.1], [True]))[0])
+    point = boundary.ratio(boundary.fit([0.1, 0.4], [False, True], [0, 0]), boundary.fit([0.1, 0.2], [False, True], [0, 0]))
+    assert point[0] > 1 and math.isnan(point[1]) and math.isnan(point[2])  # one seed: the point alone
 
 
 def test_ratios_have_intervals_that_widen_with_each_side():

@@ -223,12 +223,16 @@ def fmt(x, spec=".3g") -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+def interval(low, high) -> str:
+    return "-" if pd.isna(low) or pd.isna(high) else f"[{fmt(low)}, {fmt(high)}]"
+
+
 def summary_markdown(s: pd.DataFrame, p: float = boundary.P_DIVERGE) -> str:
     lines = [f"| variant | max stable LR (P(diverge) = {p:g}) | 90% interval | seeds | trials | bracket | "
              "best val loss | diverged | TEV stops |", "|---|---|---|---|---|---|---|---|---|"]
     for _, r in s.iterrows():
-        lines.append(f"| {r['variant']} | {fmt(r['max_stable_lr'])} | [{fmt(r['max_stable_lr_low'])}, "
-                     f"{fmt(r['max_stable_lr_high'])}] | {r['seeds']} | {r['trials']} | [{fmt(r['largest_stable_lr'])}, "
+        lines.append(f"| {r['variant']} | {fmt(r['max_stable_lr'])} | {interval(r['max_stable_lr_low'], r['max_stable_lr_high'])} | "
+                     f"{r['seeds']} | {r['trials']} | [{fmt(r['largest_stable_lr'])}, "
                      f"{fmt(r['smallest_divergent_lr'])}] | {fmt(r['best_val_loss'], '.4f')} | {r['diverged']} | "
                      f"{r['tev_stops']} |")
     return "\n".join(lines)
@@ -238,7 +242,7 @@ def ratios_markdown(r: pd.DataFrame) -> str:
     lines = ["| max stable LR of | over | ratio | 90% interval |", "|---|---|---|---|"]
     for _, row in r.iterrows():
         lines.append(f"| {row['variant']} | {row['reference']} | {fmt(row['ratio'])} | "
-                     f"[{fmt(row['ratio_low'])}, {fmt(row['ratio_high'])}] |")
+                     f"{interval(row['ratio_low'], row['ratio_high'])} |")
     return "\n".join(lines)
 
 

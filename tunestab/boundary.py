@@ -97,9 +97,12 @@ def fit(lrs, diverged, seeds=None, p: float = P_DIVERGE, confidence: float = CON
 
 def ratio(a: Boundary, b: Boundary, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
     """a.lr / b.lr, with the `confidence` interval of the ratio of the two (independent)
-    posteriors. NaN where either boundary was not found."""
-    if not (a.found and b.found and a.samples and b.samples):
+    posteriors: NaN where either boundary was not found; the point alone where either has no
+    interval (fewer than MIN_SEEDS seeds)."""
+    if not (a.found and b.found):
         return math.nan, math.nan, math.nan
+    if not (a.samples and b.samples):
+        return a.lr / b.lr, math.nan, math.nan
     n = min(len(a.samples), len(b.samples))
     # Each fit draws its samples from the same seeded generator: paired by index they would move
     # together. Shuffled, they pair as independent draws.
