@@ -1,7 +1,7 @@
 """Compute a search saves: the `max_lr` strategy with the TEV scheduler against the full LR grid
 run to the end (Rybakov et al.'s protocol), on the same variants, model and budget.
 
-    python bench/search_cost.py                       # default.yaml's variants and trial budget
+    python bench/search_cost.py                       # the first proxy's default.yaml (docs/results/legacy)
     python bench/search_cost.py --space docs/results/legacy/max_lr.yaml --ratio 1.5 --max-trials 8
 
 Both searches run through the product (`python -m tunestab.search`), one after the other:
@@ -63,7 +63,8 @@ def run(space: dict, workdir: Path) -> pd.DataFrame:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--space", default="default", help="base space (max_lr strategy): variants, trial, lr range")
+    ap.add_argument("--space", default="docs/results/legacy/default.yaml",
+                    help="base space (max_lr strategy): variants, trial, lr range")
     ap.add_argument("--ratio", type=float, help="bracket step and grid spacing (default: the space's)")
     ap.add_argument("--max-trials", type=int, default=8, help="max_lr trials per variant at most")
     ap.add_argument("--slots", type=int, default=2)
