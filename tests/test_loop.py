@@ -9,7 +9,7 @@ import torch
 
 from tunestab import compute
 from tunestab.config import TrialConfig
-from tunestab.loop import Divergence, lr_at, run, train_step
+from tunestab.loop import Divergence, cache_dir, lr_at, run, train_step
 from tunestab.session import LocalSession
 
 TINY = dict(n_layer=2, n_head=2, d_model=32, seq_len=32, batch_size=8, steps=40, warmup_steps=5,
@@ -127,7 +127,7 @@ def test_a_unigram_progress_floor_fails_a_trial_that_learned_only_token_frequenc
     default, floored = LocalSession(out=io.StringIO()), LocalSession(out=io.StringIO())
     run(cfg, default)
     run(tiny(steps=10, report_every=5, eval_every=10, lr=1e-3, progress_floor="unigram"), floored)
-    train, _ = data.load_splits("builtin", "bytes", cfg.data_cache or "~/.cache/tunestab", cfg.val_fraction)
+    train, _ = data.load_splits("builtin", "bytes", cache_dir(cfg), cfg.val_fraction)
     entropy = data.unigram_entropy(train)
     assert 3.0 < entropy < 3.3  # English and Python source, one byte a token
     last, ended = default.reports[-1], floored.reports[-1]
