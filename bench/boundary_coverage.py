@@ -20,18 +20,15 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_bracket import drive  # noqa: E402
+from test_boundary import STEP, simulated_searches  # noqa: E402
 
 from tunestab import boundary  # noqa: E402
-from tunestab.bracket import Design  # noqa: E402
 
-STEP = math.log(math.sqrt(2))
 
 
 def firth_bootstrap(x: np.ndarray, y: np.ndarray, rng, replicates: int = 200, p: float = 0.1) -> tuple[float, float]:
@@ -67,31 +64,9 @@ def firth_bootstrap(x: np.ndarray, y: np.ndarray, rng, replicates: int = 200, p:
 
 
 def coverage(model: str, spread: float, searches: int) -> dict:
-    rng = np.random.default_rng(2026)
-    design = Design(1e-3, 1.0, ratio=1.41, seeds=4, points=4, step=math.sqrt(2))
-    scale = spread * STEP
     hits = {"posterior": 0, "bootstrap": 0}
     widths, trials = [], []
-    for i in range(searches):
-        centre = rng.uniform(math.log(0.01), math.log(0.3))
-        if model == "coin":
-            truth = centre + scale * math.log(0.1 / 0.9)
-            draws = {}
-
-            def outcome(lr, s):
-                key = (round(lr, 12), s)
-                if key not in draws:
-                    draws[key] = rng.random() >= 1 / (1 + math.exp(-(math.log(lr) - centre) / scale))
-                return draws[key]
-        else:
-            truth = centre + scale * NormalDist().inv_cdf(0.1)
-            edges = {}
-
-            def outcome(lr, s):
-                if s not in edges:
-                    edges[s] = centre + scale * rng.standard_normal()
-                return math.log(lr) < edges[s]
-        done = drive(outcome, design, seed=i)
+    for i, (done, truth) in enumerate(simulated_searches(model, spread, searches)):
         x = np.log([lr for lr, _, _ in done])
         y = np.array([not ok for _, _, ok in done], dtype=float)
         f = boundary.fit(np.exp(x), y, [s for _, s, _ in done], rng=np.random.default_rng(i))
