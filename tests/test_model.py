@@ -328,3 +328,28 @@ def test_sigma_reparam_starts_as_the_dense_layer_it_replaces():
     base, matched, one = init_norms(), init_norms("sigma_reparam"), init_norms("sigma_reparam", sigma_reparam_gamma="one")
     assert all(0.8 < matched[k] / base[k] < 1.25 for k in base), {k: matched[k] / base[k] for k in base}
     assert max(one[k] / base[k] for k in base if "proj" in k) > 5  # the old init, still selectable
+
+
+def test_evaluation_computes_the_loss_alone():
+    """Without grad (evaluation) the chunked loss runs one matmul a chunk, not the three that
+    also give the gradients: autograd.Function's needs_input_grad is True under no_grad too."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+            return func(*args, **(kwargs or {}))
+
+    h = torch.randn(64, 16, requires_grad=True)
+    w = torch.randn(128, 16, requires_grad=True)
+    t = torch.randint(0, 97, (64,))
+    counts = {}
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), CountMatmuls() as mode:
+            linear_cross_entropy(h, w, t, 97)
+        counts[grad] = mode.n
+    assert counts == {True: 3, False: 1}

@@ -282,8 +282,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab: int, z_loss: float, cap: float, dtype):
-        want = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, h, weight, targets, vocab: int, z_loss: float, cap: float, dtype, want: bool):
         n = h.size(0)
         rows = max(1, LOSS_CHUNK_ELEMENTS // weight.size(0))
         w = weight.to(dtype)
@@ -322,7 +321,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad.to(grad_h.dtype), (grad_w * grad).to(ctx.weight_dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def linear_cross_entropy(h, weight, targets, vocab: int, z_loss: float = 0.0, cap: float = 0.0):
@@ -330,7 +329,11 @@ def linear_cross_entropy(h, weight, targets, vocab: int, z_loss: float = 0.0, ca
     LinearCrossEntropy. Under autocast its matmuls run in the autocast dtype, as lm_head's would."""
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    return LinearCrossEntropy.apply(h, weight, targets, vocab, float(z_loss), float(cap), dtype)
+    # Inside a Function's forward, grad mode is always off and needs_input_grad says only what
+    # requires grad, also under no_grad: so whether backward will come is decided here, and an
+    # evaluation runs one matmul a chunk instead of three.
+    want = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return LinearCrossEntropy.apply(h, weight, targets, vocab, float(z_loss), float(cap), dtype, want)
 
 
 # --------------------------------------------------------------------------------------------
