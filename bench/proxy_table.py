@@ -22,6 +22,11 @@ from tunestab.loop import cache_dir  # noqa: E402
 from tunestab.config import config_from  # noqa: E402
 
 
+# Every variant against the baseline, then Rybakov et al.'s comparisons against QK-norm alone.
+PAIRS = [(v, "baseline") for v in ("qk_norm", "softcap", "qk_norm_cap", "qk_fc_norm", "qkv_norm", "mlra",
+                                   "sigma_reparam")] + [(v, "qk_norm") for v in ("qk_norm_cap", "qk_fc_norm", "qkv_norm")]
+
+
 def load(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -39,10 +44,13 @@ def unigram_floor(settings: dict) -> float:
 
 
 def failed(run: dict, floor: float | None) -> bool:
-    """Diverged by the loss rule, or (with a floor) ended no better than it."""
-    if run["stop_reason"] != "completed":
+    """Blew up, or ended no better than l0 (with a floor: no better than the floor either).
+
+    A run collected with the unigram floor that ended `no_progress` is read again here: under
+    the l0 rule it failed only if it also ended no better than l0."""
+    if run["stop_reason"] not in ("completed", "no_progress"):
         return True
-    return floor is not None and not final_loss(run) < min(floor, run["loss_init"])
+    return not final_loss(run) < (run["loss_init"] if floor is None else min(floor, run["loss_init"]))
 
 
 def boundaries(runs: list[dict], floor: float | None) -> dict[str, boundary.Boundary]:
@@ -54,7 +62,10 @@ def boundaries(runs: list[dict], floor: float | None) -> dict[str, boundary.Boun
 
 
 def fmt(b: boundary.Boundary) -> str:
-    return f"{b.lr:.3g} [{b.low:.3g}, {b.high:.3g}]" if b.found else "-"
+    if not b.found:
+        return "-"
+    return f"{b.lr:.3g} (no interval below {boundary.MIN_SEEDS} seeds)" if math.isnan(b.low) else \
+        f"{b.lr:.3g} [{b.low:.3g}, {b.high:.3g}]"
 
 
 def main(argv=None) -> int:
@@ -81,11 +92,16 @@ def main(argv=None) -> int:
         print("|---|---|---|---|")
         for v in l0:
             print(f"| {v} | {seeds[v]} | {fmt(l0[v])} | {fmt(uni[v])} |")
-        if "baseline" in l0 and "qk_norm" in l0:
-            for name, fits in (("l0", l0), ("unigram", uni)):
-                r, lo, hi = boundary.ratio(fits["qk_norm"], fits["baseline"])
-                if not math.isnan(r):
-                    print(f"qk_norm / baseline, floor {name}: {r:.3g} [{lo:.3g}, {hi:.3g}]")
+        print("\nRatios of max stable LRs, with their 90% intervals:")
+        print("| ratio | floor unigram [90%] | floor l0 [90%] |")
+        print("|---|---|---|")
+        for a, b in PAIRS:
+            if a in l0 and b in l0:
+                cells = []
+                for fits in (uni, l0):
+                    r, lo, hi = boundary.ratio(fits[a], fits[b])
+                    cells.append("-" if math.isnan(r) else f"{r:.3g}" if math.isnan(lo) else f"{r:.3g} [{lo:.3g}, {hi:.3g}]")
+                print(f"| {a} / {b} | {cells[0]} | {cells[1]} |")
         print()
     return 0
 

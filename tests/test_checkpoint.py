@@ -14,6 +14,8 @@ from tunestab.train import main
 from test_loop import tiny
 
 
+# Loading into meta parameters copies nothing, and torch says so once per tensor: expected here.
+@pytest.mark.filterwarnings("ignore:for .*copying from a non-meta parameter:UserWarning")
 def test_a_checkpoint_resumes_onto_another_device(tmp_path):
     """On a GPU, checkpoints were mapped to CUDA, so the RNG state became a CUDA tensor and
     torch.set_rng_state refused it: every resume and worker restart failed. The meta device

@@ -153,7 +153,7 @@ def test_search_submitted_to_a_two_node_cluster_logs_to_an_mlflow_server(tmp_pat
                   "warmup_steps": 5, "report_every": 10, "eval_every": 60, "checkpoint_every": 30,
                   "eval_batches": 2},
         "params": {"lr": {"loguniform": [1e-3, 30.0]}},
-        "max_lr": {"ratio": 1.25, "slots": 1, "max_trials": 2},
+        "max_lr": {"ratio": 1.25, "slots": 1, "max_trials": 2, "seeds": 0},
         # one 1-CPU Train worker per trial, two trials at once: one on each node
         "resources": {"workers": 1, "cpus_per_worker": 1, "max_concurrent": 2},
     }))
