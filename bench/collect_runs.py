@@ -20,6 +20,7 @@ all diverged), further seeds run until there are N:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import multiprocessing as mp
@@ -98,12 +99,20 @@ def one(settings: dict) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--space", default="search_spaces/tev_labels.yaml")
-    ap.add_argument("--out", default="docs/data/tev_runs.jsonl")
+    ap.add_argument("--out", default="docs/data/tev_runs_v2.jsonl")
     ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--boundary-seeds", type=int, default=0,
                     help="then top up every variant's boundary LRs to this many seeds (0: off)")
+    ap.add_argument("--variants", help="only these of the space's variants (comma-separated), in this order")
     args = ap.parse_args(argv)
     space = spec_mod.load(args.space)
+    if args.variants:
+        wanted = args.variants.split(",")
+        unknown = [v for v in wanted if v not in space.variants]
+        if unknown:
+            print(f"error: --variants: {', '.join(unknown)} not in {args.space}", file=sys.stderr)
+            return 2
+        space = dataclasses.replace(space, variants=tuple(wanted))
     if space.strategy != "sweep":
         print(f"error: {args.space} is a {space.strategy} space; collect_runs needs a sweep", file=sys.stderr)
         return 2
