@@ -1,19 +1,12 @@
 """The TEV-proxy trial scheduler: stop trials that are going unstable from their Token Embedding
-Variability (Chung et al. 2024), before their loss blows up.
+Variability (Chung et al. 2024), not from their loss.
 
-TEV_i is the standard deviation of token i's embedding row; a trial reports its mean μ_TEV
-(`tev_mean`) and spread σ_TEV (`tev_std`) over the vocabulary (tunestab/probes.py). The rule
-never looks at the loss or at how a trial ranks against others.
-
-Why the rule looks at σ_TEV/μ_TEV and not at μ_TEV: μ_TEV rises with the learning rate in runs
-that stay stable (docs/tev_first_look.md), so a threshold on μ_TEV stops good high-LR
-trials. The ratio is scale-free: a higher LR scales every row's spread by about the same factor
-and leaves the ratio where it was. What goes up when a run diverges is the *heterogeneity* across
-tokens: some rows blow up while the rest do not (the paper's reading of σ_TEV as uneven gradient
-noise across tokens). The rule compares a trial with itself (its own ratio over its last reports
-before now) and with a ceiling that no converging run reached in the calibration study.
-Calibration, held-out evaluation and the comparison with loss-based rules: docs/scheduler.md,
-bench/scheduler_eval.py.
+TEV_i is the standard deviation of token i's embedding row; every step the loop summarises the
+rows (tunestab/probes.py, tunestab/loop.py) and each report carries μ_TEV (`tev_mean`), σ_TEV
+(`tev_std`) and the per-step extremes since the last report. Which of these signals the rule
+watches, and its thresholds, are a `TEVRule` (tunestab/tev_rule.py). The rule never looks at the
+loss or at how a trial ranks against others. The default rule, and how it compares with loss
+rules tuned the same way on held-out runs: docs/scheduler.md (bench/scheduler_eval.py).
 """
 
 from __future__ import annotations
@@ -37,7 +30,7 @@ class TEVScheduler(FIFOScheduler):
     The rule (`TEVRule`, tunestab/tev_rule.py; its default and how it compares with loss-based
     rules on held-out runs: docs/scheduler.md) watches one TEV signal of each report and stops a
     trial when the signal reaches a threshold or rises steeply against its own history, from step
-    `min_step` on, for `patience` reports in a row. The `peer` signal divides a trial's σ_TEV/μ_TEV
+    `min_step` on (None: the trial config's `warmup_steps`), for `patience` reports in a row. The `peer` signal divides a trial's σ_TEV/μ_TEV
     by the median of the same variant's trials at lower LRs at the same step, from the trials
     this scheduler has seen.
 
@@ -103,7 +96,8 @@ class TEVScheduler(FIFOScheduler):
             return TrialScheduler.CONTINUE
         hist.append([step, value])
         decision = TrialScheduler.CONTINUE
-        values = self._values(tid) if step >= self.rule.min_step and tid not in self.verdicts else None
+        min_step = self.rule.min_step if self.rule.min_step is not None else config.get("warmup_steps", 0)
+        values = self._values(tid) if step >= min_step and tid not in self.verdicts else None
         if values:
             why = self.rule.test(values)
             self._streak[tid] = self._streak.get(tid, 0) + 1 if why else 0

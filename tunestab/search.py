@@ -371,7 +371,10 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
     else:
         scheduler = None
         if space.scheduler.type == "tev":
-            scheduler = TEVScheduler(space.scheduler.rule, shadow=space.scheduler.shadow,
+            rule = space.scheduler.rule
+            if rule.min_step is None:  # the trials' warm-up (the same for every variant)
+                rule = dataclasses.replace(rule, min_step=space.trial_config(space.variants[0]).warmup_steps)
+            scheduler = TEVScheduler(rule, shadow=space.scheduler.shadow,
                                      state_path=str(run_dir / "tev_scheduler.json"))
         tracking = MLflowTracking(uri, space.name, state["parent_run_id"], incomplete=str(run_dir / INCOMPLETE_FILE))
         tuner = tune.Tuner(

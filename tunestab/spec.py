@@ -345,7 +345,13 @@ def parse(raw, where: str = "search space", source: str = "") -> Space:
             problems.append(f"{key}: expected a mapping of TEVRule fields, got {value!r}")
             return TEVRule()
         sub: list[str] = []
-        rule = _section({"rule": value}, "rule", TEVRule, sub)
+        def step_or_none(v, where):
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                sub.append(f"{where}: expected an int (or null: the trial's warm-up), got {v!r}")
+                return None
+            return v
+
+        rule = _section({"rule": value}, "rule", TEVRule, sub, convert={"min_step": step_or_none})
         problems.extend(f"scheduler.{q}" for q in sub)
         problems.extend(f"{key}.{q}" for q in rule.problems())
         return rule

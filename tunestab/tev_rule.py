@@ -17,7 +17,7 @@ A rule watches one TEV signal of each report (tunestab/loop.py's reports):
 
 and stops a trial when the value reaches `threshold`, or, with `rise` > 0, when it reaches `rise`
 times its own value `lookback` reports earlier (and is at least `rise_floor`), for `patience`
-reports in a row, never before `min_step`.
+reports in a row, never before `min_step` (by default the end of the trial's warm-up).
 """
 
 from __future__ import annotations
@@ -46,9 +46,10 @@ class TEVRule:
     double from one report to the next without meaning anything)."""
     lookback: int = 1
     """How many reports back the rise test compares with."""
-    min_step: int = 30
-    """No verdict before this step: at initialisation every row has the same spread (σ_TEV ≈ 0),
-    and while the LR warms up the signals climb in every run."""
+    min_step: int | None = None
+    """No verdict before this step (None: the trial's warm-up, `warmup_steps`): at
+    initialisation every row has the same spread (σ_TEV ≈ 0), and while the LR warms up the
+    signals climb in every run. The loss rules it was compared with wait as long."""
     patience: int = 1
     """Consecutive reports that must meet a test before the trial is stopped."""
 
@@ -65,7 +66,7 @@ class TEVRule:
         for name in ("lookback", "patience"):
             if getattr(self, name) < 1:
                 out.append(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.min_step < 0:
+        if self.min_step is not None and self.min_step < 0:
             out.append(f"min_step: must be >= 0, got {self.min_step}")
         if math.isinf(self.threshold) and not self.rise:
             out.append("threshold: with rise 0 an infinite threshold never stops anything")
