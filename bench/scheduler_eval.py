@@ -247,7 +247,8 @@ def fmt_rule(rule: Rule) -> str:
 
 def row(name: str, s: dict) -> str:
     lead = (f"{s['leads_by_a_report']:.0%} | {s['median_lead']:.0f}" if "leads_by_a_report" in s else "- | -")
-    return (f"| {name} | {s['recall']:.2f} | {s['false_stops']}/{s['converged']} | {s['median_stop']:.0f} | {lead} | "
+    stop = "-" if math.isnan(s["median_stop"]) else f"{s['median_stop']:.0f}"  # it stopped nothing
+    return (f"| {name} | {s['recall']:.2f} | {s['false_stops']}/{s['converged']} | {stop} | {lead} | "
             f"{s['saved_vs_loss_rule']:.1%} | {s['saved_vs_budget']:.1%} |")
 
 
@@ -285,6 +286,9 @@ def main(argv=None) -> int:
     loss_stops = candidates[best_loss][2](test)
     tev_names = [s for s in SIGNALS if s in tuned]
     held = {s: score(test, stops_of(tuned[s][0], test, min_step), cadence, loss_stops) for s in tuned}
+    # JSON has no NaN: a rule that stopped nothing has no median stop (None).
+    json_held = {s: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in h.items()}
+                 for s, h in held.items()}
     spike_held = score(test, spike_stops(spike, test, min_step), cadence, loss_stops)
     asha_held = score(test, asha_stops({"grace_period": min_step, "reduction_factor": 3}, test, min_step), cadence,
                       loss_stops)
@@ -334,7 +338,7 @@ def main(argv=None) -> int:
           f"{h['false_stops']} false stops: the goal (>= 50%, >= 0.9, 0) is {'met' if goal else 'NOT met'}.")
     print("\n```json\n" + json.dumps({"default_rule": dataclasses.asdict(best_rule.tev(min_step)),
                                       "best_loss_rule": best_loss_name,
-                                      "held_out": held}, indent=1) + "\n```")
+                                      "held_out": json_held}, indent=1, allow_nan=False) + "\n```")
     return 0
 
 

@@ -1,5 +1,6 @@
 """The benchmarks run: `bench/gpu_check.py` is the one command for a GPU, so its code path is
-kept working here, at a toy shape on the CPU."""
+kept working here, at a toy shape on the CPU; the study tools behind the docs' claims
+(`collect_runs.py`, `scheduler_eval.py`) decide as they say on small made-up inputs."""
 
 import subprocess
 import sys
@@ -41,3 +42,47 @@ def test_collect_runs_tops_up_each_variant_where_its_seeds_disagree_or_else_eith
     assert all(s["steps"] == 600 for s in todo)  # the rest of each run's settings kept
     assert not [s for s in collect_runs.boundary_top_up(runs + [run("a", 0.2, s, False) for s in (3, 4)], 5)
                 if s["variant"] == "a"]
+
+
+def synthetic_labels(path, tev_step, loss_step):
+    """A labelled set where divergent runs (LR 0.04 and 0.08) show TEV's jump at `tev_step` and
+    the loss's climb at `loss_step`; converged runs (LR 0.01, 0.02) show neither."""
+    import json
+    import random
+
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for lr in (0.01, 0.02, 0.04, 0.08):
+            for seed in range(4):
+                divergent = lr > 0.03
+                end = 140 if divergent else 200
+                reports = []
+                for step in range(20, end + 1, 20):
+                    noise = 1 + 0.05 * rng.random()
+                    ratio = (1.0 if divergent and step >= tev_step else 0.2) * noise
+                    loss = (8.0 if divergent and step >= loss_step else 4.0 - step / 100) * noise
+                    reports.append({"step": step, "loss": loss, "loss_max": loss * 1.02, "tev_mean": 0.3,
+                                    "tev_std": 0.3 * ratio, "tev_dispersion_max": ratio * 1.01,
+                                    "tev_growth_max": 0.001 * noise, "tev_row_max": 1.5 * noise,
+                                    "embed_update_max": 0.1 * noise})
+                f.write(json.dumps({"settings": {"variant": "baseline", "lr": lr, "seed": seed, "warmup_steps": 60},
+                                    "steps": 200, "stop_reason": "blowup" if divergent else "completed",
+                                    "reports": reports}) + "\n")
+
+
+def test_scheduler_eval_credits_tev_only_when_tev_moves_before_the_loss(tmp_path):
+    """bench/scheduler_eval.py on two synthetic label sets: where TEV jumps two reports before
+    the loss climbs, the best TEV rule leads the loss rule in every held-out divergent run and
+    the goal is met; where the loss moves first, no TEV rule leads and the verdict says so."""
+    for tev_step, loss_step, verdict in ((80, 120, "is met"), (120, 80, "is NOT met")):
+        path = tmp_path / f"runs_{tev_step}.jsonl"
+        synthetic_labels(path, tev_step, loss_step)
+        done = subprocess.run([sys.executable, str(BENCH / "scheduler_eval.py"), "--runs", str(path),
+                               "--train-seeds", "0,1"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        line = next(x for x in done.stdout.splitlines() if x.startswith("Verdict"))
+        assert line.endswith(f"the goal (>= 50%, >= 0.9, 0) {verdict}."), line
+        if tev_step < loss_step:
+            assert "stops 100% of the held-out divergent runs" in line and "recall 1.00 and 0 false stops" in line
+        else:
+            assert "stops 0% of the held-out" in line

@@ -155,7 +155,7 @@ def test_a_hundred_tev_stops_in_a_row_leave_no_actor_or_placement_group_behind(t
         "name": "stops", "strategy": "sweep", "variants": ["baseline"],
         "trial": {**TRIAL, "lr": 0.01, "steps": 1000, "report_every": 10, "eval_every": 1000, "checkpoint_every": 0},
         "params": {"seed": {"grid": list(range(100))}},
-        "scheduler": {"type": "tev", "rule": {"threshold": 1e-9, "min_step": 0}},
+        "scheduler": {"type": "tev", "rule": {"signal": "dispersion", "threshold": 1e-9, "min_step": 0}},
     })
     storage = tmp_path / "results"
     trial_actors = ("ImplicitFunc", "TrainController", "RayTrainWorker", "SynchronizationActor", "_QueueActor",

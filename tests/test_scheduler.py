@@ -1,8 +1,12 @@
 """TEV scheduler: decisions on synthetic result streams, state that survives a restore, and a
 real two-trial Tune run where the divergent trial is stopped by TEV."""
 
+import dataclasses
+import json
 import math
 import pickle
+import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -30,6 +34,10 @@ def feed(sched, results, tid="t"):
     return decisions
 
 
+# The σ/μ rule of the first calibration (docs/results/legacy/scheduler_eval.md): the
+# mechanics below (threshold, rise, shadow, state) on a signal a single trial carries.
+DISPERSION = TEVRule(signal="dispersion", threshold=0.6, rise=1.6, rise_floor=0.3)
+
 # μ_TEV grows with the LR in runs that stay stable; the ratio σ/μ settles around 0.2-0.3.
 RISE = [1 - math.exp(-(i + 1) / 3) for i in range(20)]
 STABLE_RATIOS = [0.1, 0.2, 0.25, 0.27, 0.26, 0.24] + [0.25] * 14
@@ -37,13 +45,13 @@ STABLE_RATIOS = [0.1, 0.2, 0.25, 0.27, 0.26, 0.24] + [0.25] * 14
 
 @pytest.mark.parametrize("scale", [0.1, 0.6, 3.0])  # as if the LR were 30x apart
 def test_stable_runs_are_never_stopped_whatever_their_tev_level(scale):
-    decisions = feed(TEVScheduler(), stream([scale * x for x in RISE], STABLE_RATIOS))
+    decisions = feed(TEVScheduler(DISPERSION), stream([scale * x for x in RISE], STABLE_RATIOS))
     assert decisions == [CONTINUE] * 20
 
 
 def test_exploding_run_is_stopped_at_the_report_where_its_spread_jumps():
     ratios = [0.17, 0.22, 0.2, 0.62, 0.9, 1.1]
-    sched = TEVScheduler()
+    sched = TEVScheduler(DISPERSION)
     decisions = feed(sched, stream([0.5, 0.9, 1.0, 0.95, 0.85, 0.8], ratios))
     assert decisions == [CONTINUE, CONTINUE, CONTINUE, STOP]
     assert sched.verdicts["t"]["step"] == 40 and sched.verdicts["t"]["stopped"]
@@ -53,7 +61,7 @@ def test_exploding_run_is_stopped_at_the_report_where_its_spread_jumps():
 def test_slow_divergence_is_caught_by_the_rise_against_its_own_past():
     # The ratio stays under the ceiling but jumps 1.7x from one report to the next.
     ratios = [0.1, 0.15, 0.18, 0.2, 0.2, 0.34, 0.38]
-    sched = TEVScheduler(TEVRule(threshold=0.4, rise=1.6, rise_floor=0.3))
+    sched = TEVScheduler(TEVRule(signal="dispersion", threshold=0.4, rise=1.6, rise_floor=0.3))
     assert feed(sched, stream([0.3] * 7, ratios)) == [CONTINUE] * 5 + [STOP]
     assert "rose" in sched.verdicts["t"]["reason"]
 
@@ -93,13 +101,13 @@ def test_peer_compares_a_trial_with_the_same_variant_at_lower_lrs_at_the_same_st
 
 
 def test_no_verdict_before_min_step_even_for_a_wide_spread():
-    sched = TEVScheduler(TEVRule(min_step=50))
+    sched = TEVScheduler(dataclasses.replace(DISPERSION, min_step=50))
     assert feed(sched, stream([0.5] * 6, [0.1, 0.9, 0.9, 0.9, 0.1, 0.1])) == [CONTINUE] * 6
     assert sched.verdicts == {}
 
 
 def test_patience_needs_consecutive_reports():
-    sched = TEVScheduler(TEVRule(threshold=0.4, patience=2, rise=0))
+    sched = TEVScheduler(TEVRule(signal="dispersion", threshold=0.4, patience=2, rise=0))
     ratios = [0.2, 0.2, 0.2, 0.5, 0.2, 0.5, 0.5]
     assert feed(sched, stream([0.3] * 7, ratios)) == [CONTINUE] * 6 + [STOP]
     assert sched.verdicts["t"]["step"] == 70
@@ -127,7 +135,7 @@ def test_results_without_probes_pass_through():
 
 
 def test_shadow_mode_records_but_never_stops_and_annotates_results():
-    sched = TEVScheduler(shadow=True)
+    sched = TEVScheduler(DISPERSION, shadow=True)
     results = stream([0.5, 0.9, 1.0, 0.95, 0.85, 0.8], [0.17, 0.22, 0.2, 0.62, 0.9, 1.1])
     assert feed(sched, results) == [CONTINUE] * 6
     assert sched.verdicts["t"] == {"step": 40, "reason": sched.verdicts["t"]["reason"], "stopped": False}
@@ -140,7 +148,7 @@ def test_shadow_mode_records_but_never_stops_and_annotates_results():
 
 
 def test_an_active_stop_is_annotated_as_stop_reason_tev():
-    sched = TEVScheduler()
+    sched = TEVScheduler(DISPERSION)
     results = stream([0.5, 0.9, 1.0, 0.95], [0.17, 0.22, 0.2, 0.62])
     feed(sched, results)
     last = dict(results[3])
@@ -151,7 +159,7 @@ def test_an_active_stop_is_annotated_as_stop_reason_tev():
 def test_save_restore_round_trips_and_decides_the_same(tmp_path):
     ratios = [0.17, 0.22, 0.2, 0.3, 0.62]
     results = stream([0.5, 0.9, 1.0, 0.95, 0.9], ratios)
-    a = TEVScheduler(TEVRule(threshold=0.5, patience=2, rise=0))
+    a = TEVScheduler(TEVRule(signal="dispersion", threshold=0.5, patience=2, rise=0))
     feed(a, results[:4], tid="x")
     feed(a, results, tid="y")
     a.save(str(tmp_path / "s.json"))
@@ -176,6 +184,14 @@ def test_state_survives_the_pickle_that_tuner_restore_brings_back(tmp_path):
     assert [h[0] for h in restored.history["a"]] == [10, 20, 30]
 
 
+def test_the_default_rule_is_the_one_the_held_out_evaluation_chose():
+    """docs/scheduler_eval.md is the output of bench/scheduler_eval.py on the label set; the
+    scheduler ships its best TEV rule, with the minimum step left to each trial's warm-up."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "scheduler_eval.md").read_text()
+    chosen = json.loads(re.search(r"```json\n(.*?)\n```", text, re.S).group(1))["default_rule"]
+    assert dataclasses.asdict(TEVRule()) == {**chosen, "min_step": None}
+
+
 def test_bad_rule_is_refused_with_every_problem():
     with pytest.raises(ValueError) as e:
         TEVScheduler(TEVRule(threshold=0, rise=0.5, patience=0))
@@ -192,7 +208,7 @@ def test_tune_run_stops_the_divergent_trial_by_tev_and_completes_the_stable_one(
 
     from tunestab.trainer import RAY_TRAIN_ENV, trial_driver
 
-    sched = TEVScheduler(state_path=str(tmp_path / "tev_scheduler.json"))
+    sched = TEVScheduler(DISPERSION, state_path=str(tmp_path / "tev_scheduler.json"))
     base = {"n_layer": 12, "d_model": 64, "n_head": 4, "grad_clip": 0.0, "steps": 60, "warmup_steps": 30,
             "report_every": 10, "eval_every": 60, "checkpoint_every": 0, "data_cache": str(tmp_path / "cache"),
             "runner": {"workers": 1}}

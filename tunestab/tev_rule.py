@@ -35,15 +35,16 @@ REPORT_KEYS = {"dispersion_max": "tev_dispersion_max", "growth": "tev_growth_max
 class TEVRule:
     """When a trial's TEV says it is going unstable. Defaults: docs/scheduler.md."""
 
-    signal: str = "dispersion"
-    """Which TEV signal the rule watches (the table in tunestab/tev_rule.py)."""
-    threshold: float = 0.60
+    signal: str = "peer"
+    """Which TEV signal the rule watches (the table in tunestab/tev_rule.py). The default is the
+    rule bench/scheduler_eval.py found best on held-out runs (docs/scheduler.md)."""
+    threshold: float = 1.75
     """Stop when the signal reaches this (inf: only the rise test)."""
-    rise: float = 1.6
+    rise: float = 0.0
     """... or when it reaches this multiple of its own value `lookback` reports earlier (0: off)."""
-    rise_floor: float = 0.30
+    rise_floor: float = 0.875
     """The rise test counts only once the signal is at least this (tiny values early in a run
-    double from one report to the next without meaning anything)."""
+    double from one report to the next without meaning anything); with `rise` 0 it is unused."""
     lookback: int = 1
     """How many reports back the rise test compares with."""
     min_step: int | None = None
