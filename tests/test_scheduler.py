@@ -106,6 +106,18 @@ def test_no_verdict_before_min_step_even_for_a_wide_spread():
     assert sched.verdicts == {}
 
 
+def test_by_default_no_verdict_before_the_trials_own_warm_up():
+    """min_step None reads the trial config's `warmup_steps`: the same wide spread is judged at
+    step 20 in a trial without warm-up and only from step 40 in one with 40 warm-up steps."""
+    sched = TEVScheduler(dataclasses.replace(DISPERSION, min_step=None))
+    decisions = {}
+    for tid, warmup in (("cold", 0), ("warm", 40)):
+        trial = SimpleNamespace(trial_id=tid, config={"variant": "baseline", "lr": 0.1, "warmup_steps": warmup})
+        sched.on_trial_add(None, trial)
+        decisions[tid] = [sched.on_trial_result(None, trial, r) for r in stream([0.5] * 4, [0.2, 0.9, 0.9, 0.9])]
+    assert decisions == {"cold": [CONTINUE, STOP, CONTINUE, CONTINUE], "warm": [CONTINUE, CONTINUE, CONTINUE, STOP]}
+
+
 def test_patience_needs_consecutive_reports():
     sched = TEVScheduler(TEVRule(signal="dispersion", threshold=0.4, patience=2, rise=0))
     ratios = [0.2, 0.2, 0.2, 0.5, 0.2, 0.5, 0.5]

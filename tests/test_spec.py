@@ -59,6 +59,15 @@ def test_every_problem_is_reported_with_its_key():
         assert fragment in text, fragment
 
 
+def test_the_rules_min_step_is_an_int_or_null_for_the_trials_warm_up():
+    ok = spec.parse({**GOOD, "scheduler": {"type": "tev", "rule": {"min_step": None, "signal": "growth"}}})
+    assert ok.scheduler.rule.min_step is None and ok.scheduler.rule.signal == "growth"
+    assert spec.parse({**GOOD, "scheduler": {"type": "tev", "rule": {"min_step": 40}}}).scheduler.rule.min_step == 40
+    for bad in ("soon", 2.5, True):
+        text = "\n".join(problems_of({**GOOD, "scheduler": {"type": "tev", "rule": {"min_step": bad}}}))
+        assert "scheduler.rule.min_step: expected an int (or null: the trial's warm-up)" in text, text
+
+
 def test_values_are_checked_against_the_model_with_every_variant():
     raw = copy.deepcopy(GOOD)
     raw["strategy"] = "tune"

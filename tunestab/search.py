@@ -96,7 +96,7 @@ def param_space(space: spec_mod.Space, run_dir: Path) -> dict:
 
 def progress_reporter(space: spec_mod.Space):
     """Tune's status table with the columns a stability search is read by: what each trial
-    tries, how far it got, its loss, the TEV dispersion the scheduler watches, and how it ended."""
+    tries, how far it got, its loss, its TEV dispersion σ/μ, and how it ended."""
     from ray.tune import CLIReporter
 
     params = ["variant", "lr"] + [p.name for p in space.params if p.name != "lr"]
@@ -372,7 +372,9 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
         scheduler = None
         if space.scheduler.type == "tev":
             rule = space.scheduler.rule
-            if rule.min_step is None:  # the trials' warm-up (the same for every variant)
+            if rule.min_step is None and "warmup_steps" not in {p.name for p in space.params}:
+                # The trials' warm-up, the same for every trial (a searched warm-up is in each
+                # trial's config, where the scheduler reads it).
                 rule = dataclasses.replace(rule, min_step=space.trial_config(space.variants[0]).warmup_steps)
             scheduler = TEVScheduler(rule, shadow=space.scheduler.shadow,
                                      state_path=str(run_dir / "tev_scheduler.json"))
