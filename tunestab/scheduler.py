@@ -31,8 +31,8 @@ class TEVScheduler(FIFOScheduler):
     rules on held-out runs: docs/scheduler.md) watches one TEV signal of each report and stops a
     trial when the signal reaches a threshold or rises steeply against its own history, from step
     `min_step` on (None: the trial config's `warmup_steps`), for `patience` reports in a row. The
-    `peer` signal divides a trial's σ_TEV/μ_TEV by the median of the same variant's trials at lower LRs at the same step, from the trials
-    this scheduler has seen.
+    `peer` signal divides a trial's σ_TEV/μ_TEV by the median of the same variant's trials at
+    lower LRs at the same step, from the trials this scheduler has seen.
 
     Trials run in FIFO order. On every result the scheduler appends (step, signal) to the
     trial's history and asks the rule; the first verdict is kept with its step and reason. A

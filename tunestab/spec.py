@@ -345,6 +345,7 @@ def parse(raw, where: str = "search space", source: str = "") -> Space:
             problems.append(f"{key}: expected a mapping of TEVRule fields, got {value!r}")
             return TEVRule()
         sub: list[str] = []
+
         def step_or_none(v, where):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
                 sub.append(f"{where}: expected an int (or null: the trial's warm-up), got {v!r}")
