@@ -337,15 +337,17 @@ def plot_tev_curves(grid, path: Path) -> None:
         df = r.metrics_dataframe
         if df is None or "tev_mean" not in df or r.metrics is None:
             continue
-        stopped = r.metrics.get("stop_reason") in ("tev", "blowup", "nonfinite")
-        style = {"color": "tab:red" if stopped else "tab:blue", "alpha": 0.7, "lw": 1}
+        # The colour says what stable_mask says: a run that ended no better than its floor
+        # (no_progress) trained to the end but failed.
+        stable = r.metrics.get("stop_reason") == "completed" and not r.metrics.get("diverged")
+        style = {"color": "tab:blue" if stable else "tab:red", "alpha": 0.7, "lw": 1}
         axes[0].plot(df["step"], df["tev_mean"], **style)
         axes[1].plot(df["step"], df["tev_std"] / df["tev_mean"], **style)
     axes[0].set_ylabel("μ_TEV")
-    axes[1].set_ylabel("σ_TEV / μ_TEV (what the scheduler watches)")
+    axes[1].set_ylabel("σ_TEV / μ_TEV")
     for ax in axes:
         ax.set_xlabel("step")
-    fig.suptitle("TEV of trials that diverged or were stopped (red) and that completed (blue)")
+    fig.suptitle("TEV of trials that failed (diverged, no progress, or stopped: red) and that completed (blue)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
