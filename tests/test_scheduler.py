@@ -108,14 +108,16 @@ def test_no_verdict_before_min_step_even_for_a_wide_spread():
 
 def test_by_default_no_verdict_before_the_trials_own_warm_up():
     """min_step None reads the trial config's `warmup_steps`: the same wide spread is judged at
-    step 20 in a trial without warm-up and only from step 40 in one with 40 warm-up steps."""
+    step 20 in a trial without warm-up, from step 40 in one with 40 warm-up steps, and from
+    TrialConfig's default (30) in one whose config leaves the warm-up unset, as a search's does."""
     sched = TEVScheduler(dataclasses.replace(DISPERSION, min_step=None))
     decisions = {}
-    for tid, warmup in (("cold", 0), ("warm", 40)):
-        trial = SimpleNamespace(trial_id=tid, config={"variant": "baseline", "lr": 0.1, "warmup_steps": warmup})
+    for tid, warmup in (("cold", {"warmup_steps": 0}), ("warm", {"warmup_steps": 40}), ("unset", {})):
+        trial = SimpleNamespace(trial_id=tid, config={"variant": "baseline", "lr": 0.1, **warmup})
         sched.on_trial_add(None, trial)
         decisions[tid] = [sched.on_trial_result(None, trial, r) for r in stream([0.5] * 4, [0.2, 0.9, 0.9, 0.9])]
-    assert decisions == {"cold": [CONTINUE, STOP, CONTINUE, CONTINUE], "warm": [CONTINUE, CONTINUE, CONTINUE, STOP]}
+    assert decisions == {"cold": [CONTINUE, STOP, CONTINUE, CONTINUE], "warm": [CONTINUE, CONTINUE, CONTINUE, STOP],
+                         "unset": [CONTINUE, CONTINUE, STOP, CONTINUE]}
 
 
 def test_patience_needs_consecutive_reports():

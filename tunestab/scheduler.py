@@ -20,6 +20,7 @@ import tempfile
 from ray.tune.callback import Callback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
+from .config import TrialConfig
 from .metrics import is_sentinel
 from .tev_rule import TEVRule, signal_of
 
@@ -96,7 +97,9 @@ class TEVScheduler(FIFOScheduler):
             return TrialScheduler.CONTINUE
         hist.append([step, value])
         decision = TrialScheduler.CONTINUE
-        min_step = self.rule.min_step if self.rule.min_step is not None else config.get("warmup_steps", 0)
+        # None: the trial's warm-up, TrialConfig's default where its config does not set one.
+        min_step = (self.rule.min_step if self.rule.min_step is not None
+                    else config.get("warmup_steps", TrialConfig.warmup_steps))
         values = self._values(tid) if step >= min_step and tid not in self.verdicts else None
         if values:
             why = self.rule.test(values)

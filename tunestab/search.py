@@ -371,12 +371,7 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
     else:
         scheduler = None
         if space.scheduler.type == "tev":
-            rule = space.scheduler.rule
-            if rule.min_step is None and "warmup_steps" not in {p.name for p in space.params}:
-                # The trials' warm-up, the same for every trial (a searched warm-up is in each
-                # trial's config, where the scheduler reads it).
-                rule = dataclasses.replace(rule, min_step=space.trial_config(space.variants[0]).warmup_steps)
-            scheduler = TEVScheduler(rule, shadow=space.scheduler.shadow,
+            scheduler = TEVScheduler(space.scheduler.rule, shadow=space.scheduler.shadow,
                                      state_path=str(run_dir / "tev_scheduler.json"))
         tracking = MLflowTracking(uri, space.name, state["parent_run_id"], incomplete=str(run_dir / INCOMPLETE_FILE))
         tuner = tune.Tuner(
