@@ -67,8 +67,11 @@ def test_max_trials_ends_a_variant():
     assert not is_done([(0.1, True)] * 3, LO, HI, RATIO, max_trials=4)
 
 
-def test_as_an_optuna_sampler_each_variant_gets_its_own_bracket(tmp_path):
-    thresholds = {"baseline": 0.05, "qk_norm": 0.4}
+@pytest.mark.parametrize("thresholds", [{"baseline": 0.05, "qk_norm": 0.4}, {"baseline": 0.05}],
+                         ids=["two variants", "one variant"])
+def test_as_an_optuna_sampler_each_variant_gets_its_own_bracket(tmp_path, thresholds):
+    # One variant: Optuna never asks the sampler for a one-choice `variant` (it crashed with a
+    # KeyError on `lr` before the sampler chose lazily).
     design = Design(LO, HI, RATIO, slots=2, max_trials=12, seeds=0)
     sampler = BracketSampler(list(thresholds), design)
     storage = f"sqlite:///{tmp_path / 'study.db'}"

@@ -193,6 +193,16 @@ class BracketSampler(optuna.samplers.BaseSampler):
     def can_propose(self, study: optuna.Study) -> bool:
         return any(isinstance(p, tuple) for p in self.proposals(study).values())
 
+    def choose(self, study: optuna.Study, trial) -> str:
+        """The variant of `trial`, and its (lr, seed) kept for the next parameters."""
+        state = self.state(study, exclude=trial.number)
+        ready = {v: p for v, p in self.proposals(study, exclude=trial.number).items() if isinstance(p, tuple)}
+        choices = list(ready) or self.variants
+        # The variant with the fewest trials so far, finished or running.
+        variant = min(choices, key=lambda v: (len(state[v][0]) + len(state[v][1]), self.variants.index(v)))
+        self._chosen[trial.number] = ready.get(variant) or (self.design.lo, self.design.seed)
+        return variant
+
     def infer_relative_search_space(self, study, trial):
         return {}
 
@@ -201,13 +211,11 @@ class BracketSampler(optuna.samplers.BaseSampler):
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         if param_name == "variant":
-            state = self.state(study, exclude=trial.number)
-            ready = {v: p for v, p in self.proposals(study, exclude=trial.number).items() if isinstance(p, tuple)}
-            choices = list(ready) or self.variants
-            # The variant with the fewest trials so far, finished or running.
-            variant = min(choices, key=lambda v: (len(state[v][0]) + len(state[v][1]), self.variants.index(v)))
-            self._chosen[trial.number] = ready.get(variant) or (self.design.lo, self.design.seed)
-            return variant
+            return self.choose(study, trial)
+        # Optuna does not ask a sampler for a parameter with one possible value: with one variant
+        # (or no boundary seeds), `lr` or `seed` is the first parameter this sampler sees.
+        if trial.number not in self._chosen:
+            self.choose(study, trial)
         if param_name == "lr":
             return self._chosen[trial.number][0]
         if param_name == "seed":
