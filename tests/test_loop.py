@@ -96,6 +96,26 @@ def test_the_first_step_of_each_kind_is_left_out_of_the_throughput():
     assert all(r["tokens_per_s"] > 0 for r in rest)
 
 
+def test_loop_s_counts_the_trials_own_time_from_the_loops_start(monkeypatch):
+    """loop_s (what bench/search_overhead.py sets against a search's wall time) starts when the
+    loop is entered, so loading the data counts, and grows with every report."""
+    import time
+
+    from tunestab import loop as loop_mod
+
+    load = loop_mod.data_mod.load_splits
+
+    def slow_load(*a, **k):
+        time.sleep(0.5)
+        return load(*a, **k)
+
+    monkeypatch.setattr(loop_mod.data_mod, "load_splits", slow_load)
+    session = LocalSession(out=io.StringIO())
+    run(tiny(steps=4, report_every=1, eval_every=4), session)
+    times = [r["loop_s"] for r in session.reports]
+    assert times[0] >= 0.5 and times == sorted(times) and len(set(times)) == len(times)
+
+
 def test_nonfinite_loss_gives_a_finite_last_report():
     session = LocalSession(out=io.StringIO())
     last = run(tiny(lr=1e30, grad_clip=0.0, warmup_steps=0, report_every=2), session)

@@ -243,6 +243,7 @@ def restore(session, s: Setup, batches, cfg: TrialConfig, unigram: float | None 
 
 def run(cfg: TrialConfig, session) -> dict:
     """Train one trial on this worker. Returns the last report (rank 0's view)."""
+    began = time.perf_counter()  # for loop_s: the trial's own time, without the Ray start-up before it
     rank, world = session.rank, session.world_size
     device = session.device(cfg)
     cuda = device.type == "cuda"
@@ -323,6 +324,10 @@ def run(cfg: TrialConfig, session) -> dict:
             tokens=(step + 1) * tokens_per_step,
             lr=lr_at(step, cfg),
             resumed_from=start,  # the checkpoint step this run continued from; 0 on a fresh start
+            # Seconds since this process entered the loop: data, model, steps, evals, checkpoints.
+            # What the trial would cost without Ray; bench/search_overhead.py sets it against the
+            # search's wall time.
+            loop_s=time.perf_counter() - began,
             diverged=int(reason is not None),
             stop_reason=reason or ("completed" if is_last else "running"),
         )
