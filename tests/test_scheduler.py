@@ -218,9 +218,10 @@ def test_tune_run_stops_the_divergent_trial_by_tev_and_completes_the_stable_one(
     width 64, no clipping): LR 2.0 diverges (its loss rule would fire at step 60), LR 0.03 does not."""
     import ray
     from ray import tune
-    from ray.util.state import list_placement_groups
+    from ray.util.state import list_actors, list_placement_groups
 
-    from tunestab.trainer import RAY_TRAIN_ENV, trial_driver
+    from tunestab import search
+    from tunestab.trainer import trial_driver
 
     sched = TEVScheduler(DISPERSION, state_path=str(tmp_path / "tev_scheduler.json"))
     base = {"n_layer": 12, "d_model": 64, "n_head": 4, "grad_clip": 0.0, "steps": 60, "warmup_steps": 30,
@@ -228,8 +229,10 @@ def test_tune_run_stops_the_divergent_trial_by_tev_and_completes_the_stable_one(
             "runner": {"workers": 1}}
     # The dashboard serves the State API, which Train V2's PlacementGroupCleaner needs to see
     # that a stopped trial's controller is gone: without it the worker group's placement group
-    # is never removed and the next trial waits for its CPU forever (docs/scheduler.md).
-    ray.init(num_cpus=2, runtime_env={"env_vars": RAY_TRAIN_ENV}, include_dashboard=True)
+    # is never removed and the next trial waits for its CPU forever (docs/scheduler.md). The
+    # search's own start gives the workers this cluster's address, so that another Ray instance
+    # on the machine does not leave the cleaner unable to tell which one to ask.
+    search.start_ray()
     try:
         tuner = tune.Tuner(
             tune.with_resources(trial_driver, {"cpu": 0.01}),
@@ -247,6 +250,11 @@ def test_tune_run_stops_the_divergent_trial_by_tev_and_completes_the_stable_one(
         assert stable["stop_reason"] == "completed" and stable["step"] == 60
         assert "tev_stop_step" not in stable
         # The stopped trial's workers and placement groups are gone, not leaked.
-        assert [pg.state for pg in list_placement_groups() if pg.state != "REMOVED"] == []
+        address = ray.get_runtime_context().gcs_address  # this cluster, whatever else runs here
+        assert [pg.state for pg in list_placement_groups(address=address) if pg.state != "REMOVED"] == []
+        # Each trial started no actor it does not use: Ray Data's DatasetManager and the
+        # preemption watcher, one process each per trial (tunestab/trainer.py).
+        classes = {a.class_name for a in list_actors(address=address, limit=10_000)}
+        assert "RayTrainWorker" in classes and not classes & {"DatasetManager", "PreemptionWatcher"}, classes
     finally:
         ray.shutdown()

@@ -74,6 +74,38 @@ def test_a_restarted_ray_trial_resumes_from_its_last_checkpoint(tmp_path):
     assert reports[30] == pytest.approx(uninterrupted.reports[2]["loss"], rel=1e-5)
 
 
+@pytest.mark.slow
+def test_a_train_worker_imports_neither_mlflow_nor_optuna_nor_the_search(tmp_path):
+    """A trial's worker loads tunestab.trainer (train_loop_per_worker) and what the loop needs:
+    not the tracking, search or analysis modules, which would cost every trial their imports."""
+    import ray
+
+    def probe_loop(config):
+        import sys
+        import tempfile
+
+        import ray.train
+
+        from tunestab.trainer import train_loop_per_worker  # what a real worker unpickles
+
+        assert callable(train_loop_per_worker)
+
+        # (pandas is not among them: Ray Train's worker imports it itself, through Ray Data.)
+        heavy = ("mlflow", "optuna", "matplotlib", "tunestab.search", "tunestab.tracking",
+                 "tunestab.analysis", "tunestab.bracket", "tunestab.replay")
+        with tempfile.TemporaryDirectory() as tmp:  # Train V2 keeps the metrics of checkpointed reports
+            ray.train.report({"step": 1, "loaded": " ".join(m for m in heavy if m in sys.modules)},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    try:
+        result = trainer.run_with_ray(tiny(), workers=1, use_gpu=False, storage=str(tmp_path / "ray"),
+                                      name="imports", loop=probe_loop)
+    finally:
+        ray.shutdown()
+    assert result.error is None and result.metrics["step"] == 1
+    assert result.metrics["loaded"] == ""
+
+
 def test_a_ray_trial_falls_back_to_its_older_checkpoints_newest_first(tmp_path):
     from ray.train import Checkpoint
 
