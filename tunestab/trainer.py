@@ -18,7 +18,12 @@ from .session import RaySession
 # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s), so reports faster than that block the worker:
 # 0.42x bare-loop speed at 2 s. Polling every 0.1 s costs CPU on small machines (0.80-0.88x);
 # 0.5 s gave 0.89-0.93x for ~1 s more teardown. Measurements: docs/overhead.md.
-RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+#
+# Every trial starts a Train controller and its helper actors, each a new Python process that
+# imports Ray Train (1-2 s to start, 2-8 s in its constructor on 2 busy cores: docs/overhead.md).
+# The preemption watcher is one of them; it only logs spot-instance preemptions, so trials go
+# without it.
+RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 # Checkpoints Ray Train keeps per trial: the latest, and the one before it to fall back on when
 # the latest cannot be read. All of them would fill a disk (GPT-2 small with AdamW state: 1.5 GB
 # each).
@@ -69,10 +74,10 @@ def torch_trainer(loop, loop_config: dict, workers: int, cpus_per_worker: float 
     (at INFO every worker prints each report with all its metrics). `accelerator_type` (Ray's
     name, e.g. H100) places the workers on nodes with that GPU."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     gpus = float(gpus_per_worker)
-    return TorchTrainer(
+    return trainer_class()(
         loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
@@ -84,6 +89,27 @@ def torch_trainer(loop, loop_config: dict, workers: int, cpus_per_worker: float 
                              checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                              callbacks=list(callbacks), logging_config=LoggingConfig(log_level=log_level)),
     )
+
+
+def trainer_class():
+    """TorchTrainer without the Ray Data actor it starts for every run, datasets or not.
+
+    Ray Train V2 (2.60) adds a DatasetsCallback to every run, and it starts a DatasetManager
+    actor, one more process per trial importing Ray Data, even when the trainer has no
+    datasets. The loop reads its own token batches, so a trial without datasets drops that
+    callback. The callback list is Ray's private API: if it changes, the filter finds nothing and
+    the trial runs as before (tests/test_scheduler.py checks which actors trials start).
+    """
+    from ray.train.torch import TorchTrainer
+
+    class TorchTrainerWithoutData(TorchTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            if self.datasets:
+                return callbacks
+            return [c for c in callbacks if type(c).__name__ != "DatasetsCallback"]
+
+    return TorchTrainerWithoutData
 
 
 def trial_driver(config: dict) -> None:
