@@ -14,8 +14,16 @@ session is still up afterwards to be asked what it started) and prints, all from
   starting the trial's TorchTrainer cost;
 - the actors Ray started, per class: how many, and the mean seconds to start their process and to
   run their constructor (Ray's task events);
-- last line: `overhead ratio X` = wall / own. Goal (issue 17): X <= 1.5 on the default space,
+- alone: every trial run again after the search, one at a time in this process without Ray
+  (`tunestab.loop.run`, the same configuration and seed, to the step it reached, on as many torch
+  threads as its worker had CPUs), divided by the number of trials run at once. `loop_s` inside
+  the search is inflated by whatever else ran on the cores meanwhile (other trials' start-up);
+  this is what the trials cost on their own;
+- last line: `overhead ratio X` = wall / alone. Goal (issue 17): X <= 1.5 on the default space,
   today's default.yaml at e9022ee kept as docs/results/legacy/default.yaml.
+
+    python bench/search_overhead.py --run-dir RUN_DIR    # the figures of a search already run (its
+                                                          # wall time from Tune's start; no actor table)
 """
 
 from __future__ import annotations
@@ -46,6 +54,30 @@ def trial_results(run_dir: Path) -> list[list[dict]]:
     return out
 
 
+def alone_seconds(rows: list[dict]) -> float:
+    """One trial again, without Ray, one process: seconds from entering the loop to its end."""
+    import dataclasses
+    import io
+
+    import torch
+
+    from tunestab.config import config_from
+    from tunestab.loop import run
+    from tunestab.session import LocalSession
+
+    config = dict(rows[-1]["config"])
+    runner = config.pop("runner", {}) or {}
+    cfg = config_from(config, "trial config")
+    steps = int(rows[-1]["step"])  # a stopped trial: as far as it went
+    cfg = dataclasses.replace(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, steps),
+                              eval_every=min(cfg.eval_every, steps))
+    torch.set_num_threads(max(1, int(runner.get("cpus_per_worker", 1))))
+    with tempfile.TemporaryDirectory(prefix="tunestab-alone-") as tmp:
+        began = time.perf_counter()
+        run(cfg, LocalSession(checkpoint_dir=tmp, out=io.StringIO()))
+        return time.perf_counter() - began
+
+
 def actor_starts() -> dict[str, list[tuple[float, float]]]:
     """Actor class -> [(seconds from scheduling to its constructor running, constructor seconds)]
     for every actor the Ray session started, from Ray's task events."""
@@ -69,46 +101,62 @@ def main() -> int:
     ap.add_argument("--space", default=DEFAULT_SPACE, help="search space (default: %(default)s)")
     ap.add_argument("--storage", help="keep the results here (default: a temporary folder)")
     ap.add_argument("--max-concurrent", type=int, help="trials at once (default: the space's)")
+    ap.add_argument("--run-dir", help="a search already run: its figures, without running it again")
     args = ap.parse_args()
-    space = spec_mod.load(args.space)
+    if args.run_dir:
+        run_dir = Path(args.run_dir)
+        space = spec_mod.load(str(run_dir / search.SPACE_COPY))
+    else:
+        space = spec_mod.load(args.space)
     concurrency = args.max_concurrent or space.resources.max_concurrent
-    storage = Path(args.storage or tempfile.mkdtemp(prefix="tunestab-overhead-"))
-    argv = ["--space", args.space, "--storage", str(storage)]
-    if args.max_concurrent:
-        argv += ["--max-concurrent", str(args.max_concurrent)]
+    actors = {}
+    if args.run_dir:
+        # Tune's start to the last report: without Ray's start-up and the final report, a little
+        # less than the command's wall time.
+        state = json.loads(next((run_dir / "tune").glob("*/experiment_state-*.json")).read_text())
+        wall = max(rows[-1]["timestamp"] for rows in trial_results(run_dir)) - state["stats"]["start_time"]
+    else:
+        storage = Path(args.storage or tempfile.mkdtemp(prefix="tunestab-overhead-"))
+        argv = ["--space", args.space, "--storage", str(storage)]
+        if args.max_concurrent:
+            argv += ["--max-concurrent", str(args.max_concurrent)]
+        began = time.perf_counter()
+        rc = search.main(argv)
+        wall = time.perf_counter() - began
+        if rc != 0:
+            print(f"the search failed (exit code {rc})", file=sys.stderr)
+            return rc
+        import ray
 
-    began = time.perf_counter()
-    rc = search.main(argv)
-    wall = time.perf_counter() - began
-    if rc != 0:
-        print(f"the search failed (exit code {rc})", file=sys.stderr)
-        return rc
-    import ray
-
-    try:
-        actors = actor_starts()
-    finally:
-        ray.shutdown()
-    run_dir = search.newest_run_dir(storage, space.name)
+        try:
+            actors = actor_starts()
+        finally:
+            ray.shutdown()
+        run_dir = search.newest_run_dir(storage, space.name)
     trials = trial_results(run_dir)
     own = sum(rows[-1]["loop_s"] for rows in trials)
     first = [(rows[0]["time_total_s"], rows[0]["loop_s"]) for rows in trials]
+    print(f"\nsearch {space.name!r}: {len(trials)} trials, {concurrency} at a time; results in {run_dir}")
+    print("running each trial again alone, without Ray ...", flush=True)
+    alone = sum(alone_seconds(rows) for rows in trials)
 
-    print(f"\nsearch {space.name!r} from {args.space}: {len(trials)} trials, {concurrency} at a time; results in {run_dir}")
-    print("\n| actor class | started | mean s to start its process | mean s in its constructor |")
-    print("|---|---|---|---|")
-    for name, times in sorted(actors.items(), key=lambda kv: -len(kv[1])):
-        print(f"| {name} | {len(times)} | {statistics.mean(t for t, _ in times):.2f} | "
-              f"{statistics.mean(c for _, c in times):.2f} |")
+    if actors:
+        print("\n| actor class | started | mean s to start its process | mean s in its constructor |")
+        print("|---|---|---|---|")
+        for name, times in sorted(actors.items(), key=lambda kv: -len(kv[1])):
+            print(f"| {name} | {len(times)} | {statistics.mean(t for t, _ in times):.2f} | "
+                  f"{statistics.mean(c for _, c in times):.2f} |")
     startup = [total - loop for total, loop in first]
     print(f"\nper trial: first report {statistics.mean(t for t, _ in first):.1f} s after Tune started the trial "
           f"(median {statistics.median(t for t, _ in first):.1f}), of which the loop's own "
           f"{statistics.mean(loop for _, loop in first):.1f} s; TorchTrainer start-up before the loop "
           f"{statistics.mean(startup):.1f} s (median {statistics.median(startup):.1f})")
-    print(f"per trial: the loop's own time {own / len(trials):.1f} s in all (mean over {len(trials)} trials)")
-    print(f"\nsearch wall time {wall:.1f} s; trials' own time {own:.1f} s / {concurrency} at a time = "
-          f"{own / concurrency:.1f} s")
-    print(f"overhead ratio {wall / (own / concurrency):.2f}")
+    print(f"per trial: the loop's own time {own / len(trials):.1f} s inside the search, {alone / len(trials):.1f} s "
+          f"alone without Ray (means over {len(trials)} trials)")
+    print(f"\nsearch wall time {wall:.1f} s; trials' loop time inside the search {own:.1f} s / {concurrency} at a "
+          f"time = {own / concurrency:.1f} s (ratio {wall / (own / concurrency):.2f})")
+    print(f"trials alone without Ray {alone:.1f} s / {concurrency} at a time = {alone / concurrency:.1f} s")
+    print(f"overhead ratio {wall / (alone / concurrency):.2f}")
     return 0
 
 
