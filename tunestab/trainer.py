@@ -21,8 +21,8 @@ from .session import RaySession
 #
 # Every trial starts a Train controller and its helper actors, each a new Python process that
 # imports Ray Train (1-2 s to start, 2-8 s in its constructor on 2 busy cores: docs/overhead.md).
-# The preemption watcher is one of them; it only logs spot-instance preemptions, so trials go
-# without it.
+# The preemption watcher is one of them: it tells the training function that a node is being
+# drained (`ray.train.get_preemption_info()`), which the loop does not ask, so trials go without it.
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 # Checkpoints Ray Train keeps per trial: the latest, and the one before it to fall back on when
 # the latest cannot be read. All of them would fill a disk (GPT-2 small with AdamW state: 1.5 GB
