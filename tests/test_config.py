@@ -30,6 +30,9 @@ def test_every_problem_is_reported_at_once():
     ({"n_layer": "three"}, "n_layer"),
     ({"n_layer": 2.5}, "n_layer"),
     ({"qk_norm": "maybe"}, "qk_norm"),
+    ({"lr_schedule": "linear"}, "lr_schedule"),
+    ({"lr_schedule": "range", "lr": 1.0, "lr_range_start": 1.0}, "lr_range_start"),
+    ({"lr_schedule": "range", "lr_range_start": 0.0}, "lr_range_start"),
 ])
 def test_each_impossible_value_names_its_key(values, key):
     with pytest.raises(ConfigError) as err:

@@ -45,6 +45,39 @@ def test_divergence_rule():
     assert d.at_end(5.0) == "no_progress" and d.at_end(4.9) is None
 
 
+def test_a_range_test_climbs_exponentially_from_its_start_to_lr():
+    cfg = tiny(lr_schedule="range", lr_range_start=1e-4, lr=1.0, steps=101, warmup_steps=10)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)  # no warm-up: the ramp is its own
+    assert lr_at(50, cfg) == pytest.approx(1e-2)  # halfway in steps, halfway in log LR
+    assert lr_at(100, cfg) == pytest.approx(1.0)
+    ratios = [lr_at(s + 1, cfg) / lr_at(s, cfg) for s in range(100)]
+    assert max(ratios) == pytest.approx(min(ratios)) and ratios[0] > 1
+
+
+def test_a_range_test_ends_when_the_loss_comes_back_above_l0():
+    d = Divergence(tiny(lr_schedule="range", lr=1.0, warmup_steps=0, blowup_window=3), loss0=5.0)
+    assert d.after_report(10, 5.02, False) is None  # at l0 by noise before learning anything
+    assert d.after_report(20, 4.0, False) is None
+    assert d.after_report(30, 4.9, False) is None  # worse than its best, still below l0
+    assert d.after_report(40, 5.1, False) == "range_end"
+    assert d.at_end(5.5) is None  # a ramp that reached its top LR just completes
+    # The lowest loss so far survives a restart (it is in the checkpoint).
+    resumed = Divergence(d.cfg, loss0=5.0, recent=d.recent, best=d.best)
+    assert resumed.after_report(50, 5.1, False) == "range_end"
+
+
+def test_a_range_test_reports_the_lr_it_ended_at():
+    """From a tiny LR to an absurd one: the loss falls, then passes l0 on the way up, and the run
+    stops there, before the top, with range_lr the LR of that report's last step."""
+    session = LocalSession(out=io.StringIO())
+    cfg = tiny(lr_schedule="range", lr_range_start=1e-4, lr=100.0, steps=200, report_every=5, grad_clip=0.0)
+    last = run(cfg, session)
+    assert last["stop_reason"] in ("range_end", "nonfinite") and last["step"] < 200
+    assert last["range_lr"] == pytest.approx(lr_at(last["step"] - 1, cfg))
+    assert min(r["loss"] for r in session.reports) < last["loss_init"]  # it learned before it broke
+    assert all("range_lr" not in r for r in session.reports[:-1]) and all_finite(last)
+
+
 def test_train_step_reports_the_global_gradient_norm_before_clipping():
     cfg = tiny(vocab_size=97, grad_clip=0.5).resolved()
     s = compute.setup(cfg, torch.device("cpu"))

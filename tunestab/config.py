@@ -52,6 +52,7 @@ CHOICES = {
     "mlra_init": ("matched", "factors"),
     "sigma_reparam_gamma": ("matched", "one"),
     "progress_floor": ("uniform", "unigram"),
+    "lr_schedule": ("cosine", "range"),
 }
 
 # Switches that variants set; None means "whatever the variant says", and off when it says nothing.
@@ -125,6 +126,14 @@ class TrialConfig:
     """Steps of linear warm-up from 0 to lr."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at lr*min_lr_ratio."""
+    lr_schedule: str = "cosine"
+    """'cosine': linear warm-up to lr, then cosine decay to lr*min_lr_ratio. 'range': an LR range
+    test (Smith 2017; fastai's lr_find, Lightning's LR finder): the LR grows exponentially from
+    lr_range_start at the first step to lr at the last, with no warm-up, and the run ends at the
+    first report whose loss, having gone below l0 (the loss at initialisation), is above it again;
+    its last report carries `range_lr`, the LR it ended at."""
+    lr_range_start: float = 1e-4
+    """The first step's LR in an `lr_schedule: range` run."""
     weight_decay: float = 1e-4
     """Weight decay λ of matrices and embeddings (not biases, norms or gains); see weight_decay_mode."""
     weight_decay_mode: str = "independent"
@@ -217,6 +226,9 @@ class TrialConfig:
                 p.append(f"{name}: the cap must be > 0 (0 turns it off), got {value}")
         if self.softcap == 0 and self.variant in ("softcap", "qk_norm_cap"):
             p.append(f"softcap: variant {self.variant!r} needs a cap > 0")
+        if self.lr_schedule == "range" and not 0 < self.lr_range_start < self.lr:
+            p.append(f"lr_range_start: a range test climbs from lr_range_start to lr, so it must be in "
+                     f"(0, lr={self.lr}), got {self.lr_range_start}")
         for name in ("lr", "eps"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 p.append(f"{name}: must be a finite number > 0, got {getattr(self, name)}")

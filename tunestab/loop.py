@@ -33,7 +33,10 @@ from .probes import model_probes, tev_rows
 
 
 def lr_at(step: int, cfg: TrialConfig) -> float:
-    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to lr*min_lr_ratio."""
+    """Linear warm-up to cfg.lr over warmup_steps, then cosine decay to lr*min_lr_ratio; in a
+    range test (lr_schedule 'range'), lr_range_start * (lr / lr_range_start)^(step / (steps - 1))."""
+    if cfg.lr_schedule == "range":
+        return cfg.lr_range_start * (cfg.lr / cfg.lr_range_start) ** (step / max(1, cfg.steps - 1))
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
     span = max(1, cfg.steps - cfg.warmup_steps)
@@ -52,18 +55,28 @@ class Divergence:
     - `no_progress`: the final validation loss is not below the floor (marked at the end, the
       trial has already used its budget): l0 (Wortsman et al.'s clip), or with
       `progress_floor: unigram` the lower of l0 and the unigram entropy of the training tokens.
+    - `range_end` (LR range tests only): the reported loss went below l0 and is now above it
+      again. The test ends where the model has lost everything it learned, not at 4x the best
+      loss as in fastai: a language model at uniform predictions starts at l0 = log V and never
+      reaches 4x its best. Before the loss has gone below l0 nothing is judged: the first
+      reports of a ramp from a tiny LR sit at l0, above or below it by noise.
     l0 is the validation loss at initialisation, measured before the first step.
     """
 
     def __init__(self, cfg: TrialConfig, loss0: float, recent: list[float] | None = None,
-                 unigram: float | None = None):
+                 unigram: float | None = None, best: float = math.inf):
         self.cfg, self.loss0 = cfg, loss0
         self.recent = list(recent or [])
+        self.best = best  # the lowest reported loss, for range tests
         self.floor = min(loss0, unigram) if cfg.progress_floor == "unigram" and unigram is not None else loss0
 
     def after_report(self, step: int, loss: float, nonfinite: bool) -> str | None:
         if nonfinite:
             return "nonfinite"
+        if self.cfg.lr_schedule == "range":
+            self.best = min(self.best, loss)
+            if self.best < self.loss0 < loss:
+                return "range_end"
         if step <= self.cfg.warmup_steps:
             return None  # early spikes while the LR ramps up are not a verdict
         self.recent = (self.recent + [loss])[-self.cfg.blowup_window:]
@@ -73,6 +86,8 @@ class Divergence:
         return None
 
     def at_end(self, val_loss: float) -> str | None:
+        if self.cfg.lr_schedule == "range":
+            return None  # a range test that reached its top LR ends as `completed`
         return "no_progress" if not val_loss < self.floor else None
 
 
@@ -221,6 +236,7 @@ def checkpoint_state(s: Setup, step: int, batches, divergence: Divergence, cfg: 
         "rng_cuda": torch.cuda.get_rng_state_all() if s.device.type == "cuda" else [],
         "loss0": divergence.loss0,
         "recent_losses": divergence.recent,
+        "best_loss": divergence.best,
         "config": cfg.to_dict(),
     }
 
@@ -238,7 +254,8 @@ def restore(session, s: Setup, batches, cfg: TrialConfig, unigram: float | None 
     torch.set_rng_state(state["rng_cpu"])
     if s.device.type == "cuda" and state["rng_cuda"]:
         torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return state["step"], Divergence(cfg, state["loss0"], state["recent_losses"], unigram)
+    return state["step"], Divergence(cfg, state["loss0"], state["recent_losses"], unigram,
+                                     state.get("best_loss", math.inf))
 
 
 def run(cfg: TrialConfig, session) -> dict:
@@ -340,7 +357,10 @@ def run(cfg: TrialConfig, session) -> dict:
         elif reason is not None:
             # A diverged trial's validation loss is l0 (Wortsman et al.'s clip), never NaN.
             metrics["val_loss"] = divergence.loss0
-        ends = reason in ("nonfinite", "blowup") or is_last
+        if cfg.lr_schedule == "range" and (reason is not None or is_last):
+            # Where the range test ended: the LR of this report's last step.
+            metrics["range_lr"] = lr_at(step, cfg)
+        ends = reason in ("nonfinite", "blowup", "range_end") or is_last
 
         with tempfile.TemporaryDirectory(prefix="tunestab-ckpt-") as tmp:
             ckpt_dir = None
