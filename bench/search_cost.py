@@ -4,10 +4,13 @@ run to the end (Rybakov et al.'s protocol), on the same variants, model and budg
     python bench/search_cost.py                       # the first proxy's default.yaml (docs/results/legacy)
     python bench/search_cost.py --space docs/results/legacy/max_lr.yaml --ratio 1.5 --max-trials 8
 
-Both searches run through the product (`python -m tunestab.search`), one after the other:
+The searches run through the product (`python -m tunestab.search`), one after the other:
 - grid:   strategy `sweep`, scheduler `none`, LR at lo * ratio^k over the space's [lo, hi], so
           neighbouring grid points are one bracket step apart;
-- max_lr: strategy `max_lr`, TEV scheduler on, the same [lo, hi] and ratio.
+- max_lr: strategy `max_lr`, TEV scheduler on, the same [lo, hi] and ratio;
+- max_lr + range test (with --range-test): the same, each variant starting with one LR range
+          test (tunestab/bracket.py); its tokens count, and where it failed is printed beside the
+          bracket it led to.
 Tokens are counted from each trial's last reported step (steps x batch_size x seq_len). The grid
 is priced two ways: every trial for its whole budget (the protocol: each LR runs to the end and
 the curve is judged afterwards), and as actually run, where our loss rule already ends a blown-up
@@ -29,7 +32,7 @@ import pandas as pd
 import yaml
 
 from tunestab import spec as spec_mod
-from tunestab.analysis import summary
+from tunestab.analysis import split_range_tests, summary
 
 
 def lr_grid(lo: float, hi: float, ratio: float) -> list[float]:
@@ -37,7 +40,7 @@ def lr_grid(lo: float, hi: float, ratio: float) -> list[float]:
     return [float(f"{lo * ratio ** k:.6g}") for k in range(n + 1)]
 
 
-def spaces(raw: dict, ratio: float, max_trials: int, slots: int) -> tuple[dict, dict]:
+def spaces(raw: dict, ratio: float, max_trials: int, slots: int) -> tuple[dict, dict, dict]:
     lo, hi = raw["params"]["lr"]["loguniform"]
     base = {k: v for k, v in raw.items() if k not in ("params", "max_lr", "tune", "scheduler", "strategy",
                                                       "description", "storage", "tracking_uri")}
@@ -47,7 +50,8 @@ def spaces(raw: dict, ratio: float, max_trials: int, slots: int) -> tuple[dict, 
              "params": {"lr": {"loguniform": [lo, hi]}},
              "max_lr": {"ratio": ratio, "slots": slots, "max_trials": max_trials},
              "scheduler": raw.get("scheduler", {"type": "tev"})}
-    return grid, maxlr
+    ranged = {**maxlr, "name": f"{raw['name']}_cost_range", "max_lr": {**maxlr["max_lr"], "range_test": True}}
+    return grid, maxlr, ranged
 
 
 def run(space: dict, workdir: Path) -> pd.DataFrame:
@@ -69,12 +73,13 @@ def main() -> int:
     ap.add_argument("--max-trials", type=int, default=8, help="max_lr trials per variant at most")
     ap.add_argument("--slots", type=int, default=2)
     ap.add_argument("--workdir", help="keep the results here (default: a temporary folder)")
+    ap.add_argument("--range-test", action="store_true", help="also max_lr starting with an LR range test per variant")
     args = ap.parse_args()
     path = spec_mod.resolve_path(args.space)
     raw = yaml.safe_load(path.read_text())
     space = spec_mod.parse(raw, source=str(path))
     ratio = args.ratio or space.max_lr.ratio
-    grid_space, maxlr_space = spaces(raw, ratio, args.max_trials, args.slots)
+    grid_space, maxlr_space, range_space = spaces(raw, ratio, args.max_trials, args.slots)
     tokens_per_step = space.trial_config(space.variants[0]).batch_size * space.trial_config(space.variants[0]).seq_len
     budget = space.trial_config(space.variants[0]).steps
 
@@ -82,6 +87,7 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     grid_t = run(grid_space, workdir)
     maxlr_t = run(maxlr_space, workdir)
+    range_t = run(range_space, workdir) if args.range_test else None
 
     g, m = summary(grid_t, space.variants).set_index("variant"), summary(maxlr_t, space.variants).set_index("variant")
     print(f"\nLR grid: {len(lr_grid(*raw['params']['lr']['loguniform'], ratio))} points from "
@@ -104,6 +110,26 @@ def main() -> int:
     print(f"max_lr + TEV / grid run to the end = {maxlr_run / grid_full:.3f}")
     print(f"max_lr + TEV / grid as run         = {maxlr_run / grid_run:.3f}")
     print(f"same max stable LR within one bracket step for every variant: {'yes' if agree else 'NO'}")
+    if range_t is not None:
+        fixed, ranged = split_range_tests(range_t)
+        r = summary(fixed, space.variants).set_index("variant")
+        print("\n| variant | grid: max stable LR | range test failed at | max_lr + range test: bracket | steps apart "
+              "| range test / bracket's stable end | trials (range test + bracket) |")
+        print("|---|---|---|---|---|---|---|")
+        ragree = True
+        for v in space.variants:
+            gs, rs, rd = g.loc[v, "largest_stable_lr"], r.loc[v, "largest_stable_lr"], r.loc[v, "smallest_divergent_lr"]
+            est = ranged[ranged["variant"] == v]["range_lr"].max()
+            apart = abs(math.log(rs / gs)) / math.log(ratio) if rs and gs and not (pd.isna(rs) or pd.isna(gs)) else math.inf
+            ragree &= apart <= 1 + 1e-9
+            print(f"| {v} | {gs:.4g} | {est:.4g} | [{rs:.4g}, {rd:.4g}] | {apart:.2f} | {est / rs:.2f} | "
+                  f"{int((ranged['variant'] == v).sum())} + {r.loc[v, 'trials']} |")
+        range_run = range_t["step"].sum() * tokens_per_step
+        print(f"\nmax_lr + range test + TEV {range_run:,} tokens")
+        print(f"max_lr + range test + TEV / grid run to the end = {range_run / grid_full:.3f}")
+        print(f"same max stable LR within one bracket step for every variant, with the range test: "
+              f"{'yes' if ragree else 'NO'}")
+        agree &= ragree
     return 0 if agree else 1
 
 

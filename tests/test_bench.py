@@ -86,3 +86,28 @@ def test_scheduler_eval_credits_tev_only_when_tev_moves_before_the_loss(tmp_path
             assert "stops 100% of the held-out divergent runs" in line and "recall 1.00 and 0 false stops" in line
         else:
             assert "stops 0% of the held-out" in line
+
+
+def test_search_cost_builds_a_grid_a_max_lr_and_a_range_test_search_the_product_accepts():
+    """bench/search_cost.py compares three searches on one base space; each must be a space the
+    product accepts, the grid one bracket step apart and the range-test search the max_lr one
+    with range_test on."""
+    import math
+
+    import yaml
+
+    from tunestab import spec
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        import search_cost
+    finally:
+        sys.path.remove(str(BENCH))
+    raw = yaml.safe_load((BENCH.parent / "docs/results/legacy/default.yaml").read_text())
+    grid, maxlr, ranged = search_cost.spaces(raw, 1.5, 8, 2)
+    parsed = [spec.parse(s) for s in (grid, maxlr, ranged)]
+    lrs = grid["params"]["lr"]["grid"]
+    assert all(math.isclose(b / a, 1.5, rel_tol=1e-4) for a, b in zip(lrs, lrs[1:])) and len(lrs) == 18
+    assert [p.strategy for p in parsed] == ["sweep", "max_lr", "max_lr"]
+    assert not parsed[1].max_lr.range_test and parsed[2].max_lr.range_test
+    assert {k: v for k, v in ranged["max_lr"].items() if k != "range_test"} == maxlr["max_lr"]

@@ -7,7 +7,8 @@ import random
 import optuna
 import pytest
 
-from tunestab.bracket import DONE, EXTEND, WAIT, Bracket, BracketSampler, Design, bracket, is_done, next_lr, next_trial
+from tunestab.bracket import (DONE, EXTEND, WAIT, Bracket, BracketSampler, Design, bracket, is_done, next_lr,
+                              first_lrs, next_trial)
 
 LO, HI, RATIO = 1e-3, 3.0, 1.25
 
@@ -166,11 +167,72 @@ def test_no_boundary_seeds_when_the_boundary_is_outside_the_range(outcome, why):
     assert {s for _, s, _ in done} == {0}, why
 
 
+# --------------------------------------------------------------------------------------------
+# the LR range test before the bracket
+
+
+def test_after_a_range_test_the_bracket_starts_just_below_where_it_failed():
+    d = Design(LO, HI, ratio=1.41, slots=2, range_margin=4.0, seeds=0, range_test=True)
+    assert first_lrs(d, 0.8) == pytest.approx([0.4, 0.2])
+    assert next_trial([], [], d, 0.8) == (pytest.approx(0.4), 0)
+    assert next_trial([], [(0.4, 0)], d, 0.8) == (pytest.approx(0.2), 0)
+    # 0.4 diverged, 0.2 is still inside the bracket: it comes next.
+    assert next_trial([(0.4, 0, False)], [], d, 0.8) == (pytest.approx(0.2), 0)
+    # 0.4 was stable: 0.2 says nothing more, the bracket [0.4, 3] is split as usual.
+    lr, _ = next_trial([(0.4, 0, True)], [], d, 0.8)
+    assert 0.4 < lr < HI and lr != pytest.approx(0.2)
+
+
+def range_search(thresholds: dict, range_lr: dict, design: Design, tmp_path):
+    """Drive BracketSampler like Tune does, 4 trials in flight; a range test reports
+    range_lr[variant], a fixed-LR trial is stable below its variant's threshold."""
+    sampler = BracketSampler(list(thresholds), design)
+    study = optuna.create_study(study_name="r", storage=f"sqlite:///{tmp_path / 'r.db'}", sampler=sampler,
+                                direction="maximize")
+    space = {"variant": optuna.distributions.CategoricalDistribution(list(thresholds)),
+             "lr": optuna.distributions.FloatDistribution(LO, HI, log=True),
+             "seed": optuna.distributions.IntDistribution(0, 0),
+             "lr_schedule": optuna.distributions.CategoricalDistribution(["cosine", "range"])}
+    in_flight, order = [], []
+    while not sampler.finished(study):
+        while len(in_flight) < 4 and sampler.can_propose(study):
+            in_flight.append(study.ask(fixed_distributions=space))
+        t = in_flight.pop(0)
+        v, lr, schedule = t.params["variant"], t.params["lr"], t.params["lr_schedule"]
+        order.append((v, schedule))
+        study.tell(t, range_lr[v] if schedule == "range" else (lr if lr < thresholds[v] else 0.0))
+    return sampler, study, order
+
+
+@pytest.mark.parametrize("factor", [1.0, 3.0, 100.0, 0.01], ids=["at the boundary", "3x above",
+                                                                    "100x above", "100x below"])
+def test_max_lr_starts_with_one_range_test_per_variant_and_brackets_from_it(tmp_path, factor):
+    thresholds = {"baseline": 0.05, "qk_norm": 0.4}
+    design = Design(LO, HI, RATIO, slots=2, max_trials=12, seeds=0, range_test=True)
+    estimate = {v: min(HI, max(LO, t * factor)) for v, t in thresholds.items()}
+    sampler, study, order = range_search(thresholds, estimate, design, tmp_path)
+    for v, threshold in thresholds.items():
+        mine = [schedule for variant, schedule in order if variant == v]
+        assert mine[0] == "range" and mine.count("range") == 1, mine  # first, and once
+        s, d = bracket([(lr, ok) for lr, _, ok in sampler.state(study)[v][0]]).bounds(LO, HI)
+        assert s < threshold <= d and d / s <= RATIO, (v, s, d)  # wherever the estimate was
+        assert len(sampler.state(study)[v][0]) <= design.max_trials
+        assert sampler.ranges(study)[v] == pytest.approx(estimate[v])
+    if factor == 3.0:
+        # A good estimate saves trials, its own included: the same search without it brackets
+        # from the whole range.
+        (tmp_path / "plain").mkdir()
+        _, plain, _ = range_search(thresholds, estimate, Design(LO, HI, RATIO, slots=2, max_trials=12, seeds=0),
+                                   tmp_path / "plain")
+        assert len(study.trials) < len(plain.trials)
+
+
 @pytest.mark.slow
-def test_bracket_search_runs_its_boundary_seeds_under_tune(tmp_path):
-    """BracketSearch in a real Tune run: it waits (suggest -> None) while the bracket may still
-    move, then hands out the boundary seeds' grid, and finishes. The trainable stands in for a
-    trial with a known boundary per variant."""
+def test_bracket_search_runs_its_range_tests_and_boundary_seeds_under_tune(tmp_path):
+    """BracketSearch in a real Tune run: a range test per variant first, then it waits (suggest ->
+    None) while the bracket may still move, then hands out the boundary seeds' grid, and
+    finishes. The trainable stands in for a trial with a known boundary per variant; its range
+    test fails at 3x the boundary."""
     import ray
     from ray import tune
 
@@ -179,10 +241,13 @@ def test_bracket_search_runs_its_boundary_seeds_under_tune(tmp_path):
     edges = {"baseline": 0.05, "qk_norm": 0.3}
 
     def trial(config):
+        if config["lr_schedule"] == "range":
+            tune.report({"stable_lr": 3 * edges[config["variant"]]})
+            return
         stable = config["lr"] < edges[config["variant"]] * (1.1 if config["seed"] % 2 else 0.95)
         tune.report({"stable_lr": config["lr"] if stable else 0.0})
 
-    design = Design(LO, HI, ratio=1.41, slots=2, max_trials=10, seeds=2, points=2)
+    design = Design(LO, HI, ratio=1.41, slots=2, max_trials=10, seeds=2, points=2, range_test=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
     searcher = BracketSearch(list(edges), design, storage=storage, study_name="b")
     ray.init(num_cpus=2, include_dashboard=False)
@@ -195,6 +260,7 @@ def test_bracket_search_runs_its_boundary_seeds_under_tune(tmp_path):
     configs = [r.config for r in results]
     for variant, edge in edges.items():
         mine = [c for c in configs if c["variant"] == variant]
+        assert [c["lr"] for c in mine if c["lr_schedule"] == "range"] == [HI]  # one ramp, to the top
         grid = [c for c in mine if c["seed"] in (1, 2)]
         assert len(grid) >= 2 * 2  # both boundary seeds, at two LRs or more each
         assert min(c["lr"] for c in grid) < edge < max(c["lr"] for c in grid)

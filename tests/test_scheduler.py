@@ -100,6 +100,21 @@ def test_peer_compares_a_trial_with_the_same_variant_at_lower_lrs_at_the_same_st
     assert sched.on_trial_result(None, lone, {"step": 10, "tev_mean": 1.0, "tev_std": 0.9}) == CONTINUE
 
 
+def test_an_lr_range_test_is_never_stopped_and_is_no_peer():
+    """A range test's TEV climbs with its LR by design: it is not judged, and a fixed-LR trial
+    of the variant is not compared with it (its ramp starts below every trial's LR)."""
+    sched = TEVScheduler(TEVRule(signal="peer", threshold=2.0, rise=0, min_step=0))
+    ramp = SimpleNamespace(trial_id="r", config={"variant": "baseline", "lr": 1e-3, "lr_schedule": "range"})
+    sched.on_trial_add(None, ramp)
+    assert [sched.on_trial_result(None, ramp, {"step": s, "tev_mean": 1.0, "tev_std": 0.1 * s})
+            for s in (10, 20, 30)] == [CONTINUE] * 3
+    assert "r" not in sched.history and "r" not in sched.verdicts
+    fixed = SimpleNamespace(trial_id="x", config={"variant": "baseline", "lr": 0.1})
+    sched.on_trial_add(None, fixed)
+    # Against the ramp as a peer (σ/μ 1.0 at step 10) this 2.5 would be a stop; with no peer, none.
+    assert sched.on_trial_result(None, fixed, {"step": 10, "tev_mean": 1.0, "tev_std": 2.5}) == CONTINUE
+
+
 def test_no_verdict_before_min_step_even_for_a_wide_spread():
     sched = TEVScheduler(dataclasses.replace(DISPERSION, min_step=50))
     assert feed(sched, stream([0.5] * 6, [0.1, 0.9, 0.9, 0.9, 0.1, 0.1])) == [CONTINUE] * 6

@@ -22,6 +22,9 @@ def test_objectives_score_how_a_trial_ended():
     assert search.objectives(tev, 0.9) == {"stable_lr": 0.0, "objective": 5.5}
     no_progress = {"stop_reason": "no_progress", "diverged": 1, "val_loss": 5.6, "loss_init": 5.5}
     assert search.objectives(no_progress, 0.5)["stable_lr"] == 0.0
+    # An LR range test hands BracketSampler where it failed, however it ended.
+    ramp = {"stop_reason": "range_end", "diverged": 1, "range_lr": 0.7, "loss_init": 5.5}
+    assert search.objectives(ramp, 30.0) == {"stable_lr": 0.7, "objective": 5.5}
 
 
 def test_summary_fits_each_variant_and_keeps_the_bracket():
@@ -116,10 +119,12 @@ def run_search_in_process(space, storage):
 
 @pytest.mark.slow
 def test_end_to_end_search_writes_parent_and_child_runs_to_mlflow(tmp_path, capsys):
+    # With an LR range test per variant before its bracket (tunestab/bracket.py).
     storage = tmp_path / "results"
-    run_search_in_process(write_space(tmp_path), storage)
+    run_search_in_process(write_space(tmp_path, max_lr={**TINY["max_lr"], "range_test": True}), storage)
     out = capsys.readouterr().out
     assert "| baseline |" in out and "| mlra |" in out and "mlflow ui --backend-store-uri" in out
+    assert "range test failed at" in out
 
     client, parents, children = mlflow_runs(storage, "tiny")
     assert len(parents) == 1
@@ -130,18 +135,26 @@ def test_end_to_end_search_writes_parent_and_child_runs_to_mlflow(tmp_path, caps
     # Artifacts sit beside the database in the storage folder, not in ./mlruns of the caller.
     assert list((storage / "mlartifacts").rglob("summary.md")) and not Path("mlruns").exists()
     trials = pd.read_csv(next(storage.glob("tiny-*")) / "trials.csv")
-    assert len(children) == len(trials) == 4  # max_trials 2 x 2 variants
+    assert len(children) == len(trials) == 6  # a range test and max_trials 2, x 2 variants
+    ranged = trials[trials["lr_schedule"] == "range"]
+    assert sorted(ranged["variant"]) == ["baseline", "mlra"] and (ranged["lr"] == 30.0).all()
+    assert ((ranged["range_lr"] > 1e-3) & (ranged["range_lr"] <= 30.0)).all()
+    assert trials[trials["lr_schedule"] != "range"]["range_lr"].isna().all()
     for child in children:
         tags = child.data.tags
         assert tags["mlflow.parentRunId"] == parent.info.run_id
         assert tags["variant"] in ("baseline", "mlra")
-        assert tags["stop_reason"] in ("completed", "blowup", "nonfinite", "no_progress", "tev")
+        assert tags["stop_reason"] in ("completed", "blowup", "nonfinite", "no_progress", "tev", "range_end")
         assert tags["diverged"] in ("0", "1") and int(tags["stop_step"]) > 0
         assert float(child.data.params["lr"]) > 0 and child.data.params["n_layer"] == "2"
         history = client.get_metric_history(child.info.run_id, "loss")
         assert [m.step for m in history][:1] == [10] and all(math.isfinite(m.value) for m in history)
     summary_csv = pd.read_csv(next(storage.glob("tiny-*")) / "summary.csv").set_index("variant")
     for variant, row in summary_csv.iterrows():
+        # The fit and the bracket count the fixed-LR trials; the range test stands beside them.
+        assert row["trials"] == 2
+        assert row["range_test_lr"] == pytest.approx(ranged.set_index("variant").loc[variant, "range_lr"])
+        assert parent.data.metrics[f"range_test_lr/{variant}"] == pytest.approx(row["range_test_lr"])
         for key in ("max_stable_lr", "max_stable_lr_low", "max_stable_lr_high"):
             if pd.isna(row[key]):  # no boundary between the LRs tried: no metric, never NaN
                 assert f"{key}/{variant}" not in parent.data.metrics

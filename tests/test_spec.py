@@ -49,13 +49,15 @@ def test_every_problem_is_reported_with_its_key():
         "resources": {"workers": 0, "gpus": 1},
         "tune": {"sampler": "random"},
         "scheduler": {"type": "tev", "rule": {"threshold": -1, "nonsense": 2}},
+        "max_lr": {"range_test": "yes", "range_margin": 1.0},
     }
     text = "\n".join(problems_of(raw))
     for fragment in ("name:", "strategy:", "variants: unknown ['nope']", "colour: unknown key",
                      "trial.n_layer:", "trial.stepz: unknown", "params.lr.loguniform: low must be below high",
                      "params.warmup_steps.choice: expected a non-empty list", "params.batch_size.normal: unknown distribution",
                      "resources.workers: must be >= 1", "resources.gpus: unknown key", "tune.sampler:",
-                     "scheduler.rule.threshold", "scheduler.rule.nonsense: unknown key"):
+                     "scheduler.rule.threshold", "scheduler.rule.nonsense: unknown key",
+                     "max_lr.range_test: expected bool", "max_lr.range_margin: must be > 1"):
         assert fragment in text, fragment
 
 

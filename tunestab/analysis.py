@@ -28,6 +28,14 @@ COLUMNS = ["trial_id", "variant", "lr", "seed", "stop_reason", "diverged", "tev_
 FIXED = 4
 
 
+# With LR range tests (max_lr.range_test): which trials were range tests, and where each failed.
+RANGE_COLUMNS = ["lr_schedule", "range_lr"]
+
+
+def range_tests(space) -> bool:
+    return space.strategy == "max_lr" and space.max_lr.range_test
+
+
 def trial_table(space, grid) -> pd.DataFrame:
     rows = []
     for r in grid:
@@ -38,12 +46,23 @@ def trial_table(space, grid) -> pd.DataFrame:
                "seed": c.get("seed", space.trial.get("seed", 0))}
         row.update({p.name: c.get(p.name) for p in space.params if p.name not in ("lr", "seed")})
         row.update({k: m.get(k) for k in COLUMNS[FIXED:]})
+        row.update(lr_schedule=c.get("lr_schedule", "cosine"), range_lr=m.get("range_lr"))
         if r.error is not None:
             row["stop_reason"] = "error"
         rows.append(row)
     extra = [p.name for p in space.params if p.name not in ("lr", "seed")]
     # Fixed columns, so that an empty search gives an empty table the summary can still read.
-    return pd.DataFrame(rows, columns=COLUMNS[:FIXED] + extra + COLUMNS[FIXED:])
+    return pd.DataFrame(rows, columns=COLUMNS[:FIXED] + extra + COLUMNS[FIXED:]
+                        + (RANGE_COLUMNS if range_tests(space) else []))
+
+
+def split_range_tests(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(trials at a fixed LR schedule, LR range tests): a range test is no outcome at an LR, so
+    the bracket, the fit and the plots see only the first."""
+    if "lr_schedule" not in table:
+        return table, table.iloc[0:0]
+    ranged = table["lr_schedule"] == "range"
+    return table[~ranged], table[ranged]
 
 
 def stable_mask(table: pd.DataFrame) -> pd.Series:
@@ -228,13 +247,15 @@ def interval(low, high) -> str:
 
 
 def summary_markdown(s: pd.DataFrame, p: float = boundary.P_DIVERGE) -> str:
+    ranged = "range_test_lr" in s
     lines = [f"| variant | max stable LR (P(diverge) = {p:g}) | 90% interval | seeds | trials | bracket | "
-             "best val loss | diverged | TEV stops |", "|---|---|---|---|---|---|---|---|---|"]
+             "best val loss | diverged | TEV stops |" + (" range test failed at |" if ranged else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if ranged else "")]
     for _, r in s.iterrows():
         lines.append(f"| {r['variant']} | {fmt(r['max_stable_lr'])} | {interval(r['max_stable_lr_low'], r['max_stable_lr_high'])} | "
                      f"{r['seeds']} | {r['trials']} | [{fmt(r['largest_stable_lr'])}, "
                      f"{fmt(r['smallest_divergent_lr'])}] | {fmt(r['best_val_loss'], '.4f')} | {r['diverged']} | "
-                     f"{r['tev_stops']} |")
+                     f"{r['tev_stops']} |" + (f" {fmt(r['range_test_lr'])} |" if ranged else ""))
     return "\n".join(lines)
 
 
@@ -358,16 +379,23 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    table = trial_table(space, grid)
+    every = trial_table(space, grid)
+    table, ranged = split_range_tests(every)
+    if len(ranged):
+        grid = [r for r in grid if r.config.get("lr_schedule") != "range"]
     p = space.max_lr.p_diverge
     # A boundary in LR is read where the trials differ in LR and seed alone (not in a depth or a
     # rank as well, whose trials would be pooled into one curve).
     fits = (boundaries(table, space.variants, p) if space.param("lr") is not None
             and space.strategy != "tune" and all(q.name in ("lr", "seed") for q in space.params) else None)
     s = summary(table, space.variants, fits)
+    if range_tests(space):
+        # Where each variant's range test failed, beside the answer it led to (issue 17 asks how
+        # far apart they are).
+        s["range_test_lr"] = [ranged[ranged["variant"] == v]["range_lr"].max() for v in s["variant"]]
     md = summary_markdown(s, p)
     rat = ratios(fits) if fits else None
-    table.to_csv(run_dir / "trials.csv", index=False)
+    every.to_csv(run_dir / "trials.csv", index=False)
     s.to_csv(run_dir / "summary.csv", index=False)
     (run_dir / "summary.md").write_text(md + "\n" + (f"\n{ratios_markdown(rat)}\n" if rat is not None and len(rat) else ""))
     files = [run_dir / "trials.csv", run_dir / "summary.csv", run_dir / "summary.md"]
@@ -397,7 +425,8 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
         files.append(run_dir / "cells.csv")
 
     metrics = [Metric(f"{key}/{r['variant']}", float(r[key]), 0, 0) for _, r in s.iterrows()
-               for key in ("max_stable_lr", "max_stable_lr_low", "max_stable_lr_high") if not pd.isna(r[key])]
+               for key in ("max_stable_lr", "max_stable_lr_low", "max_stable_lr_high", "range_test_lr")
+               if key in r and not pd.isna(r[key])]
     if rat is not None:
         metrics += [Metric(f"lr_ratio{suffix}/{r['variant']}_vs_{r['reference']}", float(r[f"ratio{suffix}"]), 0, 0)
                     for _, r in rat.iterrows() for suffix in ("", "_low", "_high") if not pd.isna(r[f"ratio{suffix}"])]

@@ -18,6 +18,15 @@ any at the highest completed, one is added above (at most `EXTEND` each way), so
 the boundary from both sides. tunestab/boundary.py fits P(diverge | LR) to all of a variant's
 trials and reads the max stable LR, with its interval, where it crosses 10%.
 
+**0. An LR range test** (with `range_test`; Smith's test, as fastai's `lr_find`). Before the
+bracket, one run per variant whose LR climbs exponentially from the range's low end to its high
+end (`lr_schedule: range`, tunestab/loop.py) reports `range_lr`, where its loss passed l0. The
+bracket's first `slots` trials then sit just below it, at range_lr / range_margin^(i / slots),
+i = 1 ... slots (a ramp fails later than a run held at one LR), instead of splitting the whole
+range; from their outcomes the bracket narrows as usual, with the whole range behind it, so an
+estimate far off costs a round, not the answer. The range run is not an outcome at a fixed LR:
+the bracket and the fit never see it.
+
 A trial that failed (an error, not a divergence) says nothing about the LR and is left out.
 `BracketSampler` is this logic as an Optuna sampler over {variant, lr, seed}: the study stores
 every trial and its objective (`stable_lr` = lr when the trial completed without diverging, 0
@@ -105,6 +114,10 @@ class Design:
     seeds: int = 4
     points: int = 4
     step: float = math.sqrt(2)
+    range_test: bool = False
+    """Start each variant with an LR range test, and bracket from where it failed."""
+    range_margin: float = 4.0
+    """The first bracketing trials sit at range_lr / range_margin^(i / slots), i = 1 ... slots."""
 
     def grid_lr(self, centre: float, level: int, j: int) -> float:
         """Boundary seed j's LR at grid level `level` (0 ... points - 1 around the centre)."""
@@ -114,19 +127,36 @@ class Design:
 
 WAIT = "wait"  # next_trial: nothing to start until a trial in flight finishes
 DONE = "done"  # next_trial: this variant has every trial it needs
+RANGE = "range"  # lr_schedule of an LR range test run
+RUNNING = "running"  # a variant's range test has not reported its range_lr yet
 
 
 def same(a: float, b: float) -> bool:
     return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
 
 
-def next_trial(outcomes: list[tuple[float, int, bool]], pending: list[tuple[float, int]], d: Design):
+def first_lrs(d: Design, range_lr: float) -> list[float]:
+    """The bracket's first LRs after a range test that failed at `range_lr`."""
+    return [range_lr / d.range_margin ** ((i + 1) / d.slots) for i in range(d.slots)]
+
+
+def next_trial(outcomes: list[tuple[float, int, bool]], pending: list[tuple[float, int]], d: Design,
+               range_lr: float | None = None):
     """One variant's next trial as (lr, seed), or WAIT, or DONE.
 
-    outcomes: (lr, seed, stable?) of its finished trials; pending: (lr, seed) of those running."""
+    outcomes: (lr, seed, stable?) of its finished trials; pending: (lr, seed) of those running;
+    range_lr: where its LR range test failed, when the design has one (the bracket starts there)."""
     first = [(lr, ok) for lr, seed, ok in outcomes if seed == d.seed]
     running = [lr for lr, seed in pending if seed == d.seed]
     if not is_done(first, d.lo, d.hi, d.ratio, d.max_trials - len(running)):
+        if range_lr is not None:
+            # The range test's points first, while they still lie inside the bracket and untried
+            # (the range's ends are never tried: see the module's doc).
+            s, top = bracket(first).bounds(d.lo, d.hi)
+            tried = [lr for lr, _ in first] + running
+            for lr in first_lrs(d, range_lr):
+                if s < lr < top and not any(same(lr, t) for t in tried):
+                    return lr, d.seed
         return next_lr(first, running, d.lo, d.hi, d.slots), d.seed
     if running:
         return WAIT  # the bracket may still move
@@ -163,18 +193,20 @@ def next_trial(outcomes: list[tuple[float, int, bool]], pending: list[tuple[floa
 
 
 class BracketSampler(optuna.samplers.BaseSampler):
-    """Optuna sampler for `variant` (categorical), then `lr` (log float) and `seed` (int)."""
+    """Optuna sampler for `variant` (categorical), then `lr` (log float), `seed` (int) and, with
+    range tests, `lr_schedule` (categorical: cosine, or range for a variant's range test)."""
 
     def __init__(self, variants: list[str], design: Design):
         self.variants, self.design = list(variants), design
-        self._chosen: dict[int, tuple[float, int]] = {}  # trial number -> its (lr, seed)
+        self._chosen: dict[int, tuple[float, int, str]] = {}  # trial number -> its (lr, seed, schedule)
 
     def state(self, study: optuna.Study, exclude: int | None = None) -> dict[str, tuple[list, list]]:
-        """variant -> (finished outcomes [(lr, seed, stable)], pending [(lr, seed)])."""
+        """variant -> (finished outcomes [(lr, seed, stable)], pending [(lr, seed)]), range tests
+        left out."""
         out = {v: ([], []) for v in self.variants}
         for t in study.get_trials(deepcopy=False):
             v, lr = t.params.get("variant"), t.params.get("lr")
-            if v not in out or lr is None or t.number == exclude:
+            if v not in out or lr is None or t.number == exclude or t.params.get("lr_schedule") == RANGE:
                 continue
             seed = int(t.params.get("seed", self.design.seed))
             if t.state == optuna.trial.TrialState.COMPLETE:
@@ -183,9 +215,34 @@ class BracketSampler(optuna.samplers.BaseSampler):
                 out[v][1].append((lr, seed))
         return out
 
+    def ranges(self, study: optuna.Study, exclude: int | None = None) -> dict[str, float | str | None]:
+        """variant -> the range_lr of its range test (the objective it reported), RUNNING while
+        it runs, or None before it started (or after it failed, so that it runs again)."""
+        out: dict[str, float | str | None] = {v: None for v in self.variants}
+        for t in study.get_trials(deepcopy=False):
+            v = t.params.get("variant")
+            if v not in out or t.number == exclude or t.params.get("lr_schedule") != RANGE:
+                continue
+            if t.state == optuna.trial.TrialState.COMPLETE and t.values[0] > 0:
+                out[v] = t.values[0]
+            elif t.state == optuna.trial.TrialState.RUNNING and out[v] is None:
+                out[v] = RUNNING
+        return out
+
     def proposals(self, study: optuna.Study, exclude: int | None = None) -> dict[str, object]:
-        """variant -> its next_trial (an (lr, seed), WAIT or DONE)."""
-        return {v: next_trial(done, pending, self.design) for v, (done, pending) in self.state(study, exclude).items()}
+        """variant -> its next trial: an (lr, seed, schedule), WAIT or DONE."""
+        ranges = self.ranges(study, exclude) if self.design.range_test else {}
+        out = {}
+        for v, (done, pending) in self.state(study, exclude).items():
+            r = ranges.get(v)
+            if self.design.range_test and r is None:
+                out[v] = (self.design.hi, self.design.seed, RANGE)  # the ramp ends at the range's top
+            elif r == RUNNING:
+                out[v] = WAIT
+            else:
+                nxt = next_trial(done, pending, self.design, r)
+                out[v] = (*nxt, "cosine") if isinstance(nxt, tuple) else nxt
+        return out
 
     def finished(self, study: optuna.Study) -> bool:
         return all(p == DONE for p in self.proposals(study).values())
@@ -200,7 +257,7 @@ class BracketSampler(optuna.samplers.BaseSampler):
         choices = list(ready) or self.variants
         # The variant with the fewest trials so far, finished or running.
         variant = min(choices, key=lambda v: (len(state[v][0]) + len(state[v][1]), self.variants.index(v)))
-        self._chosen[trial.number] = ready.get(variant) or (self.design.lo, self.design.seed)
+        self._chosen[trial.number] = ready.get(variant) or (self.design.lo, self.design.seed, "cosine")
         return variant
 
     def infer_relative_search_space(self, study, trial):
@@ -219,7 +276,9 @@ class BracketSampler(optuna.samplers.BaseSampler):
         if param_name == "lr":
             return self._chosen[trial.number][0]
         if param_name == "seed":
-            return self._chosen.pop(trial.number)[1]
+            return self._chosen[trial.number][1]
+        if param_name == "lr_schedule":
+            return self._chosen[trial.number][2]
         return optuna.samplers.RandomSampler().sample_independent(study, trial, param_name, param_distribution)
 
 
@@ -256,6 +315,8 @@ class BracketSearch(FinalOnlyOptunaSearch):
         space = {"variant": optuna.distributions.CategoricalDistribution(list(variants)),
                  "lr": optuna.distributions.FloatDistribution(design.lo, design.hi, log=True),
                  "seed": optuna.distributions.IntDistribution(design.seed, design.seed + max(design.seeds, 0))}
+        if design.range_test:
+            space["lr_schedule"] = optuna.distributions.CategoricalDistribution(["cosine", RANGE])
         super().__init__(space=space, metric=OBJECTIVE, mode="max", sampler=self.bracket_sampler,
                          storage=storage, study_name=study_name)
 

@@ -81,6 +81,10 @@ class TEVScheduler(FIFOScheduler):
         step = result[self.time_attr]
         mean, std = result.get("tev_mean"), result.get("tev_std")
         config = getattr(trial, "config", None) or {}
+        if config.get("lr_schedule") == "range":
+            # An LR range test climbs until it fails, by design: it is not judged, and its TEV
+            # (which climbs with it) is no peer of fixed-LR trials. Its reports keep TEV as usual.
+            return TrialScheduler.CONTINUE
         self.trials.setdefault(tid, [config.get("variant"), config.get("lr")])
         hist = self.history.setdefault(tid, [])
         # A restored trial reports again from its checkpoint: keep the history up to there.

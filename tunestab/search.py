@@ -45,6 +45,8 @@ def outcome_stable(result: dict) -> bool:
 def objectives(result: dict, lr: float) -> dict:
     l0 = result.get("loss_init", result.get("loss", 0.0))
     stable = outcome_stable(result)
+    if "range_lr" in result:  # an LR range test: where its loss passed l0 (tunestab/bracket.py)
+        return {"stable_lr": float(result["range_lr"]), "objective": float(l0)}
     return {"stable_lr": float(lr) if stable else 0.0,
             "objective": float(result["val_loss"]) if stable and "val_loss" in result else float(l0)}
 
@@ -84,7 +86,9 @@ def param_space(space: spec_mod.Space, run_dir: Path) -> dict:
               "storage": train_storage}
     out = {**space.trial, "runner": runner}
     if space.strategy == "max_lr":
-        return out  # variant and lr come from BracketSearch
+        if space.max_lr.range_test:
+            out["lr_range_start"] = space.param("lr").values[0]  # a range test climbs the whole range
+        return out  # variant, lr, seed (and lr_schedule) come from BracketSearch
     variants = list(space.variants)
     if space.strategy == "sweep":
         out["variant"] = tune.grid_search(variants)
@@ -134,7 +138,7 @@ def design(space: spec_mod.Space):
     m = space.max_lr
     lo, hi = space.param("lr").values
     return Design(lo, hi, m.ratio, m.slots, m.max_trials, space.trial_config(space.variants[0]).seed, m.seeds,
-                  m.points, m.step)
+                  m.points, m.step, m.range_test, m.range_margin)
 
 
 def num_trials(space: spec_mod.Space) -> int:
@@ -142,8 +146,8 @@ def num_trials(space: spec_mod.Space) -> int:
         from .bracket import EXTEND
 
         m = space.max_lr
-        # The bracket, then each boundary seed's grid at its largest.
-        return (m.max_trials + m.seeds * (m.points + 2 * EXTEND)) * len(space.variants)
+        # The range test, the bracket, then each boundary seed's grid at its largest.
+        return (int(m.range_test) + m.max_trials + m.seeds * (m.points + 2 * EXTEND)) * len(space.variants)
     if space.strategy == "tune":
         return space.tune.num_samples * space.tune.seeds
     return 1  # a grid is expanded by Tune itself

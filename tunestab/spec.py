@@ -94,6 +94,12 @@ class MaxLR:
     """Ratio between a boundary seed's neighbouring LRs."""
     p_diverge: float = 0.1
     """The max stable LR is where the fitted P(diverge | LR) crosses this."""
+    range_test: bool = False
+    """Start each variant with an LR range test (one run, the LR climbing from the range's low
+    to its high end, ended where its loss passes l0); the bracket starts from where it failed."""
+    range_margin: float = 4.0
+    """After a range test failing at r, the first bracketing trials sit at r / range_margin^(i /
+    slots), i = 1 ... slots."""
 
 
 @dataclass(frozen=True)
@@ -363,6 +369,8 @@ def parse(raw, where: str = "search space", source: str = "") -> Space:
         problems.append(f"max_lr.ratio: must be > 1, got {max_lr.ratio}")
     if max_lr.step <= 1:
         problems.append(f"max_lr.step: must be > 1, got {max_lr.step}")
+    if max_lr.range_margin <= 1:
+        problems.append(f"max_lr.range_margin: must be > 1, got {max_lr.range_margin}")
     if max_lr.seeds < 0:
         problems.append(f"max_lr.seeds: must be >= 0, got {max_lr.seeds}")
     if max_lr.points < 2:
