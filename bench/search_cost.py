@@ -40,6 +40,11 @@ def lr_grid(lo: float, hi: float, ratio: float) -> list[float]:
     return [float(f"{lo * ratio ** k:.6g}") for k in range(n + 1)]
 
 
+def steps_apart(a: float, b: float, ratio: float) -> float:
+    """How many bracket steps apart two max stable LRs are (inf when either is missing)."""
+    return abs(math.log(a / b)) / math.log(ratio) if a and b and not (pd.isna(a) or pd.isna(b)) else math.inf
+
+
 def spaces(raw: dict, ratio: float, max_trials: int, slots: int) -> tuple[dict, dict, dict]:
     lo, hi = raw["params"]["lr"]["loguniform"]
     base = {k: v for k, v in raw.items() if k not in ("params", "max_lr", "tune", "scheduler", "strategy",
@@ -98,7 +103,7 @@ def main() -> int:
     agree = True
     for v in space.variants:
         gs, ms, md = g.loc[v, "largest_stable_lr"], m.loc[v, "largest_stable_lr"], m.loc[v, "smallest_divergent_lr"]
-        apart = abs(math.log(ms / gs)) / math.log(ratio) if ms and gs and not (pd.isna(ms) or pd.isna(gs)) else math.inf
+        apart = steps_apart(ms, gs, ratio)
         agree &= apart <= 1 + 1e-9
         print(f"| {v} | {gs:.4g} | [{ms:.4g}, {md:.4g}] | {apart:.2f} | {g.loc[v, 'trials']} | "
               f"{m.loc[v, 'trials']} | {m.loc[v, 'tev_stops']} |")
@@ -120,7 +125,7 @@ def main() -> int:
         for v in space.variants:
             gs, rs, rd = g.loc[v, "largest_stable_lr"], r.loc[v, "largest_stable_lr"], r.loc[v, "smallest_divergent_lr"]
             est = ranged[ranged["variant"] == v]["range_lr"].max()
-            apart = abs(math.log(rs / gs)) / math.log(ratio) if rs and gs and not (pd.isna(rs) or pd.isna(gs)) else math.inf
+            apart = steps_apart(rs, gs, ratio)
             ragree &= apart <= 1 + 1e-9
             print(f"| {v} | {gs:.4g} | {est:.4g} | [{rs:.4g}, {rd:.4g}] | {apart:.2f} | {est / rs:.2f} | "
                   f"{int((ranged['variant'] == v).sum())} + {r.loc[v, 'trials']} |")

@@ -39,19 +39,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tunestab import search  # noqa: E402
+from tunestab.replay import reports  # noqa: E402
 from tunestab import spec as spec_mod  # noqa: E402
 
 DEFAULT_SPACE = "docs/results/legacy/default.yaml"
 
 
 def trial_results(run_dir: Path) -> list[list[dict]]:
-    """Every trial's reports, in order, from Tune's own result files."""
-    out = []
-    for path in sorted((run_dir / "tune").glob("*/*/result.json")):
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        if rows:
-            out.append(rows)
-    return out
+    """Every trial's reports, in order, from Tune's own result files (as replay reads them)."""
+    return [rows for path in sorted((run_dir / "tune").glob("*/*/result.json")) if (rows := reports(path.parent))]
 
 
 def alone_seconds(rows: list[dict]) -> float:
@@ -110,12 +106,7 @@ def main() -> int:
         space = spec_mod.load(args.space)
     concurrency = args.max_concurrent or space.resources.max_concurrent
     actors = {}
-    if args.run_dir:
-        # Tune's start to the last report: without Ray's start-up and the final report, a little
-        # less than the command's wall time.
-        state = json.loads(next((run_dir / "tune").glob("*/experiment_state-*.json")).read_text())
-        wall = max(rows[-1]["timestamp"] for rows in trial_results(run_dir)) - state["stats"]["start_time"]
-    else:
+    if not args.run_dir:
         storage = Path(args.storage or tempfile.mkdtemp(prefix="tunestab-overhead-"))
         argv = ["--space", args.space, "--storage", str(storage)]
         if args.max_concurrent:
@@ -134,6 +125,11 @@ def main() -> int:
             ray.shutdown()
         run_dir = search.newest_run_dir(storage, space.name)
     trials = trial_results(run_dir)
+    if args.run_dir:
+        # Tune's start to the last report: without Ray's start-up and the final report, a little
+        # less than the command's wall time.
+        state = json.loads(next((run_dir / "tune").glob("*/experiment_state-*.json")).read_text())
+        wall = max(rows[-1]["timestamp"] for rows in trials) - state["stats"]["start_time"]
     own = sum(rows[-1]["loop_s"] for rows in trials)
     first = [(rows[0]["time_total_s"], rows[0]["loop_s"]) for rows in trials]
     print(f"\nsearch {space.name!r}: {len(trials)} trials, {concurrency} at a time; results in {run_dir}")

@@ -359,7 +359,7 @@ def run(cfg: TrialConfig, session) -> dict:
             metrics["val_loss"] = divergence.loss0
         if cfg.lr_schedule == "range" and (reason is not None or is_last):
             # Where the range test ended: the LR of this report's last step.
-            metrics["range_lr"] = lr_at(step, cfg)
+            metrics["range_lr"] = metrics["lr"]
         ends = reason in ("nonfinite", "blowup", "range_end") or is_last
 
         with tempfile.TemporaryDirectory(prefix="tunestab-ckpt-") as tmp:
