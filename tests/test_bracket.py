@@ -229,27 +229,30 @@ def test_max_lr_starts_with_one_range_test_per_variant_and_brackets_from_it(tmp_
 
 @pytest.mark.slow
 def test_bracket_search_runs_its_range_tests_and_boundary_seeds_under_tune(tmp_path):
-    """BracketSearch in a real Tune run: a range test per variant first, then it waits (suggest ->
+    """BracketSearch in a real Tune run: a range test per arm first, then it waits (suggest ->
     None) while the bracket may still move, then hands out the boundary seeds' grid, and
-    finishes. The trainable stands in for a trial with a known boundary per variant; its range
-    test fails at 3x the boundary."""
+    finishes. The arms are the scale strategy's: one variant at two sizes, each bracketed on its
+    own, with the size's fields in each trial's config in place of the arm's label. The trainable
+    stands in for a trial with a known boundary per size; its range test fails at 3x the boundary."""
     import ray
     from ray import tune
 
     from tunestab.bracket import BracketSearch
 
-    edges = {"baseline": 0.05, "qk_norm": 0.3}
+    edges = {16: 0.3, 32: 0.05}  # d_model -> boundary
+    arms = {"baseline@w16": {"variant": "baseline", "d_model": 16}, "baseline@w32": {"variant": "baseline", "d_model": 32}}
 
     def trial(config):
+        assert config["variant"] == "baseline"
         if config["lr_schedule"] == "range":
-            tune.report({"stable_lr": 3 * edges[config["variant"]]})
+            tune.report({"stable_lr": 3 * edges[config["d_model"]]})
             return
-        stable = config["lr"] < edges[config["variant"]] * (1.1 if config["seed"] % 2 else 0.95)
+        stable = config["lr"] < edges[config["d_model"]] * (1.1 if config["seed"] % 2 else 0.95)
         tune.report({"stable_lr": config["lr"] if stable else 0.0})
 
     design = Design(LO, HI, ratio=1.41, slots=2, max_trials=10, seeds=2, points=2, range_test=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
-    searcher = BracketSearch(list(edges), design, storage=storage, study_name="b")
+    searcher = BracketSearch(list(arms), design, storage=storage, study_name="b", arms=arms)
     ray.init(num_cpus=2, include_dashboard=False)
     try:
         results = tune.Tuner(trial, tune_config=tune.TuneConfig(search_alg=searcher, num_samples=200,
@@ -258,8 +261,8 @@ def test_bracket_search_runs_its_range_tests_and_boundary_seeds_under_tune(tmp_p
     finally:
         ray.shutdown()
     configs = [r.config for r in results]
-    for variant, edge in edges.items():
-        mine = [c for c in configs if c["variant"] == variant]
+    for d_model, edge in edges.items():
+        mine = [c for c in configs if c["d_model"] == d_model]
         assert [c["lr"] for c in mine if c["lr_schedule"] == "range"] == [HI]  # one ramp, to the top
         grid = [c for c in mine if c["seed"] in (1, 2)]
         assert len(grid) >= 2 * 2  # both boundary seeds, at two LRs or more each

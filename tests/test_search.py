@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tunestab import analysis, search, spec
+from tunestab import analysis, mlflow_view, search, spec
 from tunestab.analysis import summary
 
 
@@ -130,6 +130,15 @@ def test_end_to_end_search_writes_parent_and_child_runs_to_mlflow(tmp_path, caps
     assert len(parents) == 1
     parent = parents[0]
     assert parent.info.status == "FINISHED"
+    # The printed link opens the model-training runs view with the search's saved chart view.
+    exp = parent.info.experiment_id
+    assert (f"http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning"
+            f"&compareRunsMode=CHART&viewStateShareKey=tunestab") in out
+    view = mlflow_view.read_state(client.get_experiment(exp).tags[mlflow_view.TAG])
+    assert view["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    assert [s["name"] for s in view["compareRunSections"]][:4] == ["Stability", "Model metrics", "layer_0", "layer_1"]
+    # What the filter selects is this search's trials, each of them.
+    assert len(client.search_runs([exp], filter_string=view["searchFilter"])) == len(children)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"space.yaml", "summary.md", "summary.csv", "trials.csv", "loss_vs_lr.png", "tev_curves.png"} <= artifacts
     # Artifacts sit beside the database in the storage folder, not in ./mlruns of the caller.
@@ -392,3 +401,63 @@ def test_the_seed_repeater_runs_each_configuration_at_consecutive_seeds_and_repo
     for i, value in enumerate([3.0, 2.0, 1.0]):
         rep.on_trial_complete(f"t{i}", {"objective": value})
     assert inner.seen == [2.0]  # the first configuration's mean over its three seeds
+
+
+def test_scale_report_fits_each_variant_predicts_the_target_and_logs_it_on_the_parent_run(tmp_path, capsys):
+    """analysis.report on a scale search's results (Tune's Result objects stood in for, the MLflow
+    store real): each variant's max stable LR falls as N^-0.5 for baseline and stays flat for
+    qk_norm, whose attention logits do not grow with the LR; the target is measured too."""
+    from types import SimpleNamespace
+
+    from tunestab import scaling
+    from tunestab.tracking import artifact_location, start_parent
+
+    space = spec.parse({**TINY, "strategy": "scale", "variants": ["baseline", "qk_norm"],
+                        "max_lr": {"seeds": 3},
+                        "scale": {"sizes": {"w16": {"d_model": 16}, "w32": {"d_model": 32}, "w48": {"d_model": 48}},
+                                  "target": {"w64": {"d_model": 64}}, "measure_target": True}})
+    n = {name: scaling.non_embedding_params(space.trial_config("baseline", **f))
+         for name, f in {**space.scale.sizes, **space.scale.target}.items()}
+    edge = {(v, name): 0.2 * (n[name] / n["w16"]) ** (-0.5 if v == "baseline" else 0.0)
+            for v in space.variants for name in n}
+    steps = pd.DataFrame({"step": [10, 20], "tev_mean": [0.02, 0.021], "tev_std": [0.001, 0.001]})
+    grid = []
+    for (v, name), e in edge.items():
+        for seed in range(4):
+            for k in range(-4, 5):
+                lr = e * 1.25 ** (k + 0.25 * seed)
+                stable = lr < e
+                logit = math.exp(2 * math.log(lr) + 0.5 * math.log(n[name]) + 5) if v == "baseline" else 30.0
+                grid.append(SimpleNamespace(
+                    config={"variant": v, "lr": lr, "seed": seed, **space.scale.arms([v])[f"{v}@{name}"]},
+                    metrics={"trial_id": f"{v}{name}{seed}{k}", "stop_reason": "completed" if stable else "blowup",
+                             "diverged": int(not stable), "step": 20, "loss": 2.0, "val_loss": 2.0, "loss_init": 5.5,
+                             "tev_mean": 0.02, "tev_std": 0.001, "attn_logit_max": logit},
+                    error=None, metrics_dataframe=steps))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = start_parent(uri, "scale", "run", {}, artifacts=artifact_location(uri, str(tmp_path)))
+    analysis.report(space, grid, uri, parent, tmp_path)
+
+    out = capsys.readouterr().out
+    t = pd.read_csv(tmp_path / "scale.csv")
+    target = t[t.role == "target"].set_index("variant")
+    for v in space.variants:
+        measured, low, high = target.loc[v, ["max_stable_lr", "predicted_low", "predicted_high"]]
+        assert low <= edge[(v, "w64")] <= high and low <= measured <= high
+        assert f"{v}: the target's measured max stable LR lies inside the prediction interval: yes" in out
+    assert "baseline: max stable LR ~ N^-0.5" in out
+    assert math.isnan(target.loc["qk_norm", "logit_predicted"])
+    assert target.loc["baseline", "logit_predicted"] == pytest.approx(
+        math.exp((math.log(1e4) - 0.5 * math.log(n["w64"]) - 5) / 2), rel=0.03)
+    trials = pd.read_csv(tmp_path / "trials.csv")
+    assert set(trials["size"]) == set(n) and list(trials["variant"].unique()) == ["baseline", "qk_norm"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    metrics = client.get_run(parent).data.metrics
+    for v in space.variants:
+        assert metrics[f"predicted_max_lr/{v}"] == pytest.approx(target.loc[v, "predicted"])
+        assert metrics[f"max_stable_lr/{v}/w32"] > 0
+    assert "logit_predicted_max_lr/qk_norm" not in metrics and "logit_predicted_max_lr/baseline" in metrics
+    assert {"frontier.png", "scale.csv", "scale.md", "p_diverge.png"} <= {a.path for a in client.list_artifacts(parent)}

@@ -199,3 +199,39 @@ def test_reading_a_space_imports_neither_torch_nor_ray():
             "print(sorted(m for m in ('torch', 'ray', 'numpy', 'mlflow', 'optuna') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+SCALE = {**GOOD, "strategy": "scale", "variants": ["baseline", "qk_norm"],
+         "scale": {"sizes": {"w32": {"d_model": 32}, "w48": {"d_model": 48}, "w64": {"d_model": 64}},
+                   "target": {"w128": {"d_model": 128, "n_head": 4}}, "measure_target": True}}
+
+
+def test_a_scale_space_brackets_each_variant_at_each_size_and_the_target_when_measured():
+    s = spec.parse(SCALE)
+    arms = s.arms()
+    assert list(arms) == [f"{v}@{n}" for v in ("baseline", "qk_norm") for n in ("w32", "w48", "w64", "w128")]
+    assert arms["qk_norm@w128"] == {"variant": "qk_norm", "d_model": 128, "n_head": 4}
+    unmeasured = spec.parse({**SCALE, "scale": {**SCALE["scale"], "measure_target": False}})
+    assert len(unmeasured.arms()) == 6 and s.scale.logit_threshold == 1e4
+    assert spec.parse(GOOD).arms() == {"baseline": {"variant": "baseline"}, "mlra": {"variant": "mlra"}}
+
+
+@pytest.mark.parametrize("scale, fragment", [
+    ({"sizes": {"w32": {"d_model": 32}}, "target": {"w64": {"d_model": 64}}}, "scale.sizes: the scale strategy fits a line through two sizes or more, got 1"),
+    ({"sizes": {"a": {"d_model": 32}, "b": {"d_model": 48}}}, "scale.target: expected one size to predict, got 0"),
+    ({"sizes": {"a": {"d_model": 32}, "b": {"lr": 0.1}}, "target": {"c": {"d_model": 64}}}, "scale.sizes.b.lr: a size cannot set lr"),
+    ({"sizes": {"a": {"d_model": 32}, "b": {"d_model": 33}}, "target": {"c": {"d_model": 64}}}, "scale.sizes.b: with variant baseline: d_model"),
+    ({"sizes": {"a@x": {"d_model": 32}, "b": {"d_model": 48}}, "target": {"c": {"d_model": 64}}}, "scale.sizes.a@x: a size name is a word"),
+    ({"sizes": {"a": {"d_model": 32}, "b": {"d_model": 48}}, "target": {"a": {"d_model": 64}}}, "scale.target: ['a'] is also a measured size"),
+    ({"sizes": [32, 48], "target": {"c": {"d_model": 64}}}, "scale.sizes: expected a mapping of size name -> TrialConfig fields"),
+    ({"sizes": {"a": {"d_model": 32}, "b": {"d_model": 48}}, "target": {"c": {"d_model": 64}}, "logit_threshold": 0}, "scale.logit_threshold: expected a number > 0"),
+    ({"sizes": {"a": {"d_model": 32}, "b": {"d_model": 48}}, "target": {"c": {"d_model": 64}}, "size": 3}, "scale.size: unknown key"),
+])
+def test_scale_problems_name_their_key(scale, fragment):
+    problems = problems_of({**SCALE, "scale": scale})
+    assert any(fragment in p for p in problems), problems
+
+
+def test_scale_needs_the_lr_range_alone():
+    problems = problems_of({**SCALE, "params": {"lr": {"loguniform": [1e-3, 1.0]}, "mlra_rank": {"int": [2, 4]}}})
+    assert any("the scale strategy searches lr alone" in p for p in problems), problems

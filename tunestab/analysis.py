@@ -33,7 +33,18 @@ RANGE_COLUMNS = ["lr_schedule", "range_lr"]
 
 
 def range_tests(space) -> bool:
-    return space.strategy == "max_lr" and space.max_lr.range_test
+    return space.strategy in ("max_lr", "scale") and space.max_lr.range_test
+
+
+# With the scale strategy: which size a trial trained, and its final max attention logit (the
+# second predictor's input, tunestab/scaling.py).
+SCALE_COLUMNS = ["size", "attn_logit_max"]
+
+
+def size_of(space, config: dict) -> str | None:
+    """The scale strategy's size whose fields a trial's config carries."""
+    sizes = {**space.scale.sizes, **space.scale.target}
+    return next((name for name, fields in sizes.items() if all(config.get(k) == v for k, v in fields.items())), None)
 
 
 def trial_table(space, grid) -> pd.DataFrame:
@@ -47,13 +58,23 @@ def trial_table(space, grid) -> pd.DataFrame:
         row.update({p.name: c.get(p.name) for p in space.params if p.name not in ("lr", "seed")})
         row.update({k: m.get(k) for k in COLUMNS[FIXED:]})
         row.update(lr_schedule=c.get("lr_schedule", "cosine"), range_lr=m.get("range_lr"))
+        if space.strategy == "scale":
+            row.update(size=size_of(space, c), attn_logit_max=m.get("attn_logit_max"))
         if r.error is not None:
             row["stop_reason"] = "error"
         rows.append(row)
     extra = [p.name for p in space.params if p.name not in ("lr", "seed")]
     # Fixed columns, so that an empty search gives an empty table the summary can still read.
     return pd.DataFrame(rows, columns=COLUMNS[:FIXED] + extra + COLUMNS[FIXED:]
-                        + (RANGE_COLUMNS if range_tests(space) else []))
+                        + (RANGE_COLUMNS if range_tests(space) else [])
+                        + (SCALE_COLUMNS if space.strategy == "scale" else []))
+
+
+def by_arm(table: pd.DataFrame) -> pd.DataFrame:
+    """The scale strategy's table with `variant` as the arm, `variant@size`: what max_lr
+    bracketed separately, and what the boundary fit and the summary take one by one."""
+    return table.assign(variant=table["variant"].astype(str) + "@" + table["size"].astype(str))
+
 
 
 def split_range_tests(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -374,27 +395,153 @@ def plot_tev_curves(grid, path: Path) -> None:
     plt.close(fig)
 
 
+SCALE_TABLE_COLUMNS = ["variant", "size", "role", "n_params", "max_stable_lr", "max_stable_lr_low",
+                       "max_stable_lr_high", "predicted", "predicted_low", "predicted_high", "logit_predicted"]
+
+
+def scale_table(space, table: pd.DataFrame, fits: dict) -> tuple[pd.DataFrame, dict]:
+    """The scale strategy's answer. table: by_arm's table (range tests left out); fits: arm ->
+    Boundary. Per variant and size (the target last): N without embeddings, the measured max
+    stable LR with its interval (at the target only with scale.measure_target), and the fit's
+    value there with its interval; at the target, Wortsman's logit predictor too. Returns the
+    table and variant -> scaling.Frontier (None where fewer than two sizes have an interval)."""
+    from . import scaling
+
+    sizes, (target, target_fields) = space.scale.sizes, next(iter(space.scale.target.items()))
+    lo, hi = space.param("lr").values
+    rows, frontiers = [], {}
+    for v in space.variants:
+        n = {name: scaling.non_embedding_params(space.trial_config(v, **fields))
+             for name, fields in {**sizes, target: target_fields}.items()}
+        used = [name for name in sizes if fits.get(f"{v}@{name}") is not None and fits[f"{v}@{name}"].samples]
+        fr = scaling.fit_frontier([math.log(n[x]) for x in used], [fits[f"{v}@{x}"].samples for x in used],
+                                  math.log(n[target]), others=[math.log(n[x]) for x in sizes],
+                                  rng=np.random.default_rng(zlib.crc32(str(v).encode())))
+        frontiers[v] = fr
+        completed = []
+        for name in sizes:
+            t = table[(table["variant"] == f"{v}@{name}") & (table["stop_reason"] != "error")]
+            t = t[stable_mask(t)]
+            completed.append((math.log(n[name]), t["lr"].astype(float).tolist(),
+                              t["attn_logit_max"].astype(float).tolist()))
+        logit = scaling.logit_predictor(completed, math.log(n[target]), lo, hi, space.scale.logit_threshold)
+        for i, name in enumerate([*sizes, target]):
+            f = fits.get(f"{v}@{name}")
+            pred = (fr.at[i] if name != target else (fr.predicted, fr.low, fr.high)) if fr else (math.nan,) * 3
+            rows.append({"variant": v, "size": name, "role": "target" if name == target else "fit",
+                         "n_params": n[name], "max_stable_lr": f.lr if f else math.nan,
+                         "max_stable_lr_low": f.low if f else math.nan, "max_stable_lr_high": f.high if f else math.nan,
+                         "predicted": pred[0], "predicted_low": pred[1], "predicted_high": pred[2],
+                         "logit_predicted": logit if name == target else math.nan})
+    return pd.DataFrame(rows, columns=SCALE_TABLE_COLUMNS), frontiers
+
+
+# The validation's goal (issue 18): the prediction interval no wider than one sqrt(2) step either side.
+SQRT2_STEP = math.sqrt(2)
+
+
+def scale_verdicts(t: pd.DataFrame) -> dict[str, dict]:
+    """Per variant with a measured target: is the measured max stable LR inside the prediction
+    interval, and is the interval within one sqrt(2) step either side of the prediction?"""
+    out = {}
+    for _, r in t[(t["role"] == "target") & t["max_stable_lr"].notna() & t["predicted"].notna()].iterrows():
+        out[r["variant"]] = {"inside": bool(r["predicted_low"] <= r["max_stable_lr"] <= r["predicted_high"]),
+                             "narrow": bool(r["predicted_high"] / r["predicted"] <= SQRT2_STEP * (1 + 1e-9)
+                                            and r["predicted"] / r["predicted_low"] <= SQRT2_STEP * (1 + 1e-9))}
+    return out
+
+
+def scale_markdown(t: pd.DataFrame, frontiers: dict, threshold: float) -> str:
+    lines = ["| variant | size | parameters (no embeddings) | measured max stable LR | 90% interval | "
+             "line through the fitted sizes | 90% interval | logit predictor |", "|---|---|---|---|---|---|---|---|"]
+    for _, r in t.iterrows():
+        size = f"**{r['size']}** (target)" if r["role"] == "target" else r["size"]
+        lines.append(f"| {r['variant']} | {size} | {r['n_params']:,} | {fmt(r['max_stable_lr'])} | "
+                     f"{interval(r['max_stable_lr_low'], r['max_stable_lr_high'])} | {fmt(r['predicted'])} | "
+                     f"{interval(r['predicted_low'], r['predicted_high'])} | "
+                     f"{fmt(r['logit_predicted']) if r['role'] == 'target' else ''} |")
+    lines.append("")
+    for v, fr in frontiers.items():
+        if fr is None:
+            lines.append(f"- {v}: no fit (fewer than two sizes have a max stable LR with an interval)")
+            continue
+        fit = f"chi^2/dof about the line {fr.birge ** 2:.2f}" if not math.isnan(fr.birge) else "two sizes: no check of the line"
+        lines.append(f"- {v}: max stable LR ~ N^{fr.alpha:.2f} [{fr.alpha_low:.2f}, {fr.alpha_high:.2f}] from "
+                     f"{fr.sizes} sizes; {fit}" + (" (interval widened by its square root)" if fr.birge > 1 else ""))
+    lines.append(f"- logit predictor: the lowest LR at which the max attention logit, extrapolated to the target "
+                 f"size, reaches {threshold:g} ('-': it does not within the searched range)")
+    return "\n".join(lines)
+
+
+def plot_frontier(t: pd.DataFrame, frontiers: dict, path: Path) -> None:
+    """The stability frontier: max stable LR against N (log-log) per variant, measured sizes with
+    their intervals, the fitted line with its band out to the target, the region above the line
+    (divergent) shaded, and the prediction at the target (star; diamond: the logit predictor)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    top = np.nanmax(t[["max_stable_lr_high", "predicted_high", "max_stable_lr"]].to_numpy(dtype=float)) * 3
+    for i, (v, g) in enumerate(t.groupby("variant", sort=False)):
+        c = f"C{i}"
+        fit, target = g[g["role"] == "fit"], g[g["role"] == "target"]
+        ax.errorbar(fit["n_params"], fit["max_stable_lr"],
+                    yerr=[fit["max_stable_lr"] - fit["max_stable_lr_low"], fit["max_stable_lr_high"] - fit["max_stable_lr"]],
+                    fmt="o", color=c, capsize=3, label=f"{v}: measured")
+        if target["max_stable_lr"].notna().any():
+            ax.errorbar(target["n_params"], target["max_stable_lr"],
+                        yerr=[target["max_stable_lr"] - target["max_stable_lr_low"],
+                              target["max_stable_lr_high"] - target["max_stable_lr"]],
+                        fmt="s", mfc="none", color=c, capsize=3, label=f"{v}: measured at the target (not fitted)")
+        fr = frontiers.get(v)
+        if fr is not None:
+            n, mid, low, high = (np.array(a) for a in zip(*fr.line))
+            ax.plot(n, mid, color=c, lw=1.2)
+            ax.fill_between(n, low, high, color=c, alpha=0.18)
+            ax.fill_between(n, mid, top, color=c, alpha=0.06)  # above the frontier: divergent
+            ax.errorbar(target["n_params"], [fr.predicted], yerr=[[fr.predicted - fr.low], [fr.high - fr.predicted]],
+                        fmt="*", ms=12, color=c, capsize=4, label=f"{v}: predicted {fr.predicted:.3g}")
+        if target["logit_predicted"].notna().any():
+            ax.plot(target["n_params"], target["logit_predicted"], "D", mfc="none", color=c, ms=8,
+                    label=f"{v}: attention-logit predictor")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_ylim(top=top)
+    ax.set_xlabel("parameters without embeddings, N")
+    ax.set_ylabel("max stable learning rate")
+    ax.set_title("Stability frontier (shaded above a variant's line: divergent; band: 90% interval)", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) -> pd.DataFrame:
     """Print the summary, write the tables and plots to run_dir, and log them on the parent run."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
     every = trial_table(space, grid)
-    table, ranged = split_range_tests(every)
+    scale = space.strategy == "scale"
+    # The scale strategy's arms (variant@size) are bracketed and fitted one by one, like variants.
+    table, ranged = split_range_tests(by_arm(every) if scale else every)
+    names = list(space.arms()) if scale else list(space.variants)
     if len(ranged):
         grid = [r for r in grid if r.config.get("lr_schedule") != "range"]
     p = space.max_lr.p_diverge
     # A boundary in LR is read where the trials differ in LR and seed alone (not in a depth or a
     # rank as well, whose trials would be pooled into one curve).
-    fits = (boundaries(table, space.variants, p) if space.param("lr") is not None
+    fits = (boundaries(table, names, p) if space.param("lr") is not None
             and space.strategy != "tune" and all(q.name in ("lr", "seed") for q in space.params) else None)
-    s = summary(table, space.variants, fits)
+    s = summary(table, names, fits)
     if range_tests(space):
         # Where each variant's range test failed, beside the answer it led to (issue 17 asks how
         # far apart they are).
         s["range_test_lr"] = [ranged[ranged["variant"] == v]["range_lr"].max() for v in s["variant"]]
     md = summary_markdown(s, p)
-    rat = ratios(fits) if fits else None
+    rat = ratios(fits) if fits and not scale else None
     every.to_csv(run_dir / "trials.csv", index=False)
     s.to_csv(run_dir / "summary.csv", index=False)
     (run_dir / "summary.md").write_text(md + "\n" + (f"\n{ratios_markdown(rat)}\n" if rat is not None and len(rat) else ""))
@@ -424,9 +571,28 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
         cells.to_csv(run_dir / "cells.csv", index=False)
         files.append(run_dir / "cells.csv")
 
-    metrics = [Metric(f"{key}/{r['variant']}", float(r[key]), 0, 0) for _, r in s.iterrows()
+    # MLflow's metric names take no "@": an arm's metrics are <key>/<variant>/<size>.
+    metrics = [Metric(f"{key}/{r['variant'].replace('@', '/')}", float(r[key]), 0, 0) for _, r in s.iterrows()
                for key in ("max_stable_lr", "max_stable_lr_low", "max_stable_lr_high", "range_test_lr")
                if key in r and not pd.isna(r[key])]
+    scale_md = verdicts = None
+    if scale:
+        st, frontiers = scale_table(space, table, fits)
+        verdicts = scale_verdicts(st)
+        scale_md = scale_markdown(st, frontiers, space.scale.logit_threshold)
+        st.to_csv(run_dir / "scale.csv", index=False)
+        (run_dir / "scale.md").write_text(scale_md + "\n")
+        files += [run_dir / "scale.csv", run_dir / "scale.md"]
+        if st["max_stable_lr"].notna().any():
+            plot_frontier(st, frontiers, run_dir / "frontier.png")
+            files.append(run_dir / "frontier.png")
+        for _, r in st[st["role"] == "target"].iterrows():
+            metrics += [Metric(f"{key}/{r['variant']}", float(r[col]), 0, 0)
+                        for key, col in (("predicted_max_lr", "predicted"), ("predicted_max_lr_low", "predicted_low"),
+                                         ("predicted_max_lr_high", "predicted_high"),
+                                         ("logit_predicted_max_lr", "logit_predicted")) if not pd.isna(r[col])]
+        metrics += [Metric(f"lr_scaling_exponent{suffix}/{v}", float(getattr(fr, f"alpha{suffix}")), 0, 0)
+                    for v, fr in frontiers.items() if fr is not None for suffix in ("", "_low", "_high")]
     if rat is not None:
         metrics += [Metric(f"lr_ratio{suffix}/{r['variant']}_vs_{r['reference']}", float(r[f"ratio{suffix}"]), 0, 0)
                     for _, r in rat.iterrows() for suffix in ("", "_low", "_high") if not pd.isna(r[f"ratio{suffix}"])]
@@ -457,6 +623,12 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
               f"between seeds: set max_lr.seeds.)\n")
     if rat is not None and len(rat):
         print(f"Ratios of max stable LRs, with 90% intervals:\n\n{ratios_markdown(rat)}\n")
+    if scale_md is not None:
+        print(f"Max stable LR against model size, and at {next(iter(space.scale.target))}:\n\n{scale_md}\n")
+        for v, verdict in verdicts.items():
+            print(f"{v}: the target's measured max stable LR lies inside the prediction interval: "
+                  f"{'yes' if verdict['inside'] else 'no'}; the interval is within one sqrt(2) step either side: "
+                  f"{'yes' if verdict['narrow'] else 'no'}")
     if sens is not None and len(sens):
         print(f"LR sensitivity (Wortsman et al.; lower is more stable):\n{sens.to_string(index=False)}\n")
     if cells is not None and len(cells) and space.param("seed") is not None:
@@ -489,8 +661,15 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
         print(f"MLflow at {tracking_uri} failed ({type(e).__name__}: {str(e)[:200]}): the parent run is not "
               f"complete. When it is back:\n  python -m tunestab.replay {run_dir}")
         return s
-    print(f"MLflow: experiment {space.name!r} (id {exp}), parent run {parent_run_id}\n"
-          f"  mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
+    from .mlflow_view import runs_url
+
+    if tracking_uri.startswith(("http://", "https://")):
+        where = f"  {runs_url(tracking_uri, exp)}"
+    else:
+        where = (f"  mlflow ui --backend-store-uri {tracking_uri} --port 5000\n"
+                 f"  then open {runs_url('http://127.0.0.1:5000', exp)}")
+    print(f"MLflow: experiment {space.name!r} (id {exp}), parent run {parent_run_id}; its trials' charts, "
+          f"stability first:\n{where}")
     if (run_dir / INCOMPLETE_FILE).exists():
         print(f"Some results did not reach MLflow while it was away ({run_dir / INCOMPLETE_FILE}); log them with\n"
               f"  python -m tunestab.replay {run_dir}")

@@ -308,9 +308,15 @@ class SeedRepeater(Repeater):
 
 
 class BracketSearch(FinalOnlyOptunaSearch):
-    """OptunaSearch over {variant, lr, seed} with BracketSampler; FINISHED when every variant is."""
+    """OptunaSearch over {variant, lr, seed} with BracketSampler; FINISHED when every variant is.
 
-    def __init__(self, variants: list[str], design: Design, storage=None, study_name: str | None = None):
+    With `arms` (the `scale` strategy) the sampler's "variants" are arm labels, `variant@size`,
+    each bracketed on its own, and a trial's config gets the arm's fields (its variant and the
+    size's d_model, n_layer, ...) in place of the label."""
+
+    def __init__(self, variants: list[str], design: Design, storage=None, study_name: str | None = None,
+                 arms: dict[str, dict] | None = None):
+        self.arms = arms
         self.bracket_sampler = BracketSampler(variants, design)
         space = {"variant": optuna.distributions.CategoricalDistribution(list(variants)),
                  "lr": optuna.distributions.FloatDistribution(design.lo, design.hi, log=True),
@@ -326,4 +332,7 @@ class BracketSearch(FinalOnlyOptunaSearch):
             return Searcher.FINISHED
         if not self.bracket_sampler.can_propose(study):
             return None  # every open variant waits on trials in flight; Tune asks again later
-        return super().suggest(trial_id)
+        config = super().suggest(trial_id)
+        if self.arms and isinstance(config, dict):
+            config.update(self.arms[config.pop("variant")])
+        return config

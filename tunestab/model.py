@@ -17,6 +17,7 @@ logit maximum, so probing never changes which attention kernel the step itself u
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 
@@ -116,9 +117,14 @@ class SigmaReparamLinear(nn.Linear):
         self.register_buffer("v", torch.zeros(in_features))
         self.reset_power_iteration()
 
+    def fp32(self):
+        """Autocast off (see sigma()); a model on the meta device (counted, not run: tunestab/
+        scaling.py) has no autocast to turn off."""
+        return contextlib.nullcontext() if self.weight.is_meta else torch.autocast(self.weight.device.type, enabled=False)
+
     @torch.no_grad()
     def power_iteration(self, steps: int = 1) -> None:
-        with torch.autocast(self.weight.device.type, enabled=False):  # see sigma()
+        with self.fp32():
             for _ in range(steps):
                 self.v.copy_(F.normalize(self.weight.t() @ self.u, dim=0))
                 self.u.copy_(F.normalize(self.weight @ self.v, dim=0))
@@ -132,7 +138,7 @@ class SigmaReparamLinear(nn.Linear):
         """sigma(W) = u^T W v, in fp32 with autocast off: under bf16 autocast the matmuls would
         round u, v and sigma to bf16 (and torch.dot refuses an fp32 u beside a bf16 product),
         and sigma divides every weight of the layer."""
-        with torch.autocast(self.weight.device.type, enabled=False):
+        with self.fp32():
             return torch.dot(self.u, self.weight @ self.v)
 
     def effective_weight(self) -> torch.Tensor:

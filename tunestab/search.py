@@ -9,7 +9,9 @@ Strategies (the space's `strategy`):
 - max_lr: per variant, bracket the largest LR that does not diverge (tunestab/bracket.py);
 - tune:   Optuna (TPE, GP or CMA-ES) over the space's parameters; objective: final val_loss, with
           diverged and TEV-stopped trials scored as their initial loss (worse than any that learned);
-- sweep:  every combination of the grids, for every variant (the papers' protocol).
+- sweep:  every combination of the grids, for every variant (the papers' protocol);
+- scale:  max_lr at several model sizes, then per variant a fit of the max stable LR against the
+          parameter count and a prediction, with an interval, at a larger size (tunestab/scaling.py).
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def param_space(space: spec_mod.Space, run_dir: Path) -> dict:
               "accelerator_type": space.resources.accelerator_type,
               "storage": train_storage}
     out = {**space.trial, "runner": runner}
-    if space.strategy == "max_lr":
+    if space.strategy in ("max_lr", "scale"):
         if space.max_lr.range_test:
             out["lr_range_start"] = space.param("lr").values[0]  # a range test climbs the whole range
         return out  # variant, lr, seed (and lr_schedule) come from BracketSearch
@@ -104,6 +106,9 @@ def progress_reporter(space: spec_mod.Space):
     from ray.tune import CLIReporter
 
     params = ["variant", "lr"] + [p.name for p in space.params if p.name != "lr"]
+    # The scale strategy's sizes: the fields that tell them apart (d_model, n_layer, ...).
+    if space.strategy == "scale":
+        params += list(dict.fromkeys(k for f in {**space.scale.sizes, **space.scale.target}.values() for k in f))
     metrics = {"step": "step", "loss": "loss", "val_loss": "val loss", "tev_dispersion": "TEV σ/μ",
                "stop_reason": "status"}
     return CLIReporter(parameter_columns=params, metric_columns=metrics, max_report_frequency=30,
@@ -118,6 +123,9 @@ def searcher(space: spec_mod.Space, run_dir: Path):
     storage = optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'optuna.db'}")
     if space.strategy == "max_lr":
         return BracketSearch(list(space.variants), design(space), storage=storage, study_name=space.name)
+    if space.strategy == "scale":
+        arms = space.arms()
+        return BracketSearch(list(arms), design(space), storage=storage, study_name=space.name, arms=arms)
     if space.strategy == "tune":
         sampler = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler,
                    "cmaes": optuna.samplers.CmaEsSampler}[space.tune.sampler](seed=space.tune.seed)
@@ -142,12 +150,13 @@ def design(space: spec_mod.Space):
 
 
 def num_trials(space: spec_mod.Space) -> int:
-    if space.strategy == "max_lr":
+    if space.strategy in ("max_lr", "scale"):
         from .bracket import EXTEND
 
         m = space.max_lr
-        # The range test, the bracket, then each boundary seed's grid at its largest.
-        return (int(m.range_test) + m.max_trials + m.seeds * (m.points + 2 * EXTEND)) * len(space.variants)
+        # The range test, the bracket, then each boundary seed's grid at its largest, per variant
+        # (at each size, for scale).
+        return (int(m.range_test) + m.max_trials + m.seeds * (m.points + 2 * EXTEND)) * len(space.arms())
     if space.strategy == "tune":
         return space.tune.num_samples * space.tune.seeds
     return 1  # a grid is expanded by Tune itself
@@ -274,6 +283,27 @@ def prepare(args) -> tuple[spec_mod.Space, str]:
     return dataclasses.replace(space, storage=str(storage), train_storage=train_storage), uri
 
 
+def deepest(space: spec_mod.Space) -> int:
+    """The most layers any trial of the space has (each gets a chart section in MLflow)."""
+    depths = [space.trial_config(space.variants[0]).n_layer]
+    depths += [f["n_layer"] for f in {**space.scale.sizes, **space.scale.target}.values() if "n_layer" in f]
+    p = space.param("n_layer")
+    if p is not None:
+        depths += [int(v) for v in p.values]
+    return max(depths)
+
+
+def save_chart_view(client, parent_run_id: str, space: spec_mod.Space) -> None:
+    """The experiment's "tunestab" view in the MLflow UI, for this search (tunestab/mlflow_view.py).
+    A view is a convenience: a store that refuses it costs a warning, not the search."""
+    from .mlflow_view import save_view
+
+    try:
+        save_view(client, client.get_run(parent_run_id).info.experiment_id, parent_run_id, deepest(space))
+    except Exception as e:
+        print(f"warning: could not save the MLflow chart view ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
+
+
 def newest_run_dir(storage: Path, name: str) -> Path | None:
     dirs = sorted(p for p in storage.glob(f"{name}-*") if (p / STATE_FILE).exists())
     return dirs[-1] if dirs else None
@@ -340,6 +370,7 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
         (run_dir / STATE_FILE).write_text(json.dumps({"parent_run_id": parent, "tracking_uri": uri}))
         from mlflow.tracking import MlflowClient
 
+        save_chart_view(MlflowClient(uri), parent, space)
         if space.source:
             # A copy in the run folder too: `python -m tunestab.replay` rebuilds the summary from it.
             shutil.copyfile(space.source, run_dir / SPACE_COPY)
@@ -417,6 +448,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  variants: {', '.join(space.variants)}")
         for p in space.params:
             print(f"  {p.name}: {p.kind} {list(p.values)}")
+        if space.strategy == "scale":
+            from .scaling import non_embedding_params
+
+            target = next(iter(space.scale.target))
+            for name, fields in {**space.scale.sizes, **space.scale.target}.items():
+                role = "target, measured too" if name == target and space.scale.measure_target else \
+                    "target, predicted" if name == target else "measured"
+                print(f"  size {name} ({role}): {fields}, {non_embedding_params(space.trial_config(space.variants[0], **fields)):,} "
+                      f"parameters without embeddings ({space.variants[0]})")
         print(f"  trials: {'grid' if space.strategy == 'sweep' else f'up to {num_trials(space)}'}; "
               f"scheduler: {space.scheduler.type}{' (shadow)' if space.scheduler.shadow else ''}")
         print(f"  storage: {space.storage}\n  train storage: {space.train_storage or 'the run folder'}\n"

@@ -21,7 +21,7 @@ from .config import FIELD_NAMES, VARIANTS, ConfigError, TrialConfig, config_from
 from .tev_rule import TEVRule
 
 SPACES_DIR = Path(__file__).resolve().parent.parent / "search_spaces"
-STRATEGIES = ("max_lr", "tune", "sweep")
+STRATEGIES = ("max_lr", "tune", "sweep", "scale")
 SAMPLERS = ("tpe", "gp", "cmaes")
 # Distribution name -> what its value must be.
 DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "grid")
@@ -102,6 +102,32 @@ class MaxLR:
     slots), i = 1 ... slots."""
 
 
+# Fields a size may not set: each size is measured at every variant, lr and seed by max_lr.
+NOT_SIZE_FIELDS = ("variant", "lr", "seed", "lr_schedule", "lr_range_start")
+
+
+@dataclass(frozen=True)
+class Scale:
+    """The `scale` strategy: `max_lr` at several model sizes, a fit of log max stable LR against
+    log parameter count per variant, and a prediction at a larger size (tunestab/scaling.py)."""
+
+    sizes: dict = field(default_factory=dict)
+    """Measured sizes: name -> the TrialConfig fields that make it (d_model, n_layer, n_head, ...)."""
+    target: dict = field(default_factory=dict)
+    """The one size to predict: name -> its fields."""
+    measure_target: bool = False
+    """Also run max_lr at the target; the fit never sees it, so it checks the prediction."""
+    logit_threshold: float = 1.0e4
+    """Wortsman et al.'s second predictor: the largest LR at which the max attention logit,
+    extrapolated to the target size, stays below this (their runs above 1e4 diverged)."""
+
+    def arms(self, variants) -> dict[str, dict]:
+        """`variant@size` -> its fields (the variant included), in order: sizes, then the target
+        when it is measured."""
+        sizes = {**self.sizes, **(self.target if self.measure_target else {})}
+        return {f"{v}@{name}": {"variant": v, **fields} for v in variants for name, fields in sizes.items()}
+
+
 @dataclass(frozen=True)
 class Tune:
     sampler: str = "tpe"
@@ -140,6 +166,7 @@ class Space:
     """Searched TrialConfig fields."""
     description: str = ""
     max_lr: MaxLR = field(default_factory=MaxLR)
+    scale: Scale = field(default_factory=Scale)
     tune: Tune = field(default_factory=Tune)
     resources: Resources = field(default_factory=Resources)
     scheduler: Scheduler = field(default_factory=Scheduler)
@@ -158,6 +185,13 @@ class Space:
 
     def trial_config(self, variant: str, **values) -> TrialConfig:
         return config_from({**self.trial, "variant": variant, **values}, "trial config")
+
+    def arms(self) -> dict[str, dict]:
+        """What max_lr brackets separately: each variant, or for `scale` each variant at each size
+        (`variant@size` -> the config fields it sets)."""
+        if self.strategy == "scale":
+            return self.scale.arms(self.variants)
+        return {v: {"variant": v} for v in self.variants}
 
 
 class SpecError(ConfigError):
@@ -276,7 +310,64 @@ def _first_problem(p: Param, trial: dict, variants: list[str]) -> list[str]:
     return []
 
 
-TOP_KEYS = ("name", "description", "strategy", "variants", "trial", "params", "max_lr", "tune",
+def _scale(raw: dict, trial: dict, trial_ok: bool, variants: list[str], params: list[Param],
+           problems: list[str]) -> Scale:
+    """The `scale` section: sizes and target are mappings of name -> TrialConfig fields, each
+    checked with every variant."""
+    value = raw.get("scale") or {}
+    if not isinstance(value, dict):
+        problems.append(f"scale: expected a mapping, got {type(value).__name__}")
+        return Scale()
+    known = ("sizes", "target", "measure_target", "logit_threshold")
+    for k in value:
+        if k not in known:
+            problems.append(f"scale.{k}: unknown key (known: {', '.join(known)})")
+    out = {}
+    for key in ("sizes", "target"):
+        sizes = value.get(key) or {}
+        if not isinstance(sizes, dict) or not all(isinstance(f, dict) for f in sizes.values()):
+            problems.append(f"scale.{key}: expected a mapping of size name -> TrialConfig fields, got {sizes!r}")
+            sizes = {}
+        for name, fields in sizes.items():
+            where = f"scale.{key}.{name}"
+            if not isinstance(name, str) or not name or any(c in name for c in "@/\\ "):
+                problems.append(f"{where}: a size name is a word without @, slashes or spaces")
+            if not fields:
+                problems.append(f"{where}: names no TrialConfig field")
+            for f in fields:
+                if f in NOT_SIZE_FIELDS:
+                    problems.append(f"{where}.{f}: a size cannot set {f} (the search does)")
+                elif any(p.name == f for p in params):
+                    problems.append(f"{where}.{f}: also searched under params.{f}; keep one")
+            if trial_ok and not any(f in NOT_SIZE_FIELDS for f in fields):
+                for variant in variants or ["baseline"]:
+                    try:
+                        config_from({**trial, "variant": variant, **fields}, "size")
+                    except ConfigError as e:
+                        problems.extend(f"{where}: with variant {variant}: {q}" for q in e.problems)
+                        break
+        out[key] = dict(sizes)
+    measure = value.get("measure_target", False)
+    if not isinstance(measure, bool):
+        problems.append(f"scale.measure_target: expected true or false, got {measure!r}")
+        measure = False
+    threshold = value.get("logit_threshold", Scale.logit_threshold)
+    if not _number(threshold) or threshold <= 0:
+        problems.append(f"scale.logit_threshold: expected a number > 0, got {threshold!r}")
+        threshold = Scale.logit_threshold
+    if raw.get("strategy") == "scale":
+        if len(out["sizes"]) < 2:
+            problems.append(f"scale.sizes: the scale strategy fits a line through two sizes or more, "
+                            f"got {len(out['sizes'])}")
+        if len(out["target"]) != 1:
+            problems.append(f"scale.target: expected one size to predict, got {len(out['target'])}")
+        overlap = set(out["sizes"]) & set(out["target"])
+        if overlap:
+            problems.append(f"scale.target: {sorted(overlap)} is also a measured size")
+    return Scale(out["sizes"], out["target"], measure, float(threshold))
+
+
+TOP_KEYS = ("name", "description", "strategy", "variants", "trial", "params", "max_lr", "scale", "tune",
             "resources", "scheduler", "tracking_uri", "storage", "train_storage")
 
 
@@ -343,6 +434,7 @@ def parse(raw, where: str = "search space", source: str = "") -> Space:
             problems += _first_problem(p, trial, variants or ["baseline"])
 
     max_lr = _section(raw, "max_lr", MaxLR, problems)
+    scale = _scale(raw, trial, trial_ok, variants, params, problems)
     tune_ = _section(raw, "tune", Tune, problems)
     resources = _section(raw, "resources", Resources, problems)
 
@@ -413,11 +505,13 @@ def parse(raw, where: str = "search space", source: str = "") -> Space:
         problems.append(f"scheduler.type: expected tev or none, got {scheduler.type!r}")
 
     lr = next((p for p in params if p.name == "lr"), None)
-    if strategy == "max_lr":
+    if strategy in ("max_lr", "scale"):
         if lr is None or lr.kind != "loguniform":
-            problems.append("params.lr: the max_lr strategy needs `lr: {loguniform: [low, high]}`, the range it brackets")
+            problems.append(f"params.lr: the {strategy} strategy needs `lr: {{loguniform: [low, high]}}`, "
+                            "the range it brackets")
         if any(p.name != "lr" for p in params):
-            problems.append("params: the max_lr strategy searches lr alone; fix the others under `trial`")
+            problems.append(f"params: the {strategy} strategy searches lr alone; fix the others under `trial`"
+                            + (" or in `scale.sizes`" if strategy == "scale" else ""))
     elif strategy == "tune":
         if tune_.seeds > 1 and any(p.name == "seed" for p in params):
             problems.append("params.seed: with tune.seeds each configuration already runs at several seeds")
@@ -442,6 +536,6 @@ def parse(raw, where: str = "search space", source: str = "") -> Space:
     if problems:
         raise SpecError(problems, where)
     return Space(name=name, strategy=strategy, variants=tuple(variants), trial=dict(trial),
-                 params=tuple(params), description=description, max_lr=max_lr, tune=tune_,
+                 params=tuple(params), description=description, max_lr=max_lr, scale=scale, tune=tune_,
                  resources=resources, scheduler=scheduler, tracking_uri=tracking_uri, storage=storage,
                  train_storage=train_storage, source=source)

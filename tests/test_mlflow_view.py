@@ -1,0 +1,39 @@
+"""The MLflow UI view a search saves: its layout, and a round trip through a real MLflow store.
+(What the UI makes of it was checked in Chromium against MLflow 3.17: docs/design.md.)"""
+
+import json
+
+from mlflow.tracking import MlflowClient
+
+from tunestab import mlflow_view
+
+
+def test_the_stability_charts_come_first_in_their_order_then_the_layers_in_numeric_order():
+    state = mlflow_view.view_state("abc123", n_layer=12)
+    sections = [s["name"] for s in state["compareRunSections"]]
+    # MLflow would sort layer_10 before layer_2, and every layer before the model metrics.
+    assert sections == ["Stability", "Model metrics"] + [f"layer_{i}" for i in range(12)] + ["System metrics"]
+    charts = state["compareRunCharts"]
+    assert [c["metricKey"] for c in charts] == ["loss", "val_loss", "tev_mean", "tev_std", "tev_dispersion", "lr"]
+    stability = state["compareRunSections"][0]["uuid"]
+    assert all(c["metricSectionId"] == stability and c["type"] == "LINE" for c in charts)
+    assert next(c for c in charts if c["metricKey"] == "lr")["scaleType"] == "log"
+    assert state["searchFilter"] == "tags.`mlflow.parentRunId` = 'abc123'" and state["runsHiddenMode"] == "SHOW_ALL"
+    assert state["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "variant"}]
+
+
+def test_a_saved_view_is_an_experiment_tag_in_the_uis_own_format(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "a"))
+    mlflow_view.save_view(client, exp, "run1", 2)
+    mlflow_view.save_view(client, exp, "run2", 2)  # a later search replaces the view
+    value = client.get_experiment(exp).tags["mlflow.sharedViewState.tunestab"]
+    saved = json.loads(value)
+    assert saved["name"] == "tunestab" and saved["state"].startswith("deflate;")
+    assert mlflow_view.read_state(value) == mlflow_view.view_state("run2", 2)
+
+
+def test_the_link_opens_the_runs_in_the_model_training_view_with_the_saved_view():
+    url = mlflow_view.runs_url("http://127.0.0.1:5000/", "7")
+    assert url == ("http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+                   "&compareRunsMode=CHART&viewStateShareKey=tunestab")
