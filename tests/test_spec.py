@@ -226,6 +226,8 @@ def test_a_scale_space_brackets_each_variant_at_each_size_and_the_target_when_me
     ({"sizes": [32, 48], "target": {"c": {"d_model": 64}}}, "scale.sizes: expected a mapping of size name -> TrialConfig fields"),
     ({"sizes": {"a": {"d_model": 32}, "b": {"d_model": 48}}, "target": {"c": {"d_model": 64}}, "logit_threshold": 0}, "scale.logit_threshold: expected a number > 0"),
     ({"sizes": {"a": {"d_model": 32}, "b": {"d_model": 48}}, "target": {"c": {"d_model": 64}}, "size": 3}, "scale.size: unknown key"),
+    ({"sizes": {"a": {"d_model": 32}, "b": {"d_model": 32, "n_layer": 2}}, "target": {"c": {"d_model": 64}}}, "scale: sizes a and b make the same model"),
+    ({"sizes": {"a": {"d_model": 32, "n_layer": 4}, "b": {"d_model": 48}}, "target": {"c": {"d_model": 32, "n_layer": 4, "n_head": 2}}}, "scale: sizes a and c make the same model"),
 ])
 def test_scale_problems_name_their_key(scale, fragment):
     problems = problems_of({**SCALE, "scale": scale})

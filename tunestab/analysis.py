@@ -44,7 +44,10 @@ SCALE_COLUMNS = ["size", "attn_logit_max"]
 def size_of(space, config: dict) -> str | None:
     """The scale strategy's size whose fields a trial's config carries."""
     sizes = {**space.scale.sizes, **space.scale.target}
-    return next((name for name, fields in sizes.items() if all(config.get(k) == v for k, v in fields.items())), None)
+    matching = [name for name, fields in sizes.items() if all(config.get(k) == v for k, v in fields.items())]
+    # One size's fields may be a subset of another's ({d_model: 64} and {d_model: 64, n_layer: 4}):
+    # the trial is the one that names the most of its config (spec.py refuses identical sizes).
+    return max(matching, key=lambda name: len(sizes[name]), default=None)
 
 
 def trial_table(space, grid) -> pd.DataFrame:

@@ -356,6 +356,16 @@ def _scale(raw: dict, trial: dict, trial_ok: bool, variants: list[str], params: 
         problems.append(f"scale.logit_threshold: expected a number > 0, got {threshold!r}")
         threshold = Scale.logit_threshold
     if raw.get("strategy") == "scale":
+        seen: list[tuple[object, str]] = []
+        for name, fields in {**out["sizes"], **out["target"]}.items():
+            try:
+                cfg = config_from({**trial, "variant": (variants or ["baseline"])[0], **fields}, "size")
+            except ConfigError:
+                continue  # reported above
+            same = next((other for c, other in seen if c == cfg), None)
+            if same is not None:
+                problems.append(f"scale: sizes {same} and {name} make the same model")
+            seen.append((cfg, name))
         if len(out["sizes"]) < 2:
             problems.append(f"scale.sizes: the scale strategy fits a line through two sizes or more, "
                             f"got {len(out['sizes'])}")
