@@ -45,7 +45,7 @@ def steps_apart(a: float, b: float, ratio: float) -> float:
     return abs(math.log(a / b)) / math.log(ratio) if a and b and not (pd.isna(a) or pd.isna(b)) else math.inf
 
 
-def spaces(raw: dict, ratio: float, max_trials: int, slots: int) -> tuple[dict, dict, dict]:
+def spaces(raw: dict, ratio: float, max_trials: int, slots: int, seeds: int = 0) -> tuple[dict, dict, dict]:
     lo, hi = raw["params"]["lr"]["loguniform"]
     base = {k: v for k, v in raw.items() if k not in ("params", "max_lr", "tune", "scheduler", "strategy",
                                                       "description", "storage", "tracking_uri")}
@@ -53,16 +53,23 @@ def spaces(raw: dict, ratio: float, max_trials: int, slots: int) -> tuple[dict, 
             "params": {"lr": {"grid": lr_grid(lo, hi, ratio)}}, "scheduler": {"type": "none"}}
     maxlr = {**base, "name": f"{raw['name']}_cost_max_lr", "strategy": "max_lr",
              "params": {"lr": {"loguniform": [lo, hi]}},
-             "max_lr": {"ratio": ratio, "slots": slots, "max_trials": max_trials},
+             "max_lr": {"ratio": ratio, "slots": slots, "max_trials": max_trials, "seeds": seeds},
              "scheduler": raw.get("scheduler", {"type": "tev"})}
     ranged = {**maxlr, "name": f"{raw['name']}_cost_range", "max_lr": {**maxlr["max_lr"], "range_test": True}}
     return grid, maxlr, ranged
 
 
-def run(space: dict, workdir: Path) -> pd.DataFrame:
+def run(space: dict, workdir: Path, reuse: bool = False) -> pd.DataFrame:
     path = workdir / f"{space['name']}.yaml"
-    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    text = yaml.safe_dump(space, sort_keys=False)
     storage = workdir / "results"
+    if reuse and path.is_file() and path.read_text() == text:
+        # The same space ran to its end in this workdir before (a search's summary is written last).
+        done = [d for d in sorted(storage.glob(f"{space['name']}-*")) if (d / "trials.csv").is_file()]
+        if done:
+            print(f"{space['name']}: reusing {done[-1]}", flush=True)
+            return pd.read_csv(done[-1] / "trials.csv")
+    path.write_text(text)
     subprocess.run([sys.executable, "-m", "tunestab.search", "--space", str(path), "--storage", str(storage)],
                    check=True)
     run_dir = sorted(storage.glob(f"{space['name']}-*"))[-1]
@@ -77,6 +84,11 @@ def main() -> int:
     ap.add_argument("--ratio", type=float, help="bracket step and grid spacing (default: the space's)")
     ap.add_argument("--max-trials", type=int, default=8, help="max_lr trials per variant at most")
     ap.add_argument("--slots", type=int, default=2)
+    ap.add_argument("--seeds", type=int, default=0,
+                    help="max_lr boundary seeds (default 0: the bracket of one seed, like for like with the "
+                         "one-seed grid; more buy an interval the grid does not give)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="take a search that finished in --workdir with the same space instead of running it again")
     ap.add_argument("--workdir", help="keep the results here (default: a temporary folder)")
     ap.add_argument("--range-test", action="store_true", help="also max_lr starting with an LR range test per variant")
     args = ap.parse_args()
@@ -84,15 +96,15 @@ def main() -> int:
     raw = yaml.safe_load(path.read_text())
     space = spec_mod.parse(raw, source=str(path))
     ratio = args.ratio or space.max_lr.ratio
-    grid_space, maxlr_space, range_space = spaces(raw, ratio, args.max_trials, args.slots)
+    grid_space, maxlr_space, range_space = spaces(raw, ratio, args.max_trials, args.slots, args.seeds)
     tokens_per_step = space.trial_config(space.variants[0]).batch_size * space.trial_config(space.variants[0]).seq_len
     budget = space.trial_config(space.variants[0]).steps
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="tunestab-cost-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    grid_t = run(grid_space, workdir)
-    maxlr_t = run(maxlr_space, workdir)
-    range_t = run(range_space, workdir) if args.range_test else None
+    grid_t = run(grid_space, workdir, args.reuse)
+    maxlr_t = run(maxlr_space, workdir, args.reuse)
+    range_t = run(range_space, workdir, args.reuse) if args.range_test else None
 
     g, m = summary(grid_t, space.variants).set_index("variant"), summary(maxlr_t, space.variants).set_index("variant")
     print(f"\nLR grid: {len(lr_grid(*raw['params']['lr']['loguniform'], ratio))} points from "

@@ -111,3 +111,5 @@ def test_search_cost_builds_a_grid_a_max_lr_and_a_range_test_search_the_product_
     assert [p.strategy for p in parsed] == ["sweep", "max_lr", "max_lr"]
     assert not parsed[1].max_lr.range_test and parsed[2].max_lr.range_test
     assert {k: v for k, v in ranged["max_lr"].items() if k != "range_test"} == maxlr["max_lr"]
+    # Like for like with the one-seed grid: the bracket alone, no boundary seeds, unless asked.
+    assert parsed[1].max_lr.seeds == 0 and search_cost.spaces(raw, 1.5, 8, 2, seeds=3)[1]["max_lr"]["seeds"] == 3
