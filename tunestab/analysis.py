@@ -43,7 +43,7 @@ SCALE_COLUMNS = ["size", "attn_logit_max"]
 
 def size_of(space, config: dict) -> str | None:
     """The scale strategy's size whose fields a trial's config carries."""
-    sizes = {**space.scale.sizes, **space.scale.target}
+    sizes = space.scale.every_size
     matching = [name for name, fields in sizes.items() if all(config.get(k) == v for k, v in fields.items())]
     # One size's fields may be a subset of another's ({d_model: 64} and {d_model: 64, n_layer: 4}):
     # the trial is the one that names the most of its config (spec.py refuses identical sizes).
@@ -410,12 +410,12 @@ def scale_table(space, table: pd.DataFrame, fits: dict) -> tuple[pd.DataFrame, d
     table and variant -> scaling.Frontier (None where fewer than two sizes have an interval)."""
     from . import scaling
 
-    sizes, (target, target_fields) = space.scale.sizes, next(iter(space.scale.target.items()))
+    sizes, target = space.scale.sizes, next(iter(space.scale.target))
     lo, hi = space.param("lr").values
     rows, frontiers = [], {}
     for v in space.variants:
         n = {name: scaling.non_embedding_params(space.trial_config(v, **fields))
-             for name, fields in {**sizes, target: target_fields}.items()}
+             for name, fields in space.scale.every_size.items()}
         used = [name for name in sizes if fits.get(f"{v}@{name}") is not None and fits[f"{v}@{name}"].samples]
         fr = scaling.fit_frontier([math.log(n[x]) for x in used], [fits[f"{v}@{x}"].samples for x in used],
                                   math.log(n[target]), others=[math.log(n[x]) for x in sizes],

@@ -108,7 +108,7 @@ def progress_reporter(space: spec_mod.Space):
     params = ["variant", "lr"] + [p.name for p in space.params if p.name != "lr"]
     # The scale strategy's sizes: the fields that tell them apart (d_model, n_layer, ...).
     if space.strategy == "scale":
-        params += list(dict.fromkeys(k for f in {**space.scale.sizes, **space.scale.target}.values() for k in f))
+        params += list(dict.fromkeys(k for f in space.scale.every_size.values() for k in f))
     metrics = {"step": "step", "loss": "loss", "val_loss": "val loss", "tev_dispersion": "TEV σ/μ",
                "stop_reason": "status"}
     return CLIReporter(parameter_columns=params, metric_columns=metrics, max_report_frequency=30,
@@ -286,7 +286,7 @@ def prepare(args) -> tuple[spec_mod.Space, str]:
 def deepest(space: spec_mod.Space) -> int:
     """The most layers any trial of the space has (each gets a chart section in MLflow)."""
     depths = [space.trial_config(space.variants[0]).n_layer]
-    depths += [f["n_layer"] for f in {**space.scale.sizes, **space.scale.target}.values() if "n_layer" in f]
+    depths += [f["n_layer"] for f in space.scale.every_size.values() if "n_layer" in f]
     p = space.param("n_layer")
     if p is not None:
         depths += [int(v) for v in p.values]
@@ -452,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
             from .scaling import non_embedding_params
 
             target = next(iter(space.scale.target))
-            for name, fields in {**space.scale.sizes, **space.scale.target}.items():
+            for name, fields in space.scale.every_size.items():
                 role = "target, measured too" if name == target and space.scale.measure_target else \
                     "target, predicted" if name == target else "measured"
                 print(f"  size {name} ({role}): {fields}, {non_embedding_params(space.trial_config(space.variants[0], **fields)):,} "

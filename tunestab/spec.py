@@ -121,10 +121,15 @@ class Scale:
     """Wortsman et al.'s second predictor: the largest LR at which the max attention logit,
     extrapolated to the target size, stays below this (their runs above 1e4 diverged)."""
 
+    @property
+    def every_size(self) -> dict:
+        """The measured sizes, then the target: name -> fields."""
+        return {**self.sizes, **self.target}
+
     def arms(self, variants) -> dict[str, dict]:
         """`variant@size` -> its fields (the variant included), in order: sizes, then the target
         when it is measured."""
-        sizes = {**self.sizes, **(self.target if self.measure_target else {})}
+        sizes = self.every_size if self.measure_target else self.sizes
         return {f"{v}@{name}": {"variant": v, **fields} for v in variants for name, fields in sizes.items()}
 
 
