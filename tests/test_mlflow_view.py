@@ -25,15 +25,21 @@ def test_the_stability_charts_come_first_in_their_order_then_the_layers_in_numer
 def test_a_saved_view_is_an_experiment_tag_in_the_uis_own_format(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("e", artifact_location=str(tmp_path / "a"))
-    mlflow_view.save_view(client, exp, "run1", 2)
-    mlflow_view.save_view(client, exp, "run2", 2)  # a later search replaces the view
-    value = client.get_experiment(exp).tags["mlflow.sharedViewState.tunestab"]
-    saved = json.loads(value)
-    assert saved["name"] == "tunestab" and saved["state"].startswith("deflate;")
-    assert mlflow_view.read_state(value) == mlflow_view.view_state("run2", 2)
+    mlflow_view.save_view(client, exp, "run1", 2, "s-1")
+    mlflow_view.save_view(client, exp, "run2", 4, "s-2")  # a later search in the same experiment
+    mlflow_view.save_view(client, exp, "run1", 3, "s-1")  # the first one resumed
+    tags = client.get_experiment(exp).tags
+    # Each search keeps its own view: the link the first one printed still shows its trials.
+    assert sorted(k for k in tags if k.startswith("mlflow.sharedViewState.")) == [
+        "mlflow.sharedViewState.tunestab-run1", "mlflow.sharedViewState.tunestab-run2"]
+    first, second = (json.loads(tags[f"mlflow.sharedViewState.tunestab-{r}"]) for r in ("run1", "run2"))
+    assert first["name"] == "tunestab s-1" and second["name"] == "tunestab s-2"
+    assert first["state"].startswith("deflate;")
+    assert mlflow_view.read_state(tags["mlflow.sharedViewState.tunestab-run1"]) == mlflow_view.view_state("run1", 3)
+    assert mlflow_view.read_state(tags["mlflow.sharedViewState.tunestab-run2"]) == mlflow_view.view_state("run2", 4)
 
 
 def test_the_link_opens_the_runs_in_the_model_training_view_with_the_saved_view():
-    url = mlflow_view.runs_url("http://127.0.0.1:5000/", "7")
+    url = mlflow_view.runs_url("http://127.0.0.1:5000/", "7", "0a1b")
     assert url == ("http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
-                   "&compareRunsMode=CHART&viewStateShareKey=tunestab")
+                   "&compareRunsMode=CHART&viewStateShareKey=tunestab-0a1b")

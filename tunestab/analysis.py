@@ -667,10 +667,10 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path) ->
     from .mlflow_view import runs_url
 
     if tracking_uri.startswith(("http://", "https://")):
-        where = f"  {runs_url(tracking_uri, exp)}"
+        where = f"  {runs_url(tracking_uri, exp, parent_run_id)}"
     else:
         where = (f"  mlflow ui --backend-store-uri {tracking_uri} --port 5000\n"
-                 f"  then open {runs_url('http://127.0.0.1:5000', exp)}")
+                 f"  then open {runs_url('http://127.0.0.1:5000', exp, parent_run_id)}")
     print(f"MLflow: experiment {space.name!r} (id {exp}), parent run {parent_run_id}; its trials' charts, "
           f"stability first:\n{where}")
     if (run_dir / INCOMPLETE_FILE).exists():

@@ -5,7 +5,9 @@ section named by the prefix, sorts those sections alphabetically, and puts the u
 ("Model metrics") after all of them: a search's 6 x n_layer per-layer charts would fill the
 screen ahead of its loss. MLflow keeps a saved view of that page as an experiment tag
 (`mlflow.sharedViewState.<key>`, what its "Views > Save as new view" writes) and opens it from a
-link with `viewStateShareKey=<key>`. The search saves one such view, "tunestab": a first section
+link with `viewStateShareKey=<key>`. Each search saves one such view, keyed by its parent run
+(`tunestab-<parent run id>`, so the link a search printed keeps showing that search after
+another one in the same experiment, and a resumed search keeps its own): a first section
 with loss, val_loss, tev_mean, tev_std, the TEV dispersion and lr, then the other model metrics,
 then the layers in numeric order; the search's trials listed by variant, every one plotted.
 The format is the MLflow UI's own (checked against MLflow 3.17 in a browser; docs/design.md): if
@@ -20,8 +22,7 @@ import json
 import time
 import zlib
 
-VIEW_KEY = "tunestab"
-TAG = f"mlflow.sharedViewState.{VIEW_KEY}"
+TAG_PREFIX = "mlflow.sharedViewState."
 MAIN_CHARTS = ("loss", "val_loss", "tev_mean", "tev_std", "tev_dispersion", "lr")
 MAIN_SECTION = "Stability"
 # MLflow's names for the sections of unprefixed and of system metrics.
@@ -77,13 +78,20 @@ def read_state(value: str) -> dict:
     return json.loads(zlib.decompress(base64.b64decode(state.split(";", 1)[1])))
 
 
-def save_view(client, experiment_id: str, parent_run_id: str, n_layer: int) -> None:
-    """Save (or replace) the experiment's "tunestab" view for this search's parent run."""
-    client.set_experiment_tag(experiment_id, TAG, tag_value("tunestab", view_state(parent_run_id, n_layer)))
+def view_key(parent_run_id: str) -> str:
+    """The key of a search's view: `viewStateShareKey` in its link, the end of its tag's name."""
+    return f"tunestab-{parent_run_id}"
 
 
-def runs_url(ui: str, experiment_id: str) -> str:
+def save_view(client, experiment_id: str, parent_run_id: str, n_layer: int, name: str) -> None:
+    """Save (or, on a resumed search, replace) this search's view, listed in the UI's Views menu
+    as "tunestab <name>"."""
+    client.set_experiment_tag(experiment_id, TAG_PREFIX + view_key(parent_run_id),
+                              tag_value(f"tunestab {name}", view_state(parent_run_id, n_layer)))
+
+
+def runs_url(ui: str, experiment_id: str, parent_run_id: str) -> str:
     """The experiment's runs in MLflow's model-training view (MLflow 3 opens its GenAI overview
-    unless told `workflowType=machine_learning`), with the saved view."""
+    unless told `workflowType=machine_learning`), with the search's saved view."""
     return (f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-            f"&compareRunsMode=CHART&viewStateShareKey={VIEW_KEY}")
+            f"&compareRunsMode=CHART&viewStateShareKey={view_key(parent_run_id)}")

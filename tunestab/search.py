@@ -293,13 +293,13 @@ def deepest(space: spec_mod.Space) -> int:
     return max(depths)
 
 
-def save_chart_view(client, parent_run_id: str, space: spec_mod.Space) -> None:
-    """The experiment's "tunestab" view in the MLflow UI, for this search (tunestab/mlflow_view.py).
-    A view is a convenience: a store that refuses it costs a warning, not the search."""
+def save_chart_view(client, parent_run_id: str, space: spec_mod.Space, name: str) -> None:
+    """This search's view in the MLflow UI, "tunestab <name>" (tunestab/mlflow_view.py). A view is
+    a convenience: a store that refuses it costs a warning, not the search."""
     from .mlflow_view import save_view
 
     try:
-        save_view(client, client.get_run(parent_run_id).info.experiment_id, parent_run_id, deepest(space))
+        save_view(client, client.get_run(parent_run_id).info.experiment_id, parent_run_id, deepest(space), name)
     except Exception as e:
         print(f"warning: could not save the MLflow chart view ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
 
@@ -370,7 +370,7 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
         (run_dir / STATE_FILE).write_text(json.dumps({"parent_run_id": parent, "tracking_uri": uri}))
         from mlflow.tracking import MlflowClient
 
-        save_chart_view(MlflowClient(uri), parent, space)
+        save_chart_view(MlflowClient(uri), parent, space, run_dir.name)
         if space.source:
             # A copy in the run folder too: `python -m tunestab.replay` rebuilds the summary from it.
             shutil.copyfile(space.source, run_dir / SPACE_COPY)

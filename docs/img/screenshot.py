@@ -3,7 +3,7 @@ playwright (pip install playwright; Debian's chromium at /usr/bin/chromium), wit
 assistant panel closed. Not a dependency of tunestab.
 
     mlflow ui --backend-store-uri sqlite:///RESULTS/mlflow.db --port 5057 &
-    python docs/img/screenshot.py "http://127.0.0.1:5057/#/experiments/2/runs?workflowType=machine_learning&compareRunsMode=CHART&viewStateShareKey=tunestab" docs/img/mlflow_view.png
+    python docs/img/screenshot.py "http://127.0.0.1:5057/#/experiments/2/runs?workflowType=machine_learning&compareRunsMode=CHART&viewStateShareKey=tunestab-<parent run id>" docs/img/mlflow_view.png
 """
 
 import sys
