@@ -19,6 +19,10 @@ session is still up afterwards to be asked what it started) and prints, all from
   threads as its worker had CPUs), divided by the number of trials run at once. `loop_s` inside
   the search is inflated by whatever else ran on the cores meanwhile (other trials' start-up);
   this is what the trials cost on their own;
+- the CPU seconds every process used while the search ran, summed by what the process is (Ray
+  names its actor processes `ray::<class>`), per trial, and the machine's CPU use: on a machine
+  the search keeps busy, wall >= CPU used / cores, so `CPU used / trials alone` bounds from below
+  the ratio any scheduling of these trials could reach on this many cores;
 - last line: `overhead ratio X` = wall / alone. Goal (issue 17): X <= 1.5 on the default space,
   today's default.yaml at e9022ee kept as docs/results/legacy/default.yaml.
 
@@ -30,9 +34,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -92,6 +98,87 @@ def actor_starts() -> dict[str, list[tuple[float, float]]]:
     return dict(out)
 
 
+class CpuSampler(threading.Thread):
+    """The CPU time (user + system, from /proc) of this process and every process it starts, and
+    theirs (Ray's GCS, raylet, agents and workers), sampled every `every_s` seconds until stopped,
+    keyed by process so that one that exits between samples keeps its last reading. A process
+    that lives less than one interval is missed: Ray's are seconds long. Other work on the machine
+    is not counted, but it shows in `busy()`."""
+
+    def __init__(self, every_s: float = 0.2):
+        super().__init__(daemon=True)
+        self.every_s, self.done = every_s, threading.Event()
+        self.tick = os.sysconf("SC_CLK_TCK")
+        self.before: dict[tuple[str, str], float] = {}  # CPU time already used when sampling began
+        self.seen: dict[tuple[str, str], tuple[float, str]] = {}  # (pid, start time) -> (CPU s, title)
+        self.parent: dict[tuple[str, str], str] = {}
+
+    def sample(self, first: bool = False) -> None:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read()
+                with open(f"/proc/{pid}/cmdline") as f:
+                    title = f.read().replace("\0", " ").strip()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(")") + 2:].split()
+            key, cpu = (pid, fields[19]), (int(fields[11]) + int(fields[12])) / self.tick
+            self.parent[key] = fields[1]
+            if first:
+                self.before[key] = cpu
+            # A Ray worker is titled `ray::IDLE` until it takes an actor: keep the actor's name.
+            old = self.seen.get(key, (0.0, ""))[1]
+            self.seen[key] = (cpu, title if title and not (old and title.startswith("ray::IDLE")) else old)
+
+    @staticmethod
+    def machine() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+
+    def run(self) -> None:
+        self.start_machine = self.machine()
+        self.sample(first=True)
+        while not self.done.wait(self.every_s):
+            self.sample()
+        self.sample()
+        self.end_machine = self.machine()
+        self.own = time.thread_time()  # the sampling itself, taken out of this process's share
+
+    def stop(self) -> dict[str, tuple[int, float]]:
+        """Stop sampling; what -> (processes, CPU seconds used since sampling began)."""
+        self.done.set()
+        self.join()
+        ours = {str(os.getpid())}
+        while True:  # this process's descendants, living or gone
+            more = {pid for (pid, _), ppid in self.parent.items() if ppid in ours} - ours
+            if not more:
+                break
+            ours |= more
+        out: dict[str, list] = defaultdict(lambda: [0, 0.0])
+        for key, (cpu, title) in self.seen.items():
+            if key[0] not in ours:
+                continue
+            used = cpu - self.before.get(key, 0.0) - (self.own if key[0] == str(os.getpid()) else 0.0)
+            if used <= 0:
+                continue
+            word = title.split()[0] if title else "?"
+            what = word.split(".")[0] if word.startswith("ray::") else os.path.basename(word) or "?"
+            if what.startswith("python"):  # the driver, Ray's agents: name the script or module
+                what = " ".join(os.path.basename(w) for w in title.split()[:3])
+            out[what][0] += 1
+            out[what][1] += used
+        return {k: (n, s) for k, (n, s) in out.items()}
+
+    def busy(self) -> float:
+        """The machine's CPU use while sampling, as a fraction of all its cores."""
+        (all0, idle0), (all1, idle1) = self.start_machine, self.end_machine
+        return 1 - (idle1 - idle0) / max(all1 - all0, 1)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--space", default=DEFAULT_SPACE, help="search space (default: %(default)s)")
@@ -105,15 +192,22 @@ def main() -> int:
     else:
         space = spec_mod.load(args.space)
     concurrency = args.max_concurrent or space.resources.max_concurrent
+    if not concurrency:
+        print(f"{space.source}: resources.max_concurrent is not set; give --max-concurrent N, the trials at once "
+              f"(the ratio divides by it)", file=sys.stderr)
+        return 2
     actors = {}
     if not args.run_dir:
         storage = Path(args.storage or tempfile.mkdtemp(prefix="tunestab-overhead-"))
         argv = ["--space", args.space, "--storage", str(storage)]
         if args.max_concurrent:
             argv += ["--max-concurrent", str(args.max_concurrent)]
+        cpu = CpuSampler()
+        cpu.start()
         began = time.perf_counter()
         rc = search.main(argv)
         wall = time.perf_counter() - began
+        used = cpu.stop()
         if rc != 0:
             print(f"the search failed (exit code {rc})", file=sys.stderr)
             return rc
@@ -142,6 +236,18 @@ def main() -> int:
         for name, times in sorted(actors.items(), key=lambda kv: -len(kv[1])):
             print(f"| {name} | {len(times)} | {statistics.mean(t for t, _ in times):.2f} | "
                   f"{statistics.mean(c for _, c in times):.2f} |")
+    if not args.run_dir:
+        cpu_total = sum(s for _, s in used.values())
+        print("\n| process | count | CPU s | CPU s per trial |\n|---|---|---|---|")
+        for name, (n, s) in sorted(used.items(), key=lambda kv: -kv[1][1]):
+            if s >= 0.01 * cpu_total:
+                print(f"| {name} | {n} | {s:.1f} | {s / len(trials):.2f} |")
+        print(f"| all processes | {sum(n for n, _ in used.values())} | {cpu_total:.1f} | {cpu_total / len(trials):.2f} |")
+        cores = os.cpu_count() or 1
+        print(f"\nCPU: the machine was {cpu.busy():.0%} busy over the search ({cores} cores); the search's processes "
+              f"used {cpu_total:.1f} CPU s, the trials alone {alone:.1f}; so on {cores} cores no scheduling of these trials "
+              f"gets the ratio below {cpu_total / cores / (alone / concurrency):.2f} (CPU used / {cores} against trials "
+              f"alone / {concurrency})")
     startup = [total - loop for total, loop in first]
     print(f"\nper trial: first report {statistics.mean(t for t, _ in first):.1f} s after Tune started the trial "
           f"(median {statistics.median(t for t, _ in first):.1f}), of which the loop's own "

@@ -113,3 +113,25 @@ def test_search_cost_builds_a_grid_a_max_lr_and_a_range_test_search_the_product_
     assert {k: v for k, v in ranged["max_lr"].items() if k != "range_test"} == maxlr["max_lr"]
     # Like for like with the one-seed grid: the bracket alone, no boundary seeds, unless asked.
     assert parsed[1].max_lr.seeds == 0 and search_cost.spaces(raw, 1.5, 8, 2, seeds=3)[1]["max_lr"]["seeds"] == 3
+
+
+def test_search_overhead_counts_the_cpu_of_the_processes_it_starts_by_what_they_are():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import search_overhead
+    finally:
+        sys.path.remove(str(BENCH))
+
+    sampler = search_overhead.CpuSampler(every_s=0.05)
+    sampler.start()
+    # A child that burns about 0.6 s of CPU, and one that only sleeps; both exit before the
+    # sampler stops, so their readings are the last taken while they lived.
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\ntime.sleep(0.2)"
+    subprocess.run([sys.executable, "-c", burn], check=True)
+    subprocess.run(["sleep", "0.3"], check=True)
+    used = sampler.stop()
+    # Named by its interpreter and first two words: `python -c import`.
+    burner = next(v for k, v in used.items() if k.split()[1:] == ["-c", "import"])
+    assert burner[0] == 1 and 0.5 <= burner[1] <= 1.5, used
+    assert used.get("sleep", (1, 0.0))[1] < 0.1, used  # seen (or too short to see), but idle
+    assert 0 < sampler.busy() <= 1
