@@ -235,7 +235,7 @@ def test_mlflow_going_away_mid_search_loses_nothing_and_replay_fills_it_in(tmp_p
         "name": "outage", "strategy": "max_lr", "variants": ["baseline", "qk_norm"],
         "trial": {**TRIAL, "steps": 200, "report_every": 10, "eval_every": 200, "checkpoint_every": 100},
         "params": {"lr": {"loguniform": [1e-3, 30.0]}},
-        "max_lr": {"ratio": 1.25, "slots": 1, "max_trials": 2, "seeds": 0}, "resources": {"max_concurrent": 1},
+        "max_lr": {"ratio": 1.25, "slots": 1, "max_trials": 2, "seeds": 0}, "resources": {"max_concurrent": 2},
     })
     storage = tmp_path / "results"
     # No HTTP retries: the outage is seen at once (the default, 3 tries, only makes it later).
