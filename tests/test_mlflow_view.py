@@ -27,7 +27,7 @@ def test_a_saved_view_is_an_experiment_tag_in_the_uis_own_format(tmp_path):
     exp = client.create_experiment("e", artifact_location=str(tmp_path / "a"))
     mlflow_view.save_view(client, exp, "run1", 2, "s-1")
     mlflow_view.save_view(client, exp, "run2", 4, "s-2")  # a later search in the same experiment
-    mlflow_view.save_view(client, exp, "run1", 3, "s-1")  # the first one resumed
+    mlflow_view.save_view(client, exp, "run1", 3, "s-1")  # the first one saved again: replaced
     tags = client.get_experiment(exp).tags
     # Each search keeps its own view: the link the first one printed still shows its trials.
     assert sorted(k for k in tags if k.startswith("mlflow.sharedViewState.")) == [

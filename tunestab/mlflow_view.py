@@ -84,8 +84,7 @@ def view_key(parent_run_id: str) -> str:
 
 
 def save_view(client, experiment_id: str, parent_run_id: str, n_layer: int, name: str) -> None:
-    """Save (or, on a resumed search, replace) this search's view, listed in the UI's Views menu
-    as "tunestab <name>"."""
+    """Save (or replace) this search's view, listed in the UI's Views menu as "tunestab <name>"."""
     client.set_experiment_tag(experiment_id, TAG_PREFIX + view_key(parent_run_id),
                               tag_value(f"tunestab {name}", view_state(parent_run_id, n_layer)))
 
