@@ -125,8 +125,9 @@ def test_search_overhead_counts_the_cpu_of_the_processes_it_starts_by_what_they_
     sampler = search_overhead.CpuSampler(every_s=0.05)
     sampler.start()
     # A child that burns about 0.6 s of CPU, and one that only sleeps; both exit before the
-    # sampler stops, so their readings are the last taken while they lived.
-    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\ntime.sleep(0.2)"
+    # sampler stops, so their readings are the last taken while they lived (the burner idles a
+    # second before it exits, time for a sampler on a busy machine to read it).
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass\ntime.sleep(1.0)"
     subprocess.run([sys.executable, "-c", burn], check=True)
     subprocess.run(["sleep", "0.3"], check=True)
     used = sampler.stop()
