@@ -108,11 +108,11 @@ def mlflow_runs(storage, name):
             [r for r in runs if "mlflow.parentRunId" in r.data.tags])
 
 
-def run_search_in_process(space, storage, *args: str):
+def run_search_in_process(space, storage):
     import ray
 
     try:
-        assert search.main(["--space", space, "--storage", str(storage), *args]) == 0
+        assert search.main(["--space", space, "--storage", str(storage)]) == 0
     finally:
         ray.shutdown()
 
@@ -133,8 +133,8 @@ def test_end_to_end_search_writes_parent_and_child_runs_to_mlflow(tmp_path, caps
     # The printed link opens the model-training runs view with the search's saved chart view.
     exp = parent.info.experiment_id
     assert (f"http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning"
-            f"&compareRunsMode=CHART&viewStateShareKey=tunestab-{parent.info.run_id}") in out
-    view = mlflow_view.read_state(client.get_experiment(exp).tags[f"mlflow.sharedViewState.tunestab-{parent.info.run_id}"])
+            f"&compareRunsMode=CHART&viewStateShareKey=tunestab") in out
+    view = mlflow_view.read_state(client.get_experiment(exp).tags[mlflow_view.TAG])
     assert view["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     assert [s["name"] for s in view["compareRunSections"]][:4] == ["Stability", "Model metrics", "layer_0", "layer_1"]
     # What the filter selects is this search's trials, each of them.
@@ -303,9 +303,8 @@ def test_resume_after_sigkill_finishes_the_search_without_duplicate_mlflow_runs(
     resumed = next(r for r in children if r.data.tags["tune_trial_id"] == in_flight)
     assert resumed.data.metrics["resumed_from"] in (100, 200)
 
-    # The same trials, with the same outcomes, as a search that was never interrupted (two at a
-    # time: each variant's bracket proposes its trials from its own results alone).
-    run_search_in_process(space, tmp_path / "uninterrupted", "--max-concurrent", "2")
+    # The same trials, with the same outcomes, as a search that was never interrupted.
+    run_search_in_process(space, tmp_path / "uninterrupted")
     reference = pd.read_csv(next((tmp_path / "uninterrupted").glob("tiny-*")) / "trials.csv")
     columns = ["variant", "lr", "stop_reason", "diverged", "step"]
     assert (trials.sort_values(["variant", "lr"])[columns].to_dict("records")
