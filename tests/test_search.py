@@ -133,8 +133,8 @@ def test_end_to_end_search_writes_parent_and_child_runs_to_mlflow(tmp_path, caps
     # The printed link opens the model-training runs view with the search's saved chart view.
     exp = parent.info.experiment_id
     assert (f"http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning"
-            f"&compareRunsMode=CHART&viewStateShareKey=tunestab") in out
-    view = mlflow_view.read_state(client.get_experiment(exp).tags[mlflow_view.TAG])
+            f"&compareRunsMode=CHART&viewStateShareKey=tunestab-{parent.info.run_id}") in out
+    view = mlflow_view.read_state(client.get_experiment(exp).tags[f"mlflow.sharedViewState.tunestab-{parent.info.run_id}"])
     assert view["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     assert [s["name"] for s in view["compareRunSections"]][:4] == ["Stability", "Model metrics", "layer_0", "layer_1"]
     # What the filter selects is this search's trials, each of them.
