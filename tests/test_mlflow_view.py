@@ -43,3 +43,40 @@ def test_the_link_opens_the_runs_in_the_model_training_view_with_the_saved_view(
     url = mlflow_view.runs_url("http://127.0.0.1:5000/", "7", "0a1b")
     assert url == ("http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
                    "&compareRunsMode=CHART&viewStateShareKey=tunestab-0a1b")
+
+
+def test_a_scale_searchs_runs_carry_their_size_and_its_view_groups_by_variant_and_size(tmp_path):
+    from types import SimpleNamespace
+
+    from tunestab import search, spec, tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("e", artifact_location=str(tmp_path / "a"))
+    parent = client.create_run(exp, run_name="search").info.run_id
+    # w64d4's fields include w64's: a trial with both is the deeper size, not w64.
+    space = spec.parse({"name": "s", "strategy": "scale", "variants": ["qk_norm"], "trial": {"n_layer": 2},
+                        "params": {"lr": {"loguniform": [0.01, 1.0]}},
+                        "scale": {"sizes": {"w32": {"d_model": 32, "n_head": 2}, "w64": {"d_model": 64, "n_head": 4},
+                                            "w64d4": {"d_model": 64, "n_head": 4, "n_layer": 4}},
+                                  "target": {"w96": {"d_model": 96, "n_head": 6}}}})
+    t = tracking.MLflowTracking(uri, "e", parent, scale=space.scale)
+    runs = {size: client.get_run(t.run_for(SimpleNamespace(trial_id=f"t{i}", config={
+        "variant": "qk_norm", "lr": 0.1, "n_layer": 2, **fields})))
+        for i, (size, fields) in enumerate({"w32": {"d_model": 32, "n_head": 2}, "w64": {"d_model": 64, "n_head": 4},
+                                             "w64d4": {"d_model": 64, "n_head": 4, "n_layer": 4},
+                                             "w96": {"d_model": 96, "n_head": 6}}.items())}
+    for size, run in runs.items():
+        assert run.data.tags["size"] == size and run.data.tags["variant"] == "qk_norm"
+        assert run.info.run_name.startswith(f"qk_norm@{size}-")
+    # Another strategy's runs are named by variant alone, with no size tag.
+    plain = client.get_run(tracking.MLflowTracking(uri, "e", parent).run_for(
+        SimpleNamespace(trial_id="t9", config={"variant": "baseline", "lr": 0.1, "d_model": 32})))
+    assert "size" not in plain.data.tags and plain.info.run_name == "baseline-t9"
+
+    search.save_chart_view(client, parent, space, "s-1")
+    state = mlflow_view.read_state(client.get_experiment(exp).tags[f"mlflow.sharedViewState.tunestab-{parent}"])
+    assert state["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "variant"},
+                                               {"mode": "tag", "groupByData": "size"}]
+    assert state["selectedColumns"][:2] == ["tags.`variant`", "tags.`size`"]
+    assert [s["name"] for s in state["compareRunSections"]][2:6] == ["layer_0", "layer_1", "layer_2", "layer_3"]

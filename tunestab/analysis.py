@@ -41,15 +41,6 @@ def range_tests(space) -> bool:
 SCALE_COLUMNS = ["size", "attn_logit_max"]
 
 
-def size_of(space, config: dict) -> str | None:
-    """The scale strategy's size whose fields a trial's config carries."""
-    sizes = space.scale.every_size
-    matching = [name for name, fields in sizes.items() if all(config.get(k) == v for k, v in fields.items())]
-    # One size's fields may be a subset of another's ({d_model: 64} and {d_model: 64, n_layer: 4}):
-    # the trial is the one that names the most of its config (spec.py refuses identical sizes).
-    return max(matching, key=lambda name: len(sizes[name]), default=None)
-
-
 def trial_table(space, grid) -> pd.DataFrame:
     rows = []
     for r in grid:
@@ -62,7 +53,7 @@ def trial_table(space, grid) -> pd.DataFrame:
         row.update({k: m.get(k) for k in COLUMNS[FIXED:]})
         row.update(lr_schedule=c.get("lr_schedule", "cosine"), range_lr=m.get("range_lr"))
         if space.strategy == "scale":
-            row.update(size=size_of(space, c), attn_logit_max=m.get("attn_logit_max"))
+            row.update(size=space.scale.size_of(c), attn_logit_max=m.get("attn_logit_max"))
         if r.error is not None:
             row["stop_reason"] = "error"
         rows.append(row)

@@ -9,7 +9,8 @@ link with `viewStateShareKey=<key>`. Each search saves one such view, keyed by i
 (`tunestab-<parent run id>`, so the link a search printed keeps showing that search after
 another one in the same experiment, and a resumed search keeps its own): a first section
 with loss, val_loss, tev_mean, tev_std, the TEV dispersion and lr, then the other model metrics,
-then the layers in numeric order; the search's trials listed by variant, every one plotted.
+then the layers in numeric order; the search's trials listed by variant (and by size, for the
+scale strategy), every one plotted.
 The format is the MLflow UI's own (checked against MLflow 3.17 in a browser; docs/design.md): if
 a later UI cannot read it, the link says the view is invalid and the page falls back to its
 default layout, nothing worse.
@@ -45,21 +46,22 @@ def _line_chart(metric: str, section: str) -> dict:
             "useGlobalLineSmoothing": True}
 
 
-def view_state(parent_run_id: str, n_layer: int) -> dict:
-    """The experiment page's state: the charts of the search's trials, every one shown."""
+def view_state(parent_run_id: str, n_layer: int, group_by: tuple[str, ...] = ("variant",)) -> dict:
+    """The experiment page's state: the charts of the search's trials, every one shown, grouped
+    in the table by the run tags `group_by`."""
     sections = [MAIN_SECTION, MODEL_SECTION] + [f"layer_{i}" for i in range(n_layer)] + [SYSTEM_SECTION]
     return {
         # The search's trials alone, flat (a filter that leaves the parent out shows its children
-        # as rows of their own), grouped by variant in the table.
+        # as rows of their own), grouped in the table.
         "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_run_id}'", "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",
         "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
-        "selectedColumns": ["tags.`variant`", "params.`lr`", "tags.`stop_reason`", "metrics.`val_loss`"],
+        "selectedColumns": [f"tags.`{t}`" for t in group_by] + ["params.`lr`", "tags.`stop_reason`", "metrics.`val_loss`"],
         "columnOrder": [], "columnWidths": {}, "runsHiddenMode": "SHOW_ALL",
         "compareRunCharts": [_line_chart(m, MAIN_SECTION) for m in MAIN_CHARTS],
         "compareRunSections": [_section(s) for s in sections],
         "viewMaximized": False, "runListHidden": False, "isAccordionReordered": True,
         "useGroupedValuesInCharts": False, "hideEmptyCharts": True,
-        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "variant"}]},
+        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": t} for t in group_by]},
         "groupsExpanded": {},
         "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
     }
@@ -83,10 +85,11 @@ def view_key(parent_run_id: str) -> str:
     return f"tunestab-{parent_run_id}"
 
 
-def save_view(client, experiment_id: str, parent_run_id: str, n_layer: int, name: str) -> None:
+def save_view(client, experiment_id: str, parent_run_id: str, n_layer: int, name: str,
+              group_by: tuple[str, ...] = ("variant",)) -> None:
     """Save (or replace) this search's view, listed in the UI's Views menu as "tunestab <name>"."""
     client.set_experiment_tag(experiment_id, TAG_PREFIX + view_key(parent_run_id),
-                              tag_value(f"tunestab {name}", view_state(parent_run_id, n_layer)))
+                              tag_value(f"tunestab {name}", view_state(parent_run_id, n_layer, group_by)))
 
 
 def runs_url(ui: str, experiment_id: str, parent_run_id: str) -> str:

@@ -56,7 +56,10 @@ def replay(run_dir: Path, uri: str) -> dict:
     client = MlflowClient(uri)
     parent = state["parent_run_id"]
     experiment_name = client.get_experiment(client.get_run(parent).info.experiment_id).name
-    tracking = MLflowTracking(uri, experiment_name, parent)
+    # The space as it ran (a search started from a dict, not a file, has no copy).
+    space = spec_mod.load(str(run_dir / SPACE_COPY)) if (run_dir / SPACE_COPY).is_file() else None
+    scale = space.scale if space is not None and space.strategy == "scale" else None
+    tracking = MLflowTracking(uri, experiment_name, parent, scale=scale)
     marker = run_dir / INCOMPLETE_FILE
     done = {"trials": 0, "steps": 0, "ended": 0, "parent": False}
 
@@ -84,8 +87,7 @@ def replay(run_dir: Path, uri: str) -> dict:
     if marker.exists():
         marker.rename(run_dir / (INCOMPLETE_FILE + ".replayed"))
     if state.get("finished") and client.get_run(parent).info.status != "FINISHED":
-        space = spec_mod.load(str(run_dir / SPACE_COPY))
-        report(space, ResultGrid(analysis), uri, parent, run_dir)  # writes the marker again if it fails
+        report(space or spec_mod.load(str(run_dir / SPACE_COPY)), ResultGrid(analysis), uri, parent, run_dir)  # writes the marker again if it fails
         done["parent"] = True
     return done
 

@@ -299,7 +299,8 @@ def save_chart_view(client, parent_run_id: str, space: spec_mod.Space, name: str
     from .mlflow_view import save_view
 
     try:
-        save_view(client, client.get_run(parent_run_id).info.experiment_id, parent_run_id, deepest(space), name)
+        save_view(client, client.get_run(parent_run_id).info.experiment_id, parent_run_id, deepest(space), name,
+                  ("variant", "size") if space.strategy == "scale" else ("variant",))
     except Exception as e:
         print(f"warning: could not save the MLflow chart view ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
 
@@ -408,7 +409,8 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
         if space.scheduler.type == "tev":
             scheduler = TEVScheduler(space.scheduler.rule, shadow=space.scheduler.shadow,
                                      state_path=str(run_dir / "tev_scheduler.json"))
-        tracking = MLflowTracking(uri, space.name, state["parent_run_id"], incomplete=str(run_dir / INCOMPLETE_FILE))
+        tracking = MLflowTracking(uri, space.name, state["parent_run_id"], incomplete=str(run_dir / INCOMPLETE_FILE),
+                                  scale=space.scale if space.strategy == "scale" else None)
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(space, run_dir),

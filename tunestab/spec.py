@@ -132,6 +132,14 @@ class Scale:
         sizes = self.every_size if self.measure_target else self.sizes
         return {f"{v}@{name}": {"variant": v, **fields} for v in variants for name, fields in sizes.items()}
 
+    def size_of(self, config: dict) -> str | None:
+        """The size whose fields a trial's config carries (None: none of them)."""
+        sizes = self.every_size
+        matching = [name for name, fields in sizes.items() if all(config.get(k) == v for k, v in fields.items())]
+        # One size's fields may be a subset of another's ({d_model: 64} and {d_model: 64, n_layer: 4}):
+        # the trial is the one that names the most of its config (parse refuses identical sizes).
+        return max(matching, key=lambda name: len(sizes[name]), default=None)
+
 
 @dataclass(frozen=True)
 class Tune:

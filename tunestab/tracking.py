@@ -112,8 +112,12 @@ class MLflowTracking(Callback):
     `python -m tunestab.replay` later logs what is missing.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, incomplete: str | None = None):
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, incomplete: str | None = None,
+                 scale=None):
         self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
+        # The scale strategy's sizes (spec.Scale): each run is tagged and named with its size, so
+        # that the UI tells w32's trials from w96's without reading d_model.
+        self.scale = scale
         self.incomplete = incomplete  # the marker file to write when something is not logged
         self.runs: dict[str, str] = {}  # trial id -> MLflow run id
         # MLflow run id -> last training step logged. Not saved with Tune's state: a killed driver
@@ -192,9 +196,13 @@ class MLflowTracking(Callback):
             run_id = self.existing_run(trial.trial_id)
             if run_id is None:
                 config = {k: v for k, v in trial.config.items() if k != "runner"}
-                run = self.client.create_run(self.experiment_id, run_name=f"{config.get('variant', 'trial')}-{trial.trial_id}",
-                                             tags={PARENT_TAG: self.parent_run_id, "tune_trial_id": trial.trial_id,
-                                                   "variant": str(config.get("variant", ""))})
+                tags = {PARENT_TAG: self.parent_run_id, "tune_trial_id": trial.trial_id,
+                        "variant": str(config.get("variant", ""))}
+                name = config.get("variant", "trial")
+                size = self.scale.size_of(config) if self.scale is not None else None
+                if size is not None:
+                    tags["size"], name = size, f"{name}@{size}"
+                run = self.client.create_run(self.experiment_id, run_name=f"{name}-{trial.trial_id}", tags=tags)
                 run_id = run.info.run_id
                 self.logged[run_id] = -1
                 self.client.log_batch(run_id, params=[Param(k, v) for k, v in flat_params(config).items()])
