@@ -87,7 +87,8 @@ def replay(run_dir: Path, uri: str) -> dict:
     if marker.exists():
         marker.rename(run_dir / (INCOMPLETE_FILE + ".replayed"))
     if state.get("finished") and client.get_run(parent).info.status != "FINISHED":
-        report(space or spec_mod.load(str(run_dir / SPACE_COPY)), ResultGrid(analysis), uri, parent, run_dir)  # writes the marker again if it fails
+        # Writes the marker again if it fails.
+        report(space or spec_mod.load(str(run_dir / SPACE_COPY)), ResultGrid(analysis), uri, parent, run_dir)
         done["parent"] = True
     return done
 
