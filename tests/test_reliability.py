@@ -161,11 +161,15 @@ def test_a_hundred_tev_stops_in_a_row_leave_no_actor_or_placement_group_behind(t
     trial_actors = ("ImplicitFunc", "TrainController", "RayTrainWorker", "SynchronizationActor", "_QueueActor",
                     "PlacementGroupCleaner")
 
+    leaked = []  # what a group left behind was: its bundles tell Tune's trial group from Train's workers'
+
     def left_behind():
         actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10000, raise_on_missing_output=False)
-        groups = list_placement_groups(limit=10000, raise_on_missing_output=False)
-        return ([a.class_name for a in actors if a.class_name in trial_actors],
-                [g.state for g in groups if g.state != "REMOVED"])
+        groups = [g for g in list_placement_groups(limit=10000, detail=True, raise_on_missing_output=False)
+                  if g.state != "REMOVED"]
+        leaked[:] = [{k: getattr(g, k, None) for k in ("placement_group_id", "name", "bundles", "is_detached", "stats")}
+                     for g in groups]
+        return [a.class_name for a in actors if a.class_name in trial_actors], [g.state for g in groups]
 
     watch = PendingWatch()
     watch.start()
@@ -185,7 +189,7 @@ def test_a_hundred_tev_stops_in_a_row_leave_no_actor_or_placement_group_behind(t
     finally:
         ray.shutdown()
 
-    assert left == ([], []), left
+    assert left == ([], []), (left, leaked)
     table = pd.read_csv(next(storage.glob("stops-*")) / "trials.csv")
     assert len(table) == 100 and set(table.stop_reason) == {"tev"} and set(table.step) == {10}
     # No trial waited on resources that were free (the Train V2 deadlock: a leaked group held the
