@@ -63,9 +63,8 @@ def test_a_scale_searchs_runs_carry_their_size_and_its_view_groups_by_variant_an
     t = tracking.MLflowTracking(uri, "e", parent, scale=space.scale)
     runs = {size: client.get_run(t.run_for(SimpleNamespace(trial_id=f"t{i}", config={
         "variant": "qk_norm", "lr": 0.1, "n_layer": 2, **fields})))
-        for i, (size, fields) in enumerate({"w32": {"d_model": 32, "n_head": 2}, "w64": {"d_model": 64, "n_head": 4},
-                                             "w64d4": {"d_model": 64, "n_head": 4, "n_layer": 4},
-                                             "w96": {"d_model": 96, "n_head": 6}}.items())}
+        for i, (size, fields) in enumerate(space.scale.every_size.items())}
+    assert list(runs) == ["w32", "w64", "w64d4", "w96"]
     for size, run in runs.items():
         assert run.data.tags["size"] == size and run.data.tags["variant"] == "qk_norm"
         assert run.info.run_name.startswith(f"qk_norm@{size}-")
