@@ -36,7 +36,7 @@ def rate(stamps: list[tuple[int, float]], tokens_per_step: int) -> float:
 
 def bare(cfg: TrialConfig) -> list[tuple[int, float]]:
     torch.manual_seed(cfg.seed)
-    train_tokens, _ = data_mod.load_splits(cfg.data, cfg.tokenizer, loop.cache_dir(cfg), cfg.val_fraction)
+    train_tokens, _ = data_mod.load_splits(cfg.data, cfg.tokenizer, data_mod.cache_dir(cfg), cfg.val_fraction)
     batches = data_mod.Batches(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed)
     model = GPT(cfg)
     opt = torch.optim.AdamW(compute.param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))

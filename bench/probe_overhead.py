@@ -20,7 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tunestab import data as data_mod  # noqa: E402
 from tunestab import compute, loop  # noqa: E402
 from tunestab.config import config_from  # noqa: E402
-from tunestab.loop import all_reduce, cache_dir, train_step  # noqa: E402
+from tunestab.data import cache_dir  # noqa: E402
+from tunestab.loop import all_reduce, train_step  # noqa: E402
 
 
 def main() -> None:

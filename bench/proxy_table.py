@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tunestab import boundary, data  # noqa: E402
-from tunestab.loop import cache_dir  # noqa: E402
+from tunestab.data import cache_dir  # noqa: E402
 from tunestab.config import config_from  # noqa: E402
 
 

@@ -32,7 +32,7 @@ import pandas as pd
 import yaml
 
 from tunestab import spec as spec_mod
-from tunestab.analysis import split_range_tests, summary
+from tunestab.tables import split_range_tests, summary
 
 
 def lr_grid(lo: float, hi: float, ratio: float) -> list[float]:

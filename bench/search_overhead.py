@@ -44,6 +44,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tunestab import run_dir as rd  # noqa: E402
 from tunestab import search  # noqa: E402
 from tunestab.replay import reports  # noqa: E402
 from tunestab import spec as spec_mod  # noqa: E402
@@ -188,7 +189,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.run_dir:
         run_dir = Path(args.run_dir)
-        space = spec_mod.load(str(run_dir / search.SPACE_COPY))
+        space = spec_mod.load(str(run_dir / rd.SPACE_COPY))
     else:
         space = spec_mod.load(args.space)
     concurrency = args.max_concurrent or space.resources.max_concurrent
@@ -217,7 +218,7 @@ def main() -> int:
             actors = actor_starts()
         finally:
             ray.shutdown()
-        run_dir = search.newest_run_dir(storage, space.name)
+        run_dir = rd.newest(storage, space.name)
     trials = trial_results(run_dir)
     if args.run_dir:
         # Tune's start to the last report: without Ray's start-up and the final report, a little

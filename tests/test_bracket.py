@@ -7,8 +7,8 @@ import random
 import optuna
 import pytest
 
-from tunestab.bracket import (DONE, EXTEND, WAIT, Bracket, BracketSampler, Design, bracket, is_done, next_lr,
-                              first_lrs, next_trial)
+from tunestab.bracket import DONE, EXTEND, WAIT, Bracket, Design, bracket, first_lrs, is_done, next_lr, next_trial
+from tunestab.searchers import BracketSampler
 
 LO, HI, RATIO = 1e-3, 3.0, 1.25
 
@@ -144,7 +144,7 @@ def test_the_grid_grows_until_both_sides_of_the_boundary_are_seen():
     """Seeds whose boundaries lie far apart: levels are added below while the lowest still sees
     a divergence, and above while the highest still sees a stable run, EXTEND at most."""
     boundary = {0: 0.1, 1: 0.02, 2: 0.1, 3: 0.1, 4: 0.5}
-    d = Design(LO, HI, ratio=1.41, seeds=4, points=4)
+    d = Design(LO, HI, ratio=1.41, seeds=4, points=4, step=math.sqrt(2))
     done = drive(lambda lr, s: lr < boundary[s], d)
     for s in (1, 4):
         lrs = sorted(lr for lr, t, _ in done if t == s)
@@ -154,7 +154,7 @@ def test_the_grid_grows_until_both_sides_of_the_boundary_are_seen():
 
 
 def test_nothing_starts_while_the_bracket_may_still_move():
-    d = Design(LO, HI, ratio=1.41, seeds=2)
+    d = Design(LO, HI, ratio=1.41, seeds=2, step=math.sqrt(2))
     done = [(0.07, 0, True), (0.095, 0, False)]  # narrow enough: 0.095 / 0.07 = 1.36
     assert next_trial(done, [(0.08, 0)], d) == WAIT  # but a bracketing trial is still in flight
     lr, seed = next_trial(done, [], d)
@@ -163,7 +163,7 @@ def test_nothing_starts_while_the_bracket_may_still_move():
 
 @pytest.mark.parametrize("outcome,why", [(lambda lr, s: True, "every LR stable"), (lambda lr, s: False, "none")])
 def test_no_boundary_seeds_when_the_boundary_is_outside_the_range(outcome, why):
-    done = drive(outcome, Design(LO, HI, ratio=1.41, seeds=4))
+    done = drive(outcome, Design(LO, HI, ratio=1.41, seeds=4, step=math.sqrt(2)))
     assert {s for _, s, _ in done} == {0}, why
 
 
@@ -237,20 +237,21 @@ def test_bracket_search_runs_its_range_tests_and_boundary_seeds_under_tune(tmp_p
     import ray
     from ray import tune
 
-    from tunestab.bracket import BracketSearch
+    from tunestab.searchers import BracketSearch
 
     edges = {16: 0.3, 32: 0.05}  # d_model -> boundary
     arms = {"baseline@w16": {"variant": "baseline", "d_model": 16}, "baseline@w32": {"variant": "baseline", "d_model": 32}}
 
     def trial(config):
         assert config["variant"] == "baseline"
+        assert config["size"] == {16: "w16", 32: "w32"}[config["d_model"]]  # the arm's size, a field of its own
         if config["lr_schedule"] == "range":
             tune.report({"stable_lr": 3 * edges[config["d_model"]]})
             return
         stable = config["lr"] < edges[config["d_model"]] * (1.1 if config["seed"] % 2 else 0.95)
         tune.report({"stable_lr": config["lr"] if stable else 0.0})
 
-    design = Design(LO, HI, ratio=1.41, slots=2, max_trials=10, seeds=2, points=2, range_test=True)
+    design = Design(LO, HI, ratio=1.41, slots=2, max_trials=10, seeds=2, points=2, step=math.sqrt(2), range_test=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
     searcher = BracketSearch(list(arms), design, storage=storage, study_name="b", arms=arms)
     ray.init(num_cpus=2, include_dashboard=False)

@@ -8,7 +8,8 @@ import torch
 
 from tunestab import checkpoint, compute, data
 from tunestab.checkpoint import CHECKPOINT_FILE, CheckpointError
-from tunestab.loop import cache_dir, model_config, restore, run
+from tunestab.data import cache_dir
+from tunestab.loop import model_config, restore, run
 from tunestab.session import LocalSession
 from tunestab.train import main
 from test_loop import tiny

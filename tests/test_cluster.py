@@ -13,7 +13,7 @@ import pytest
 import yaml
 from conftest import free_port, wait_http
 
-from tunestab import search, spec
+from tunestab import cluster, search, spec
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -74,7 +74,7 @@ def test_max_concurrent_follows_the_clusters_largest_size(tmp_path):
     def concurrent(**resources):
         s = spec.parse({"name": "g", "strategy": "max_lr", "variants": ["baseline"],
                         "params": {"lr": {"loguniform": [1e-3, 1.0]}}, "resources": resources})
-        return search.max_concurrent(s, now, str(bootstrap))
+        return cluster.max_concurrent(s, now, str(bootstrap))
 
     assert concurrent(gpus_per_worker=1) == 24  # 8 x 1 + 2 x 8 GPUs
     assert concurrent(gpus_per_worker=0.25) == 96  # four small trials per GPU
@@ -89,11 +89,11 @@ def test_max_concurrent_follows_the_clusters_largest_size(tmp_path):
     assert concurrent(gpus_per_worker=1, accelerator_type="A100") == 1  # none: one trial waits for a node
     space = spec.parse({"name": "c", "strategy": "max_lr", "variants": ["baseline"],
                         "params": {"lr": {"loguniform": [1e-3, 1.0]}}})
-    assert search.max_concurrent(space, [{"CPU": 2.0}], str(tmp_path / "none.yaml")) == 2  # no autoscaler: what is up
+    assert cluster.max_concurrent(space, [{"CPU": 2.0}], str(tmp_path / "none.yaml")) == 2  # no autoscaler: what is up
     live = [{"CPU": 8.0}, {"CPU": 4.0, "GPU": 1.0, "accelerator_type:L40S": 1.0},
             {"CPU": 96.0, "GPU": 8.0, "accelerator_type:H100": 1.0}]
     gpu_space = dataclasses.replace(space, resources=spec.Resources(gpus_per_worker=1, accelerator_type="H100"))
-    assert search.max_concurrent(gpu_space, live, str(tmp_path / "none.yaml")) == 8
+    assert cluster.max_concurrent(gpu_space, live, str(tmp_path / "none.yaml")) == 8
 
 
 def test_bad_train_storage_is_refused_before_ray(tmp_path, capsys):

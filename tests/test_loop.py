@@ -9,7 +9,8 @@ import torch
 
 from tunestab import compute
 from tunestab.config import TrialConfig
-from tunestab.loop import Divergence, cache_dir, lr_at, run, train_step
+from tunestab.data import cache_dir
+from tunestab.loop import Divergence, lr_at, run, train_step
 from tunestab.session import LocalSession
 
 TINY = dict(n_layer=2, n_head=2, d_model=32, seq_len=32, batch_size=8, steps=40, warmup_steps=5,

@@ -54,15 +54,17 @@ def test_a_scale_searchs_runs_carry_their_size_and_its_view_groups_by_variant_an
     client = MlflowClient(uri)
     exp = client.create_experiment("e", artifact_location=str(tmp_path / "a"))
     parent = client.create_run(exp, run_name="search").info.run_id
-    # w64d4's fields include w64's: a trial with both is the deeper size, not w64.
+    # w64d4's fields include w64's: the trial's size is the one its arm named, not a match of fields.
     space = spec.parse({"name": "s", "strategy": "scale", "variants": ["qk_norm"], "trial": {"n_layer": 2},
                         "params": {"lr": {"loguniform": [0.01, 1.0]}},
                         "scale": {"sizes": {"w32": {"d_model": 32, "n_head": 2}, "w64": {"d_model": 64, "n_head": 4},
                                             "w64d4": {"d_model": 64, "n_head": 4, "n_layer": 4}},
                                   "target": {"w96": {"d_model": 96, "n_head": 6}}}})
-    t = tracking.MLflowTracking(uri, "e", parent, scale=space.scale)
+    t = tracking.MLflowTracking(uri, "e", parent)
+    # Each trial's config as the scale strategy's searcher hands it out (tests/test_bracket.py): the
+    # arm's variant and fields, and its size.
     runs = {size: client.get_run(t.run_for(SimpleNamespace(trial_id=f"t{i}", config={
-        "variant": "qk_norm", "lr": 0.1, "n_layer": 2, **fields})))
+        "variant": "qk_norm", "lr": 0.1, "n_layer": 2, "size": size, **fields})))
         for i, (size, fields) in enumerate(space.scale.every_size.items())}
     assert list(runs) == ["w32", "w64", "w64d4", "w96"]
     for size, run in runs.items():

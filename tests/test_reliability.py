@@ -20,6 +20,7 @@ import yaml
 from conftest import MlflowServer, descendants, process_title
 
 from tunestab import checkpoint, loop, replay, search, session, tracking
+from tunestab import run_dir as run_dir_mod
 from tunestab.config import TrialConfig
 
 TRIAL = {"n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 32, "batch_size": 4, "warmup_steps": 5,
@@ -211,7 +212,7 @@ def test_tracking_skips_mlflow_while_it_is_down_and_records_what_it_missed(tmp_p
                 raise ConnectionError("connection refused (test)")
             return fail
 
-    marker = tmp_path / tracking.INCOMPLETE_FILE
+    marker = tmp_path / run_dir_mod.INCOMPLETE_FILE
     t = tracking.MLflowTracking("http://127.0.0.1:9", "exp", "parent", incomplete=str(marker))
     t._client = Refusing()
     trial = SimpleNamespace(trial_id="t1", config={"variant": "baseline"}, last_result={"step": 20})
@@ -261,7 +262,7 @@ def test_mlflow_going_away_mid_search_loses_nothing_and_replay_fills_it_in(tmp_p
     out = finish(proc, tmp_path)  # the search finishes with the server gone
     run_dir = next(storage.glob("outage-*"))
     assert "WARNING: MLflow" in out and f"python -m tunestab.replay {run_dir}" in out
-    assert (run_dir / tracking.INCOMPLETE_FILE).exists()
+    assert (run_dir / run_dir_mod.INCOMPLETE_FILE).exists()
     trials = pd.read_csv(run_dir / "trials.csv")
     assert len(trials) == 4  # Ray's own results kept every trial
 
@@ -279,7 +280,7 @@ def test_mlflow_going_away_mid_search_loses_nothing_and_replay_fills_it_in(tmp_p
     finally:
         server.stop()
     assert done == 0 and again == {"trials": 0, "steps": 0, "ended": 0, "parent": False}
-    assert not (run_dir / tracking.INCOMPLETE_FILE).exists()
+    assert not (run_dir / run_dir_mod.INCOMPLETE_FILE).exists()
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and "summary.md" in artifacts
     assert sorted(histories) == sorted(trials.trial_id) and all(r.info.status == "FINISHED" for r in children)
     # Every report Tune kept is in MLflow exactly once.
@@ -288,8 +289,8 @@ def test_mlflow_going_away_mid_search_loses_nothing_and_replay_fills_it_in(tmp_p
         assert histories[results[0]["trial_id"]] == [r["step"] for r in results]
     for _, row in pd.read_csv(run_dir / "summary.csv").dropna(subset=["max_stable_lr"]).iterrows():
         assert parents[0].data.metrics[f"max_stable_lr/{row.variant}"] == row.max_stable_lr
-    assert json.loads((run_dir / search.STATE_FILE).read_text())["finished"] is True
-    assert Path(run_dir / (tracking.INCOMPLETE_FILE + ".replayed")).exists()
+    assert json.loads((run_dir / run_dir_mod.STATE_FILE).read_text())["finished"] is True
+    assert Path(run_dir / (run_dir_mod.INCOMPLETE_FILE + ".replayed")).exists()
 
 
 GOOD = {"name": "bad", "strategy": "max_lr", "variants": ["baseline", "mlra"],

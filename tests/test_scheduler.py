@@ -235,8 +235,8 @@ def test_tune_run_stops_the_divergent_trial_by_tev_and_completes_the_stable_one(
     from ray import tune
     from ray.util.state import list_actors, list_placement_groups
 
-    from tunestab import search
-    from tunestab.trainer import trial_driver
+    from tunestab import cluster
+    from tunestab.ray_trial import trial_driver
 
     sched = TEVScheduler(DISPERSION, state_path=str(tmp_path / "tev_scheduler.json"))
     base = {"n_layer": 12, "d_model": 64, "n_head": 4, "grad_clip": 0.0, "steps": 60, "warmup_steps": 30,
@@ -247,7 +247,7 @@ def test_tune_run_stops_the_divergent_trial_by_tev_and_completes_the_stable_one(
     # is never removed and the next trial waits for its CPU forever (docs/scheduler.md). The
     # search's own start gives the workers this cluster's address, so that another Ray instance
     # on the machine does not leave the cleaner unable to tell which one to ask.
-    search.start_ray()
+    cluster.start_ray()
     try:
         tuner = tune.Tuner(
             tune.with_resources(trial_driver, {"cpu": 0.01}),
@@ -268,7 +268,7 @@ def test_tune_run_stops_the_divergent_trial_by_tev_and_completes_the_stable_one(
         address = ray.get_runtime_context().gcs_address  # this cluster, whatever else runs here
         assert [pg.state for pg in list_placement_groups(address=address) if pg.state != "REMOVED"] == []
         # Each trial started no actor it does not use: Ray Data's DatasetManager and the
-        # preemption watcher, one process each per trial (tunestab/trainer.py).
+        # preemption watcher, one process each per trial (tunestab/ray_trial.py).
         classes = {a.class_name for a in list_actors(address=address, limit=10_000)}
         assert "RayTrainWorker" in classes and not classes & {"DatasetManager", "PreemptionWatcher"}, classes
     finally:

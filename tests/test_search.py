@@ -8,23 +8,25 @@ import pandas as pd
 import pytest
 import yaml
 
-from tunestab import analysis, mlflow_view, search, spec
-from tunestab.analysis import summary
+from tunestab import mlflow_view, report, run_dir, search, spec, tables
+from tunestab.outcome import objectives
+from tunestab.strategies.tune import config_scores, separated
+from tunestab.tables import summary
 
 
 def test_objectives_score_how_a_trial_ended():
     done = {"stop_reason": "completed", "diverged": 0, "val_loss": 3.1, "loss_init": 5.5}
-    assert search.objectives(done, 0.2) == {"stable_lr": 0.2, "objective": 3.1}
+    assert objectives(done, 0.2) == {"stable_lr": 0.2, "objective": 3.1}
     blown = {"stop_reason": "blowup", "diverged": 1, "val_loss": 5.5, "loss_init": 5.5}
-    assert search.objectives(blown, 0.9) == {"stable_lr": 0.0, "objective": 5.5}
+    assert objectives(blown, 0.9) == {"stable_lr": 0.0, "objective": 5.5}
     # Stopped by TEV: predicted divergent, scored like a divergence, never NaN.
     tev = {"stop_reason": "tev", "diverged": 0, "loss": 7.0, "loss_init": 5.5}
-    assert search.objectives(tev, 0.9) == {"stable_lr": 0.0, "objective": 5.5}
+    assert objectives(tev, 0.9) == {"stable_lr": 0.0, "objective": 5.5}
     no_progress = {"stop_reason": "no_progress", "diverged": 1, "val_loss": 5.6, "loss_init": 5.5}
-    assert search.objectives(no_progress, 0.5)["stable_lr"] == 0.0
+    assert objectives(no_progress, 0.5)["stable_lr"] == 0.0
     # An LR range test hands BracketSampler where it failed, however it ended.
     ramp = {"stop_reason": "range_end", "diverged": 1, "range_lr": 0.7, "loss_init": 5.5}
-    assert search.objectives(ramp, 30.0) == {"stable_lr": 0.7, "objective": 5.5}
+    assert objectives(ramp, 30.0) == {"stable_lr": 0.7, "objective": 5.5}
 
 
 def test_summary_fits_each_variant_and_keeps_the_bracket():
@@ -40,7 +42,7 @@ def test_summary_fits_each_variant_and_keeps_the_bracket():
         {"variant": "b", "lr": 0.2, "seed": 0, "stop_reason": "error", "diverged": 0, "val_loss": None},
     ]
     table = pd.DataFrame(rows)
-    fits = analysis.boundaries(table, ["a", "b"])
+    fits = tables.boundaries(table, ["a", "b"])
     s = summary(table, ["a", "b"], fits).set_index("variant")
     # The bracket over all seeds, conservatively: a TEV stop at 0.5 bounds it, whatever seed 1 did
     # there, and the largest stable LR below it is seed 2's 0.4.
@@ -174,7 +176,7 @@ def test_end_to_end_search_writes_parent_and_child_runs_to_mlflow(tmp_path, caps
 def test_tune_reports_the_best_configuration_and_stable_lr_per_configuration():
     from types import SimpleNamespace
 
-    from tunestab.analysis import best_configs
+    from tunestab.strategies.tune import best_configs
 
     space = SimpleNamespace(params=[SimpleNamespace(name="lr"), SimpleNamespace(name="mlra_rank")])
     table = pd.DataFrame([
@@ -191,7 +193,7 @@ def test_tune_reports_the_best_configuration_and_stable_lr_per_configuration():
 def test_lr_sensitivity_follows_wortsman_with_the_l0_clip_and_seed_mean():
     from types import SimpleNamespace
 
-    from tunestab.analysis import lr_sensitivity
+    from tunestab.strategies.sweep import lr_sensitivity
 
     space = SimpleNamespace(params=[SimpleNamespace(name="lr"), SimpleNamespace(name="seed")])
     rows = []
@@ -217,7 +219,8 @@ def test_lr_sensitivity_follows_wortsman_with_the_l0_clip_and_seed_mean():
 def test_sweep_cells_average_seeds_and_count_divergences_per_cell():
     from types import SimpleNamespace
 
-    from tunestab.analysis import spearman, sweep_cells
+    from tunestab.strategies.sweep import sweep_cells
+    from tunestab.tables import spearman
 
     space = SimpleNamespace(params=[SimpleNamespace(name="n_layer"), SimpleNamespace(name="seed")])
     rows = [{"trial_id": f"a{seed}", "variant": "a", "n_layer": 6, "seed": seed, "stop_reason": "completed",
@@ -238,7 +241,7 @@ def test_sweep_cells_average_seeds_and_count_divergences_per_cell():
 
 
 def test_params_vs_loss_plot_is_written(tmp_path):
-    from tunestab.analysis import plot_params_vs_loss
+    from tunestab.plots import plot_params_vs_loss
 
     table = pd.DataFrame([
         {"variant": "mlra", "mlra_rank": r, "lr": lr, "stop_reason": sr, "diverged": 0, "val_loss": vl,
@@ -270,7 +273,7 @@ def test_resume_after_sigkill_finishes_the_search_without_duplicate_mlflow_runs(
             assert proc.poll() is None, (tmp_path / "search.log").read_text()[-3000:]
             # The state file is written after the search has created its MLflow tables; reading
             # the database before that would race the search's own schema migration.
-            if list(storage.glob(f"tiny-*/{search.STATE_FILE}")):
+            if list(storage.glob(f"tiny-*/{run_dir.STATE_FILE}")):
                 _, _, children = mlflow_runs(storage, "tiny")
                 done = [r for r in children if r.info.status == "FINISHED"]
                 going = [r for r in children if r.info.status == "RUNNING" and r.data.metrics.get("step", 0) >= 110]
@@ -358,14 +361,14 @@ def test_tune_over_seeds_scores_each_configuration_by_its_mean_and_spread():
         for seed, loss in enumerate(losses):
             rows.append({"variant": "mlra", "mlra_rank": rank, "lr": 0.01, "seed": seed, "val_loss": loss,
                          "loss_init": 5.5, "stop_reason": "completed" if loss else "blowup", "diverged": int(not loss)})
-    scores = analysis.config_scores(pd.DataFrame(rows), space)
+    scores = config_scores(pd.DataFrame(rows), space)
     # Rank 4's diverged seed counts at l0: its mean is (2.5 + 2.6 + 5.5) / 3, worst of the three.
     assert list(scores["mlra_rank"]) == [8, 2, 4] and list(scores["seeds"]) == [3, 3, 3]
     assert scores.iloc[0]["objective_mean"] == pytest.approx(2.7) and scores.iloc[2]["diverged"] == 1
-    assert analysis.separated(scores) is True  # 2.7 +- 0.05 against 3.0 +- 0.1
+    assert separated(scores) is True  # 2.7 +- 0.05 against 3.0 +- 0.1
     close = scores.copy()
     close.loc[1, "objective_mean"] = 2.8
-    assert analysis.separated(close) is False
+    assert separated(close) is False
     assert any("params.seed" in p for p in problems_of_space({**TINY, "strategy": "tune", "tune": {"seeds": 3},
                                                                "params": {"seed": {"choice": [0, 1]}}}))
 
@@ -379,7 +382,7 @@ def problems_of_space(raw) -> list[str]:
 def test_the_seed_repeater_runs_each_configuration_at_consecutive_seeds_and_reports_their_mean():
     from ray.tune.search import Searcher
 
-    from tunestab.bracket import SeedRepeater
+    from tunestab.searchers import SeedRepeater
 
     class Fixed(Searcher):
         def __init__(self):
@@ -404,13 +407,14 @@ def test_the_seed_repeater_runs_each_configuration_at_consecutive_seeds_and_repo
 
 
 def test_scale_report_fits_each_variant_predicts_the_target_and_logs_it_on_the_parent_run(tmp_path, capsys):
-    """analysis.report on a scale search's results (Tune's Result objects stood in for, the MLflow
+    """report.report on a scale search's results (Tune's Result objects stood in for, the MLflow
     store real): each variant's max stable LR falls as N^-0.5 for baseline and stays flat for
     qk_norm, whose attention logits do not grow with the LR; the target is measured too."""
     from types import SimpleNamespace
 
     from tunestab import scaling
-    from tunestab.tracking import artifact_location, start_parent
+    from tunestab.tracking import start_parent
+    from tunestab.tracking_store import artifact_location
 
     space = spec.parse({**TINY, "strategy": "scale", "variants": ["baseline", "qk_norm"],
                         "max_lr": {"seeds": 3},
@@ -429,14 +433,14 @@ def test_scale_report_fits_each_variant_predicts_the_target_and_logs_it_on_the_p
                 stable = lr < e
                 logit = math.exp(2 * math.log(lr) + 0.5 * math.log(n[name]) + 5) if v == "baseline" else 30.0
                 grid.append(SimpleNamespace(
-                    config={"variant": v, "lr": lr, "seed": seed, **space.scale.arms([v])[f"{v}@{name}"]},
+                    config={"variant": v, "lr": lr, "seed": seed, "size": name, **space.scale.arms([v])[f"{v}@{name}"]},
                     metrics={"trial_id": f"{v}{name}{seed}{k}", "stop_reason": "completed" if stable else "blowup",
                              "diverged": int(not stable), "step": 20, "loss": 2.0, "val_loss": 2.0, "loss_init": 5.5,
                              "tev_mean": 0.02, "tev_std": 0.001, "attn_logit_max": logit},
                     error=None, metrics_dataframe=steps))
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = start_parent(uri, "scale", "run", {}, artifacts=artifact_location(uri, str(tmp_path)))
-    analysis.report(space, grid, uri, parent, tmp_path)
+    report.report(space, grid, uri, parent, tmp_path)
 
     out = capsys.readouterr().out
     t = pd.read_csv(tmp_path / "scale.csv")

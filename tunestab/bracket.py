@@ -28,12 +28,8 @@ estimate far off costs a round, not the answer. The range run is not an outcome 
 the bracket and the fit never see it.
 
 A trial that failed (an error, not a divergence) says nothing about the LR and is left out.
-`BracketSampler` is this logic as an Optuna sampler over {variant, lr, seed}: the study stores
-every trial and its objective (`stable_lr` = lr when the trial completed without diverging, 0
-when it diverged or the TEV scheduler stopped it), so a restarted search reads its state back
-from the study. `BracketSearch` is Ray Tune's `OptunaSearch` with that sampler; it proposes
-nothing while a variant's next step waits on trials in flight, and finishes when every variant
-has its boundary trials.
+This module is the design alone, pure Python: tunestab/searchers.py drives it from Optuna and
+Ray Tune (`BracketSampler`, `BracketSearch`).
 """
 
 from __future__ import annotations
@@ -41,12 +37,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import optuna
-from ray.tune.search import Repeater, Searcher
-from ray.tune.search.optuna import OptunaSearch
-from ray.tune.search.repeater import TRIAL_INDEX
-
-OBJECTIVE = "stable_lr"
 # Grid levels a variant's boundary grid may grow by on each side.
 EXTEND = 3
 
@@ -100,29 +90,60 @@ def next_lr(outcomes, pending: list[float], lo: float, hi: float, slots: int) ->
 
 @dataclass(frozen=True)
 class Design:
-    """How `max_lr` spends one variant's trials (the space's `max_lr` section)."""
+    """How `max_lr` spends one variant's trials: the space's `max_lr` section (search_spaces/README.md),
+    with the searched LR range and the bracketing seed, which the space's `params.lr` and
+    `trial.seed` fill in (`FROM_SPACE`; they are not keys of the section)."""
 
-    lo: float
-    hi: float
+    lo: float = 0.0
+    hi: float = 0.0
     """The searched LR range."""
-    ratio: float = 1.25
+    ratio: float = 1.41
+    """Bracketing ends when smallest divergent / largest stable LR is at most this."""
     slots: int = 2
+    """Bracketing trials per variant proposed in parallel inside the current bracket."""
     max_trials: int = 12
-    """Bracketing trials at most."""
+    """Bracketing trials per variant at most, bracket or not."""
     seed: int = 0
     """The bracketing seed; boundary seeds are seed + 1 ... seed + seeds."""
     seeds: int = 4
+    """Boundary seeds: each runs `points` LRs around the bracket (0: the bracket alone, no interval)."""
     points: int = 4
-    step: float = math.sqrt(2)
+    """LRs per boundary seed, `step` apart; more are added where the boundary lies past them."""
+    step: float = 1.41
+    """Ratio between a boundary seed's neighbouring LRs."""
+    p_diverge: float = 0.1
+    """The max stable LR is where the fitted P(diverge | LR) crosses this."""
     range_test: bool = False
-    """Start each variant with an LR range test, and bracket from where it failed."""
+    """Start each variant with an LR range test (one run, the LR climbing from the range's low
+    to its high end, ended where its loss passes l0); the bracket starts from where it failed."""
     range_margin: float = 4.0
-    """The first bracketing trials sit at range_lr / range_margin^(i / slots), i = 1 ... slots."""
+    """After a range test failing at r, the first bracketing trials sit at r / range_margin^(i /
+    slots), i = 1 ... slots."""
+
+    FROM_SPACE = ("lo", "hi", "seed")
 
     def grid_lr(self, centre: float, level: int, j: int) -> float:
         """Boundary seed j's LR at grid level `level` (0 ... points - 1 around the centre)."""
         offset = level - (self.points - 1) / 2 + (j + 0.5) / self.seeds - 0.5
         return min(self.hi, max(self.lo, centre * self.step ** offset))
+
+    def problems(self) -> list[str]:
+        """The section's bad values, each with its key."""
+        out = [f"max_lr.{k}: must be > 1, got {getattr(self, k)}" for k in ("ratio", "step", "range_margin")
+               if getattr(self, k) <= 1]
+        if self.seeds < 0:
+            out.append(f"max_lr.seeds: must be >= 0, got {self.seeds}")
+        if self.points < 2:
+            out.append(f"max_lr.points: must be >= 2, got {self.points}")
+        if not 0 < self.p_diverge < 0.5:
+            out.append(f"max_lr.p_diverge: must be in (0, 0.5), got {self.p_diverge}")
+        out += [f"max_lr.{k}: must be >= 1, got {getattr(self, k)}" for k in ("slots", "max_trials")
+                if getattr(self, k) < 1]
+        return out
+
+    def max_trials_per_arm(self) -> int:
+        """The range test, the bracket, then each boundary seed's grid at its largest."""
+        return int(self.range_test) + self.max_trials + self.seeds * (self.points + 2 * EXTEND)
 
 
 WAIT = "wait"  # next_trial: nothing to start until a trial in flight finishes
@@ -190,149 +211,3 @@ def next_trial(outcomes: list[tuple[float, int, bool]], pending: list[tuple[floa
             highest, grown = highest + 1, True
         if not grown:
             return DONE
-
-
-class BracketSampler(optuna.samplers.BaseSampler):
-    """Optuna sampler for `variant` (categorical), then `lr` (log float), `seed` (int) and, with
-    range tests, `lr_schedule` (categorical: cosine, or range for a variant's range test)."""
-
-    def __init__(self, variants: list[str], design: Design):
-        self.variants, self.design = list(variants), design
-        self._chosen: dict[int, tuple[float, int, str]] = {}  # trial number -> its (lr, seed, schedule)
-
-    def state(self, study: optuna.Study, exclude: int | None = None) -> dict[str, tuple[list, list]]:
-        """variant -> (finished outcomes [(lr, seed, stable)], pending [(lr, seed)]), range tests
-        left out."""
-        out = {v: ([], []) for v in self.variants}
-        for t in study.get_trials(deepcopy=False):
-            v, lr = t.params.get("variant"), t.params.get("lr")
-            if v not in out or lr is None or t.number == exclude or t.params.get("lr_schedule") == RANGE:
-                continue
-            seed = int(t.params.get("seed", self.design.seed))
-            if t.state == optuna.trial.TrialState.COMPLETE:
-                out[v][0].append((lr, seed, t.values[0] > 0))
-            elif t.state == optuna.trial.TrialState.RUNNING:
-                out[v][1].append((lr, seed))
-        return out
-
-    def ranges(self, study: optuna.Study, exclude: int | None = None) -> dict[str, float | str | None]:
-        """variant -> the range_lr of its range test (the objective it reported), RUNNING while
-        it runs, or None before it started (or after it failed, so that it runs again)."""
-        out: dict[str, float | str | None] = {v: None for v in self.variants}
-        for t in study.get_trials(deepcopy=False):
-            v = t.params.get("variant")
-            if v not in out or t.number == exclude or t.params.get("lr_schedule") != RANGE:
-                continue
-            if t.state == optuna.trial.TrialState.COMPLETE and t.values[0] > 0:
-                out[v] = t.values[0]
-            elif t.state == optuna.trial.TrialState.RUNNING and out[v] is None:
-                out[v] = RUNNING
-        return out
-
-    def proposals(self, study: optuna.Study, exclude: int | None = None) -> dict[str, object]:
-        """variant -> its next trial: an (lr, seed, schedule), WAIT or DONE."""
-        ranges = self.ranges(study, exclude) if self.design.range_test else {}
-        out = {}
-        for v, (done, pending) in self.state(study, exclude).items():
-            r = ranges.get(v)
-            if self.design.range_test and r is None:
-                out[v] = (self.design.hi, self.design.seed, RANGE)  # the ramp ends at the range's top
-            elif r == RUNNING:
-                out[v] = WAIT
-            else:
-                nxt = next_trial(done, pending, self.design, r)
-                out[v] = (*nxt, "cosine") if isinstance(nxt, tuple) else nxt
-        return out
-
-    def finished(self, study: optuna.Study) -> bool:
-        return all(p == DONE for p in self.proposals(study).values())
-
-    def can_propose(self, study: optuna.Study) -> bool:
-        return any(isinstance(p, tuple) for p in self.proposals(study).values())
-
-    def choose(self, study: optuna.Study, trial) -> str:
-        """The variant of `trial`, and its (lr, seed) kept for the next parameters."""
-        state = self.state(study, exclude=trial.number)
-        ready = {v: p for v, p in self.proposals(study, exclude=trial.number).items() if isinstance(p, tuple)}
-        choices = list(ready) or self.variants
-        # The variant with the fewest trials so far, finished or running.
-        variant = min(choices, key=lambda v: (len(state[v][0]) + len(state[v][1]), self.variants.index(v)))
-        self._chosen[trial.number] = ready.get(variant) or (self.design.lo, self.design.seed, "cosine")
-        return variant
-
-    def infer_relative_search_space(self, study, trial):
-        return {}
-
-    def sample_relative(self, study, trial, search_space):
-        return {}
-
-    def sample_independent(self, study, trial, param_name, param_distribution):
-        if param_name == "variant":
-            return self.choose(study, trial)
-        # Optuna does not ask a sampler for a parameter with one possible value: with one variant
-        # (or no boundary seeds), `lr` or `seed` is the first parameter this sampler sees.
-        if trial.number not in self._chosen:
-            self.choose(study, trial)
-        if param_name == "lr":
-            return self._chosen[trial.number][0]
-        if param_name == "seed":
-            return self._chosen[trial.number][1]
-        if param_name == "lr_schedule":
-            return self._chosen[trial.number][2]
-        return optuna.samplers.RandomSampler().sample_independent(study, trial, param_name, param_distribution)
-
-
-class FinalOnlyOptunaSearch(OptunaSearch):
-    """OptunaSearch that scores a trial on its final result only: intermediate reports do not
-    carry the objective (it depends on how the trial ends), and Optuna prunes nothing here (the
-    TEV scheduler does the stopping)."""
-
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        pass
-
-
-class SeedRepeater(Repeater):
-    """The `tune` strategy with `tune.seeds` > 1: Ray Tune's Repeater runs each configuration
-    Optuna proposes at `repeat` seeds (trial.seed, + 1, ...) and gives Optuna their mean
-    objective, so a candidate is scored over seeds rather than on one seed's luck."""
-
-    def __init__(self, searcher: Searcher, repeat: int, base_seed: int = 0):
-        super().__init__(searcher, repeat=repeat, set_index=True)
-        self.base_seed = base_seed
-
-    def suggest(self, trial_id: str):
-        config = super().suggest(trial_id)
-        if isinstance(config, dict):  # a copy of the group's config, Repeater's own
-            config["seed"] = self.base_seed + config.pop(TRIAL_INDEX)
-        return config
-
-
-class BracketSearch(FinalOnlyOptunaSearch):
-    """OptunaSearch over {variant, lr, seed} with BracketSampler; FINISHED when every variant is.
-
-    With `arms` (the `scale` strategy) the sampler's "variants" are arm labels, `variant@size`,
-    each bracketed on its own, and a trial's config gets the arm's fields (its variant and the
-    size's d_model, n_layer, ...) in place of the label."""
-
-    def __init__(self, variants: list[str], design: Design, storage=None, study_name: str | None = None,
-                 arms: dict[str, dict] | None = None):
-        self.arms = arms
-        self.bracket_sampler = BracketSampler(variants, design)
-        space = {"variant": optuna.distributions.CategoricalDistribution(list(variants)),
-                 "lr": optuna.distributions.FloatDistribution(design.lo, design.hi, log=True),
-                 "seed": optuna.distributions.IntDistribution(design.seed, design.seed + max(design.seeds, 0))}
-        if design.range_test:
-            space["lr_schedule"] = optuna.distributions.CategoricalDistribution(["cosine", RANGE])
-        super().__init__(space=space, metric=OBJECTIVE, mode="max", sampler=self.bracket_sampler,
-                         storage=storage, study_name=study_name)
-
-    def suggest(self, trial_id: str):
-        study = self._ot_study
-        if self.bracket_sampler.finished(study):
-            return Searcher.FINISHED
-        if not self.bracket_sampler.can_propose(study):
-            return None  # every open variant waits on trials in flight; Tune asks again later
-        config = super().suggest(trial_id)
-        if self.arms and isinstance(config, dict):
-            config.update(self.arms[config.pop("variant")])
-        return config

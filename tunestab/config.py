@@ -211,8 +211,8 @@ class TrialConfig:
         for name in ("vocab_size", "warmup_steps", "checkpoint_every", "max_tokens", "seed", "micro_batch_size"):
             if getattr(self, name) < 0:
                 p.append(f"{name}: must be >= 0, got {getattr(self, name)}")
-        if self.micro_batch_size > 0 and self.batch_size >= 1 and self.batch_size % self.micro_batch_size:
-            p.append(f"micro_batch_size: {self.micro_batch_size} does not divide batch_size={self.batch_size}")
+        if self.micro_batch_size > 0 and self.batch_size >= 1:
+            p += [q for q in [batch_split_problem(self.batch_size, self.micro_batch_size, 1)] if q]
         if self.n_head >= 1 and self.d_model >= 1 and self.d_model % self.n_head:
             p.append(f"d_model: {self.d_model} is not divisible by n_head={self.n_head}")
         if self.mlra_rank is not None:
@@ -338,3 +338,18 @@ def config_from(values: dict, where: str = "config", base: TrialConfig | None = 
     if problems:
         raise ConfigError(problems, where)
     return config
+
+
+def batch_split_problem(batch_size: int, micro_batch_size: int, workers: int) -> str | None:
+    """Why `batch_size` sequences do not split over `workers` DDP ranks in micro-batches of
+    `micro_batch_size` (0: each rank's whole share), or None. The one statement of the rule: the
+    config, the space checker and the loop all ask it."""
+    share = batch_size // workers
+    micro = micro_batch_size or share
+    if batch_size % workers:
+        return f"batch_size: {batch_size} sequences do not split evenly over {workers} workers"
+    if not micro or share % micro:
+        return (f"micro_batch_size: {micro} does not divide the {share} sequences each of {workers} "
+                f"worker{'s' if workers > 1 else ''} takes of batch_size={batch_size}")
+    return None
+

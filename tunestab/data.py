@@ -36,10 +36,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-if TYPE_CHECKING:  # tiktoken is imported lazily below; only the annotation needs it here
+if TYPE_CHECKING:  # tiktoken and torch are imported lazily below; only annotations need them here
     import tiktoken
+    import torch
+
+    from .config import TrialConfig
 
 log = logging.getLogger(__name__)
 
@@ -385,6 +387,11 @@ def _load_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
 # load_splits
 
 
+def cache_dir(cfg: "TrialConfig") -> str:
+    """Where a trial's tokenised corpus is cached: `data_cache`, else ~/.cache/tunestab."""
+    return cfg.data_cache or os.path.join(os.path.expanduser("~"), ".cache", "tunestab")
+
+
 def load_splits(source: str, tokenizer: str, cache_dir: str, val_fraction: float = 0.05,
                 max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Tokenised (train, val) token streams as 1-D integer numpy arrays (uint16 when n_vocab < 65536 else uint32).
@@ -481,6 +488,8 @@ def _check_ranks(batch_size: int, rank: int, world_size: int) -> int:
 
 
 def _to_xy(blocks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch  # here, not at the top: checking a search's data must not load torch
+
     # Inputs are every token but the last, targets every token but the first. int64
     # because that is what embedding lookups and cross_entropy want.
     x = torch.from_numpy(blocks[:, :-1].astype(np.int64))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -27,8 +26,9 @@ import torch.distributed as dist
 from . import data as data_mod
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from .compute import Setup, peak_flops, setup, training_flops_per_token
-from .config import ConfigError, TrialConfig
+from .config import ConfigError, TrialConfig, batch_split_problem
 from .metrics import finite
+from .outcome import TEV_DISPERSION, TEV_MEAN, TEV_STD, dispersion
 from .probes import model_probes, tev_rows
 
 
@@ -164,12 +164,10 @@ class Window:
 
 def micro_batch(cfg: TrialConfig, world_size: int) -> int:
     """Sequences per forward/backward on one worker: micro_batch_size, or the worker's share."""
-    share = cfg.batch_size // world_size
-    micro = cfg.micro_batch_size or share
-    if cfg.batch_size % world_size or share % micro:
-        raise ConfigError([f"micro_batch_size: {micro} does not divide the {share} sequences each of "
-                           f"{world_size} workers takes of batch_size={cfg.batch_size}"], "trial config")
-    return micro
+    problem = batch_split_problem(cfg.batch_size, cfg.micro_batch_size, world_size)
+    if problem:
+        raise ConfigError([problem], "trial config")
+    return cfg.micro_batch_size or cfg.batch_size // world_size
 
 
 @torch.no_grad()
@@ -222,10 +220,6 @@ def model_config(cfg: TrialConfig) -> TrialConfig:
     return dataclasses.replace(cfg, vocab_size=vocab).resolved()
 
 
-def cache_dir(cfg: TrialConfig) -> str:
-    return cfg.data_cache or os.path.join(os.path.expanduser("~"), ".cache", "tunestab")
-
-
 def checkpoint_state(s: Setup, step: int, batches, divergence: Divergence, cfg: TrialConfig) -> dict:
     return {
         "model": s.model.state_dict(),
@@ -266,7 +260,7 @@ def run(cfg: TrialConfig, session) -> dict:
     cuda = device.type == "cuda"
     cfg = model_config(cfg)
     micro = micro_batch(cfg, world)
-    train_tokens, val_tokens = data_mod.load_splits(cfg.data, cfg.tokenizer, cache_dir(cfg), cfg.val_fraction,
+    train_tokens, val_tokens = data_mod.load_splits(cfg.data, cfg.tokenizer, data_mod.cache_dir(cfg), cfg.val_fraction,
                                                     cfg.max_tokens or None)
     batches = data_mod.Batches(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
     val = data_mod.eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches, rank, world)
@@ -352,6 +346,8 @@ def run(cfg: TrialConfig, session) -> dict:
             metrics["tokens_per_s"] = timed_steps * tokens_per_step / max(timed_s, 1e-9)
             if peak:
                 metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / world / peak
+        if metrics.get(TEV_MEAN):  # the scheduler's and the charts' sigma/mu, computed once, here
+            metrics[TEV_DISPERSION] = dispersion(metrics[TEV_MEAN], metrics[TEV_STD])
         if val_loss is not None:
             metrics["val_loss"] = finite(val_loss) if reason != "nonfinite" else divergence.loss0
         elif reason is not None:

@@ -8,7 +8,7 @@ Tune's own files in the run folder keep every report of every trial (`result.jso
 trial ended (the experiment state). For each trial the child run is found by its `tune_trial_id`
 tag, or opened, and only the steps MLflow does not have are logged; a trial that ended gets its
 tags and final status. A finished search whose parent run is not FINISHED gets its summary,
-tables and plots (tunestab.analysis.report). Replaying twice logs nothing twice.
+tables and plots (tunestab.report). Replaying twice logs nothing twice.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from .search import SPACE_COPY, STATE_FILE
+from . import run_dir as rd
 
 # Tune's trial states -> MLflow's run states, for trials that ended.
 ENDED = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}
@@ -29,9 +29,10 @@ def experiment(run_dir: Path):
     """Tune's record of the search in run_dir: an ExperimentAnalysis (no Ray cluster needed)."""
     from ray.tune import ExperimentAnalysis
 
-    folders = [p for p in (run_dir / "tune").iterdir() if p.is_dir()] if (run_dir / "tune").is_dir() else []
+    tune_dir = run_dir / rd.TUNE_DIR
+    folders = [p for p in tune_dir.iterdir() if p.is_dir()] if tune_dir.is_dir() else []
     if len(folders) != 1:
-        raise FileNotFoundError(f"{run_dir / 'tune'}: expected one Tune experiment folder, found {len(folders)}")
+        raise FileNotFoundError(f"{tune_dir}: expected one Tune experiment folder, found {len(folders)}")
     return ExperimentAnalysis(str(folders[0]))
 
 
@@ -49,18 +50,17 @@ def replay(run_dir: Path, uri: str) -> dict:
     from ray.tune import ResultGrid
 
     from . import spec as spec_mod
-    from .analysis import report
-    from .tracking import INCOMPLETE_FILE, MLflowTracking, flat_params
+    from .report import report
+    from .tracking import MLflowTracking, flat_params
 
-    state = json.loads((run_dir / STATE_FILE).read_text())
+    state = json.loads((run_dir / rd.STATE_FILE).read_text())
     client = MlflowClient(uri)
     parent = state["parent_run_id"]
     experiment_name = client.get_experiment(client.get_run(parent).info.experiment_id).name
     # The space as it ran (a search started from a dict, not a file, has no copy).
-    space = spec_mod.load(str(run_dir / SPACE_COPY)) if (run_dir / SPACE_COPY).is_file() else None
-    scale = space.scale if space is not None and space.strategy == "scale" else None
-    tracking = MLflowTracking(uri, experiment_name, parent, scale=scale)
-    marker = run_dir / INCOMPLETE_FILE
+    space = spec_mod.load(str(run_dir / rd.SPACE_COPY)) if (run_dir / rd.SPACE_COPY).is_file() else None
+    tracking = MLflowTracking(uri, experiment_name, parent)
+    marker = run_dir / rd.INCOMPLETE_FILE
     done = {"trials": 0, "steps": 0, "ended": 0, "parent": False}
 
     analysis = experiment(run_dir)
@@ -85,10 +85,10 @@ def replay(run_dir: Path, uri: str) -> dict:
         done["ended"] += ended
 
     if marker.exists():
-        marker.rename(run_dir / (INCOMPLETE_FILE + ".replayed"))
+        marker.rename(run_dir / (rd.INCOMPLETE_FILE + ".replayed"))
     if state.get("finished") and client.get_run(parent).info.status != "FINISHED":
         # Writes the marker again if it fails.
-        report(space or spec_mod.load(str(run_dir / SPACE_COPY)), ResultGrid(analysis), uri, parent, run_dir)
+        report(space or spec_mod.load(str(run_dir / rd.SPACE_COPY)), ResultGrid(analysis), uri, parent, run_dir)
         done["parent"] = True
     return done
 
@@ -100,13 +100,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the search used)")
     args = ap.parse_args(argv)
 
-    from .tracking import INCOMPLETE_FILE, TrackingError, check_reachable
+    from .tracking_store import TrackingError, check_reachable
 
     run_dir = Path(args.run_dir).expanduser().absolute()
-    if not (run_dir / STATE_FILE).is_file():
-        print(f"error: run_dir: {run_dir} is not a search's run folder (no {STATE_FILE})", file=sys.stderr)
+    if not (run_dir / rd.STATE_FILE).is_file():
+        print(f"error: run_dir: {run_dir} is not a search's run folder (no {rd.STATE_FILE})", file=sys.stderr)
         return 2
-    uri = args.tracking_uri or json.loads((run_dir / STATE_FILE).read_text())["tracking_uri"]
+    uri = args.tracking_uri or json.loads((run_dir / rd.STATE_FILE).read_text())["tracking_uri"]
     try:
         check_reachable(uri)
     except TrackingError as e:
@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     done = replay(run_dir, uri)
     print(f"replayed {done['steps']} reports into {done['trials']} trial runs; {done['ended']} runs marked "
           f"ended; parent run {'completed' if done['parent'] else 'already complete or search unfinished'}")
-    if (run_dir / INCOMPLETE_FILE).exists():
-        print(f"error: MLflow failed again while replaying; see {run_dir / INCOMPLETE_FILE}", file=sys.stderr)
+    if (run_dir / rd.INCOMPLETE_FILE).exists():
+        print(f"error: MLflow failed again while replaying; see {run_dir / rd.INCOMPLETE_FILE}", file=sys.stderr)
         return 1
     return 0
 

@@ -22,53 +22,37 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from . import data as data_mod
+from . import run_dir as rd
 from . import spec as spec_mod
 from .config import ConfigError
-from .loop import cache_dir
-from .trainer import RAY_TRAIN_ENV
-
-STATE_FILE = "tunestab_search.json"
-SPACE_COPY = "space.yaml"
+from .strategies import of
 
 
 # --------------------------------------------------------------------------------------------
-# objectives: what the Optuna study sees of each trial
-
-
-def outcome_stable(result: dict) -> bool:
-    """Completed its budget without diverging (a TEV stop counts as predicted divergent)."""
-    return result.get("stop_reason") == "completed" and not result.get("diverged", 0)
-
-
-def objectives(result: dict, lr: float) -> dict:
-    l0 = result.get("loss_init", result.get("loss", 0.0))
-    stable = outcome_stable(result)
-    if "range_lr" in result:  # an LR range test: where its loss passed l0 (tunestab/bracket.py)
-        return {"stable_lr": float(result["range_lr"]), "objective": float(l0)}
-    return {"stable_lr": float(lr) if stable else 0.0,
-            "objective": float(result["val_loss"]) if stable and "val_loss" in result else float(l0)}
+# what each result carries when Tune keeps it
 
 
 def make_callbacks(scheduler, tracking):
+    """Tune's callbacks, in the order they must run: `TrialOutcome` completes each result (the
+    TEV verdict, then the objectives decided from it) before MLflow logs it."""
     from ray.tune.callback import Callback
 
-    from .tev_rule import dispersion
+    from .outcome import LR, objectives
 
-    class Objectives(Callback):
-        """Adds `stable_lr` and `objective` to every result Tune keeps (after the TEV verdict), and
-        `tev_dispersion`, the sigma/mu of TEV that the scheduler watches."""
+    class TrialOutcome(Callback):
+        """Writes into every result Tune keeps, in one place and in this order: the TEV
+        scheduler's verdict (`tev_stop_step`, `tev_stop_reason`, `stop_reason = tev`), then
+        `stable_lr` and `objective` (outcome.objectives), which depend on how the trial ended."""
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            result.update(objectives(result, trial.config.get("lr", 0.0)))
-            if result.get("tev_mean"):
-                result["tev_dispersion"] = dispersion(result["tev_mean"], result.get("tev_std", 0.0))
+            if scheduler is not None:
+                scheduler.annotate(trial.trial_id, result)
+            result.update(objectives(result, trial.config.get(LR, 0.0)))
 
-    # Order matters: the TEV verdict first, then the objectives computed from it, then MLflow.
-    return ([scheduler.callback()] if scheduler is not None else []) + [Objectives(), tracking]
+    return [TrialOutcome(), tracking]
 
 
 # --------------------------------------------------------------------------------------------
@@ -76,28 +60,15 @@ def make_callbacks(scheduler, tracking):
 
 
 def param_space(space: spec_mod.Space, run_dir: Path) -> dict:
-    from ray import tune
-
     # Train runs (and their checkpoints), one per trial id, where a resumed search finds them
-    # (trainer.trial_driver): in the run folder, or under train_storage, which every node reaches.
+    # (ray_trial.trial_driver): in the run folder, or under train_storage, which every node reaches.
     train_storage = (f"{space.train_storage.rstrip('/')}/{run_dir.name}" if space.train_storage
-                     else str(run_dir / "train"))
+                     else str(run_dir / rd.TRAIN_DIR))
     runner = {"workers": space.resources.workers, "cpus_per_worker": space.resources.cpus_per_worker,
               "gpus_per_worker": space.resources.gpus_per_worker, "max_failures": space.resources.max_failures,
               "accelerator_type": space.resources.accelerator_type,
               "storage": train_storage}
-    out = {**space.trial, "runner": runner}
-    if space.strategy in ("max_lr", "scale"):
-        if space.max_lr.range_test:
-            out["lr_range_start"] = space.param("lr").values[0]  # a range test climbs the whole range
-        return out  # variant, lr, seed (and lr_schedule) come from BracketSearch
-    variants = list(space.variants)
-    if space.strategy == "sweep":
-        out["variant"] = tune.grid_search(variants)
-    else:
-        out["variant"] = tune.choice(variants) if len(variants) > 1 else variants[0]
-    out.update({p.name: p.tune_domain() for p in space.params})
-    return out
+    return {**space.trial, "runner": runner, **of(space).param_space(space)}
 
 
 def progress_reporter(space: spec_mod.Space):
@@ -105,10 +76,7 @@ def progress_reporter(space: spec_mod.Space):
     tries, how far it got, its loss, its TEV dispersion σ/μ, and how it ended."""
     from ray.tune import CLIReporter
 
-    params = ["variant", "lr"] + [p.name for p in space.params if p.name != "lr"]
-    # The scale strategy's sizes: the fields that tell them apart (d_model, n_layer, ...).
-    if space.strategy == "scale":
-        params += list(dict.fromkeys(k for f in space.scale.every_size.values() for k in f))
+    params = ["variant", "lr"] + [p.name for p in space.params if p.name != "lr"] + of(space).progress_params(space)
     metrics = {"step": "step", "loss": "loss", "val_loss": "val loss", "tev_dispersion": "TEV σ/μ",
                "stop_reason": "status"}
     return CLIReporter(parameter_columns=params, metric_columns=metrics, max_report_frequency=30,
@@ -118,105 +86,7 @@ def progress_reporter(space: spec_mod.Space):
 def searcher(space: spec_mod.Space, run_dir: Path):
     import optuna
 
-    from .bracket import BracketSearch, FinalOnlyOptunaSearch
-
-    storage = optuna.storages.RDBStorage(f"sqlite:///{run_dir / 'optuna.db'}")
-    if space.strategy == "max_lr":
-        return BracketSearch(list(space.variants), design(space), storage=storage, study_name=space.name)
-    if space.strategy == "scale":
-        arms = space.arms()
-        return BracketSearch(list(arms), design(space), storage=storage, study_name=space.name, arms=arms)
-    if space.strategy == "tune":
-        sampler = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler,
-                   "cmaes": optuna.samplers.CmaEsSampler}[space.tune.sampler](seed=space.tune.seed)
-        optuna_search = FinalOnlyOptunaSearch(metric="objective", mode="min", sampler=sampler, storage=storage,
-                                              study_name=space.name)
-        if space.tune.seeds > 1:
-            from .bracket import SeedRepeater
-
-            return SeedRepeater(optuna_search, space.tune.seeds, space.trial_config(space.variants[0]).seed)
-        return optuna_search
-    return None  # sweep: Tune's own grid
-
-
-def design(space: spec_mod.Space):
-    """How max_lr spends each variant's trials (tunestab/bracket.py)."""
-    from .bracket import Design
-
-    m = space.max_lr
-    lo, hi = space.param("lr").values
-    return Design(lo, hi, m.ratio, m.slots, m.max_trials, space.trial_config(space.variants[0]).seed, m.seeds,
-                  m.points, m.step, m.range_test, m.range_margin)
-
-
-def num_trials(space: spec_mod.Space) -> int:
-    if space.strategy in ("max_lr", "scale"):
-        from .bracket import EXTEND
-
-        m = space.max_lr
-        # The range test, the bracket, then each boundary seed's grid at its largest, per variant
-        # (at each size, for scale).
-        return (int(m.range_test) + m.max_trials + m.seeds * (m.points + 2 * EXTEND)) * len(space.arms())
-    if space.strategy == "tune":
-        return space.tune.num_samples * space.tune.seeds
-    return 1  # a grid is expanded by Tune itself
-
-
-# Written by `ray up` on the head node: the cluster's node types, with the resources the launcher
-# filled in for each instance type, and how many of each it may start.
-BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
-
-
-def cluster_capacity(nodes: list[dict], bootstrap_config: str = BOOTSTRAP_CONFIG, accelerator_type: str = "") -> dict:
-    """The CPUs and GPUs of the cluster's live nodes (`nodes`: each one's resources), or, on an
-    autoscaling cluster, what it can grow to: a GPU cluster usually starts with no GPU node at
-    all. With `accelerator_type`, only GPUs of nodes labelled with it (the launcher labels each
-    node `accelerator_type:<its GPU>`) count."""
-    import yaml
-
-    label = f"accelerator_type:{accelerator_type}"
-
-    def gpus(resources: dict) -> float:
-        return float(resources.get("GPU", 0)) if not accelerator_type or label in resources else 0.0
-
-    out = {"CPU": sum(float(n.get("CPU", 0)) for n in nodes), "GPU": sum(gpus(n) for n in nodes)}
-    path = Path(os.path.expanduser(bootstrap_config))
-    if path.is_file():
-        config = yaml.safe_load(path.read_text()) or {}
-        head = config.get("head_node_type")
-        top = {k: 0.0 for k in out}
-        for name, node in (config.get("available_node_types") or {}).items():
-            count = 1 if name == head else int(node.get("max_workers", 0))
-            resources = node.get("resources") or {}
-            top["CPU"] += count * float(resources.get("CPU", 0))
-            top["GPU"] += count * gpus(resources)
-        out = {k: max(out[k], top[k]) for k in out}
-    return out
-
-
-def live_nodes() -> list[dict]:
-    import ray
-
-    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-
-
-def max_concurrent(space: spec_mod.Space, nodes: list[dict], bootstrap_config: str = BOOTSTRAP_CONFIG) -> int:
-    """Trials at once: as many as the cluster's GPUs (of the space's accelerator_type, if it
-    names one) or CPUs, for CPU trials, can hold at its largest, or the space's number when it
-    is smaller."""
-    r = space.resources
-    capacity = cluster_capacity(nodes, bootstrap_config, r.accelerator_type)
-    if r.gpus_per_worker:
-        fits = max(1, int(capacity["GPU"] // (r.workers * r.gpus_per_worker)))
-    else:
-        fits = max(1, int(capacity["CPU"] // max(r.workers * r.cpus_per_worker, 1e-9)))
-    if r.max_concurrent > fits:
-        # More trials than the cluster can ever hold would each start a Train controller that
-        # waits for workers, times out and retries, holding resources the running ones need.
-        print(f"note: resources.max_concurrent {r.max_concurrent} is more than the cluster can hold "
-              f"at once ({fits}); running {fits} at a time", file=sys.stderr)
-        return fits
-    return r.max_concurrent or fits
+    return of(space).searcher(space, optuna.storages.RDBStorage(f"sqlite:///{run_dir / rd.OPTUNA_DB}"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +136,7 @@ def prepare(args) -> tuple[spec_mod.Space, str]:
     elif train_storage:
         train_storage = str(Path(os.path.expanduser(train_storage)).absolute())
         problems += writable("train_storage", Path(train_storage))
-    from .tracking import TrackingError, check_reachable, resolve_uri
+    from .tracking_store import TrackingError, check_reachable, resolve_uri
 
     uri = resolve_uri(space.tracking_uri, str(storage))
     try:
@@ -275,7 +145,7 @@ def prepare(args) -> tuple[spec_mod.Space, str]:
         problems.append(f"tracking_uri: {e}")
     cfg = space.trial_config(space.variants[0])
     try:
-        data_mod.load_splits(cfg.data, cfg.tokenizer, cache_dir(cfg), cfg.val_fraction, cfg.max_tokens or None)
+        data_mod.load_splits(cfg.data, cfg.tokenizer, data_mod.cache_dir(cfg), cfg.val_fraction, cfg.max_tokens or None)
     except data_mod.DataError as e:
         problems.append(f"trial.data: {e}")
     if problems:
@@ -300,89 +170,50 @@ def save_chart_view(client, parent_run_id: str, space: spec_mod.Space, name: str
 
     try:
         save_view(client, client.get_run(parent_run_id).info.experiment_id, parent_run_id, deepest(space), name,
-                  ("variant", "size") if space.strategy == "scale" else ("variant",))
+                  of(space).group_by(space))
     except Exception as e:
         print(f"warning: could not save the MLflow chart view ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
-
-
-def newest_run_dir(storage: Path, name: str) -> Path | None:
-    dirs = sorted(p for p in storage.glob(f"{name}-*") if (p / STATE_FILE).exists())
-    return dirs[-1] if dirs else None
 
 
 # --------------------------------------------------------------------------------------------
 # the command
 
 
-def start_ray() -> None:
-    """Join the cluster in RAY_ADDRESS, or start a local one for this search.
-
-    A local cluster gets a GCS port chosen here, and its workers get RAY_ADDRESS pointing at it.
-    Train V2 frees a stopped trial's placement group from a helper actor that finds its cluster
-    through the State API; with no address it looks for "the" Ray instance on the machine, and
-    with two (two searches at once, or one left by a killed process) it fails on every poll, the
-    group is never freed and the next trial waits forever. The dashboard serves the State API
-    (docs/scheduler.md); it listens on 127.0.0.1 only.
-    """
-    import socket
-
-    import ray
-
-    address = os.environ.get("RAY_ADDRESS", "")
-    if address:
-        # `ray job submit` sets it to the cluster's GCS address; pass it on to the workers too
-        # (not a ray:// or http:// address, which only a client understands).
-        env = dict(RAY_TRAIN_ENV)
-        if "://" not in address:
-            env["RAY_ADDRESS"] = address
-        ray.init(runtime_env={"env_vars": env})
-        return
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts the GCS
-    address = f"{ray.util.get_node_ip_address()}:{port}"
-    try:
-        ray.init(address="local", include_dashboard=True,
-                 runtime_env={"env_vars": {**RAY_TRAIN_ENV, "RAY_ADDRESS": address}})
-    finally:
-        del os.environ["RAY_GCS_SERVER_PORT"]
-
-
 def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
     from ray import tune
 
-    from .analysis import report
+    from .cluster import live_nodes, max_concurrent, start_ray
+    from .ray_trial import trial_driver
+    from .report import report
     from .scheduler import TEVScheduler
-    from .tracking import INCOMPLETE_FILE, MLflowTracking, artifact_location, start_parent
-    from .trainer import trial_driver
+    from .tracking import MLflowTracking, start_parent
+    from .tracking_store import artifact_location
 
     storage = Path(space.storage)
-    run_dir = newest_run_dir(storage, space.name) if resume else None
+    run_dir = rd.newest(storage, space.name) if resume else None
     if resume and run_dir is None:
         print(f"error: --resume: no earlier search named {space.name!r} in {storage}", file=sys.stderr)
         return 2
     if run_dir is None:
-        run_dir = storage / f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_dir.mkdir(parents=True)
+        run_dir = rd.new(storage, space.name)
         parent = start_parent(uri, space.name, run_dir.name, {"strategy": space.strategy, "space": space.source,
                                                               "run_dir": str(run_dir)},
                               artifacts=artifact_location(uri, space.storage))
-        (run_dir / STATE_FILE).write_text(json.dumps({"parent_run_id": parent, "tracking_uri": uri}))
+        (run_dir / rd.STATE_FILE).write_text(json.dumps({"parent_run_id": parent, "tracking_uri": uri}))
         from mlflow.tracking import MlflowClient
 
         save_chart_view(MlflowClient(uri), parent, space, run_dir.name)
         if space.source:
             # A copy in the run folder too: `python -m tunestab.replay` rebuilds the summary from it.
-            shutil.copyfile(space.source, run_dir / SPACE_COPY)
+            shutil.copyfile(space.source, run_dir / rd.SPACE_COPY)
             MlflowClient(uri).log_artifact(parent, space.source)
-    state = json.loads((run_dir / STATE_FILE).read_text())
+    state = json.loads((run_dir / rd.STATE_FILE).read_text())
     # MLflow's HTTP client retries a failed call 7 times with backoff, about four minutes in
     # which Tune's loop (and every trial's reports) would wait. Three tries ride out a blip;
     # a longer outage is left to MLflowTracking, which stops calling until the server is back.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-    # `stable_lr` and `objective` depend on how a trial ends, so the driver's Objectives callback
+    # `stable_lr` and `objective` depend on how a trial ends, so the driver's TrialOutcome callback
     # adds them to each result; workers do not report them, and Tune must not insist they do.
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # Tune's newer console output picks its own columns (the first four metrics a worker
@@ -399,7 +230,7 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
     # deadlocked a search of many short trials (docs/reliability.md). Likewise a 4-CPU worker
     # could not start on a 4-CPU GPU node that also held a driver.
     trainable = tune.with_resources(trial_driver, tune.PlacementGroupFactory([{"node:__internal_head__": 0.001}]))
-    tune_dir = run_dir / "tune"
+    tune_dir = run_dir / rd.TUNE_DIR
     if resume and tune.Tuner.can_restore(str(tune_dir / space.name)):
         # The scheduler, searcher and callbacks come back from the Tuner's own pickle.
         tuner = tune.Tuner.restore(str(tune_dir / space.name), trainable=trainable, resume_unfinished=True,
@@ -408,21 +239,20 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
         scheduler = None
         if space.scheduler.type == "tev":
             scheduler = TEVScheduler(space.scheduler.rule, shadow=space.scheduler.shadow,
-                                     state_path=str(run_dir / "tev_scheduler.json"))
-        tracking = MLflowTracking(uri, space.name, state["parent_run_id"], incomplete=str(run_dir / INCOMPLETE_FILE),
-                                  scale=space.scale if space.strategy == "scale" else None)
+                                     state_path=str(run_dir / rd.SCHEDULER_STATE))
+        tracking = MLflowTracking(uri, space.name, state["parent_run_id"], incomplete=str(run_dir / rd.INCOMPLETE_FILE))
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(space, run_dir),
             tune_config=tune.TuneConfig(search_alg=searcher(space, run_dir), scheduler=scheduler,
-                                        num_samples=num_trials(space),
+                                        num_samples=of(space).num_trials(space),
                                         max_concurrent_trials=max_concurrent(space, live_nodes())),
             run_config=tune.RunConfig(storage_path=str(tune_dir), name=space.name,
                                       callbacks=make_callbacks(scheduler, tracking), verbose=1,
                                       progress_reporter=progress_reporter(space)),
         )
     grid = tuner.fit()
-    (run_dir / STATE_FILE).write_text(json.dumps({**state, "finished": True}))
+    (run_dir / rd.STATE_FILE).write_text(json.dumps({**state, "finished": True}))
     report(space, grid, uri, state["parent_run_id"], run_dir)
     return 0
 
@@ -450,16 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  variants: {', '.join(space.variants)}")
         for p in space.params:
             print(f"  {p.name}: {p.kind} {list(p.values)}")
-        if space.strategy == "scale":
-            from .scaling import non_embedding_params
-
-            target = next(iter(space.scale.target))
-            for name, fields in space.scale.every_size.items():
-                role = "target, measured too" if name == target and space.scale.measure_target else \
-                    "target, predicted" if name == target else "measured"
-                print(f"  size {name} ({role}): {fields}, {non_embedding_params(space.trial_config(space.variants[0], **fields)):,} "
-                      f"parameters without embeddings ({space.variants[0]})")
-        print(f"  trials: {'grid' if space.strategy == 'sweep' else f'up to {num_trials(space)}'}; "
+        for line in of(space).dry_run(space):
+            print(line)
+        print(f"  trials: {of(space).trials_text(space)}; "
               f"scheduler: {space.scheduler.type}{' (shadow)' if space.scheduler.shadow else ''}")
         print(f"  storage: {space.storage}\n  train storage: {space.train_storage or 'the run folder'}\n"
               f"  tracking: {uri}")

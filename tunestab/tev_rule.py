@@ -25,6 +25,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .outcome import dispersion_of
+
 SIGNALS = ("dispersion", "dispersion_max", "growth", "row_max", "update", "peer")
 # The report key each per-report signal reads (dispersion and peer are computed from two).
 REPORT_KEYS = {"dispersion_max": "tev_dispersion_max", "growth": "tev_growth_max", "row_max": "tev_row_max",
@@ -85,17 +87,10 @@ class TEVRule:
         return None
 
 
-def dispersion(mean: float, std: float) -> float:
-    """σ_TEV/μ_TEV (0 before the embedding has any spread)."""
-    return float(std) / float(mean) if mean > 0 else 0.0
-
-
 def signal_of(rule: TEVRule, report: dict) -> float | None:
     """The rule's signal in one report (None where the report does not carry it). `peer` needs
     other trials and is computed by its caller from `dispersion` values."""
     if rule.signal in ("dispersion", "peer"):
-        if report.get("tev_mean") is None or report.get("tev_std") is None:
-            return None
-        return dispersion(report["tev_mean"], report["tev_std"])
+        return dispersion_of(report)
     value = report.get(REPORT_KEYS[rule.signal])
     return float(value) if value is not None else None

@@ -14,71 +14,19 @@ from __future__ import annotations
 import math
 import os
 import time
-import urllib.parse
-import urllib.request
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune.callback import Callback
+
+from .outcome import SIZE, STOP_REASON, StopReason, arm_label
+from .tracking_store import TrackingError, check_reachable
 
 PARENT_TAG = "mlflow.parentRunId"
 # Result keys that are bookkeeping of Tune's, not measurements worth a chart.
 SKIP_METRICS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "done",
                 "time_since_restore", "iterations_since_restore", "config", "checkpoint_dir_name"}
 TAGS = ("variant", "stop_reason", "tev_stop_reason")
-
-
-class TrackingError(RuntimeError):
-    pass
-
-
-def resolve_uri(uri: str, storage: str) -> str:
-    """A relative SQLite path lives in the storage folder, beside the Tune results."""
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + os.path.join(os.path.abspath(os.path.expanduser(storage)), uri[len("sqlite:///"):])
-    return uri
-
-
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail before any trial runs when the tracking store cannot be used."""
-    scheme = urllib.parse.urlparse(uri).scheme
-    if scheme in ("http", "https"):
-        try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as r:
-                if r.status != 200:
-                    raise TrackingError(f"tracking server {uri} answered /health with HTTP {r.status}")
-        except OSError as e:
-            raise TrackingError(f"tracking server {uri} is not reachable: {getattr(e, 'reason', e)}") from None
-    elif scheme == "sqlite":
-        folder = os.path.dirname(uri[len("sqlite:///"):]) or "."
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise TrackingError(f"cannot create the folder of the tracking database {uri}: {e.strerror}") from None
-        if not os.access(folder, os.W_OK):
-            raise TrackingError(f"the folder of the tracking database {uri} is not writable")
-    elif scheme in ("", "file"):
-        raise TrackingError(f"tracking URI {uri!r}: MLflow 3 refuses the file store; use sqlite:///PATH or http://HOST:PORT")
-    elif scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
-        # A database store: MLflow's own client connects (and creates its tables if needed).
-        try:
-            MlflowClient(uri).search_experiments(max_results=1)
-        except Exception as e:
-            why = (str(e).splitlines() or [type(e).__name__])[0][:200]
-            password = urllib.parse.urlsplit(uri).password
-            if password:
-                why = why.replace(password, "***")
-            raise TrackingError(f"tracking database {redact(uri)} is not usable: {type(e).__name__}: {why}") from None
-    elif scheme != "databricks":
-        raise TrackingError(f"tracking URI {redact(uri)!r}: unknown scheme {scheme!r}")
-
-
-def redact(uri: str) -> str:
-    """The URI without its password, for messages."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
-        return uri
-    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@")))
 
 
 def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
@@ -99,8 +47,6 @@ def numeric(result: dict) -> dict[str, float]:
 
 # How long the search waits before asking a tracking server that went away whether it is back.
 RETRY_AFTER_S = 60.0
-# Written into the run folder when something was not logged: `python -m tunestab.replay` logs it.
-INCOMPLETE_FILE = "mlflow_incomplete"
 
 
 class MLflowTracking(Callback):
@@ -112,12 +58,8 @@ class MLflowTracking(Callback):
     `python -m tunestab.replay` later logs what is missing.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, incomplete: str | None = None,
-                 scale=None):
+    def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, incomplete: str | None = None):
         self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
-        # The scale strategy's sizes (spec.Scale): each run is tagged and named with its size, so
-        # that the UI tells w32's trials from w96's without reading d_model.
-        self.scale = scale
         self.incomplete = incomplete  # the marker file to write when something is not logged
         self.runs: dict[str, str] = {}  # trial id -> MLflow run id
         # MLflow run id -> last training step logged. Not saved with Tune's state: a killed driver
@@ -198,10 +140,12 @@ class MLflowTracking(Callback):
                 config = {k: v for k, v in trial.config.items() if k != "runner"}
                 tags = {PARENT_TAG: self.parent_run_id, "tune_trial_id": trial.trial_id,
                         "variant": str(config.get("variant", ""))}
-                name = config.get("variant", "trial")
-                size = self.scale.size_of(config) if self.scale is not None else None
+                # A scale strategy's trial carries its size: tagged and named with it, so that the UI
+                # tells w32's trials from w96's without reading d_model.
+                size = config.get(SIZE)
                 if size is not None:
-                    tags["size"], name = size, f"{name}@{size}"
+                    tags[SIZE] = size
+                name = arm_label(config.get("variant", "trial"), size)
                 run = self.client.create_run(self.experiment_id, run_name=f"{name}-{trial.trial_id}", tags=tags)
                 run_id = run.info.run_id
                 self.logged[run_id] = -1
@@ -222,7 +166,7 @@ class MLflowTracking(Callback):
         tags["diverged"] = str(int(last.get("diverged", 0)))
         tags["stop_step"] = str(last.get("step", 0))
         if status == "FAILED":
-            tags["stop_reason"] = "error"
+            tags[STOP_REASON] = StopReason.ERROR.value
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(run_id, status)
 
@@ -245,15 +189,6 @@ class MLflowTracking(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         self._safely(f"finish trial {trial.trial_id}",
                      lambda: self.finish(self.run_for(trial), trial.last_result or {}, "FAILED"))
-
-
-def artifact_location(tracking_uri: str, storage: str) -> str | None:
-    """Where a new experiment keeps its artifacts. With a database store MLflow's default is
-    ./mlruns in whatever folder the command ran from; ours go beside the database, in the
-    storage folder. A tracking server decides for itself (None)."""
-    if urllib.parse.urlparse(tracking_uri).scheme in ("http", "https", "databricks"):
-        return None
-    return os.path.join(os.path.abspath(os.path.expanduser(storage)), "mlartifacts")
 
 
 def start_parent(tracking_uri: str, experiment: str, run_name: str, tags: dict,

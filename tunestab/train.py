@@ -19,7 +19,7 @@ from pathlib import Path
 from . import data as data_mod
 from .checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint
 from .config import ConfigError, config_from
-from .loop import cache_dir, micro_batch, run
+from .loop import micro_batch, run
 from .session import LocalSession
 
 
@@ -67,13 +67,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError([f"--resume-from: {e}"], "command line") from None
         # Fail on data and tokenizer problems here, before any training or Ray start-up; the
         # tokenised result is cached, so workers load it instead of tokenising again.
-        data_mod.load_splits(cfg.data, cfg.tokenizer, cache_dir(cfg), cfg.val_fraction, cfg.max_tokens or None)
+        data_mod.load_splits(cfg.data, cfg.tokenizer, data_mod.cache_dir(cfg), cfg.val_fraction, cfg.max_tokens or None)
     except (ConfigError, data_mod.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     if args.workers:
-        from .trainer import run_with_ray
+        from .ray_trial import run_with_ray
 
         result = run_with_ray(cfg, args.workers, args.gpu, args.storage, None)
         if result.error:

@@ -5,7 +5,7 @@ import io
 import pytest
 
 from tunestab import session as session_mod
-from tunestab import trainer
+from tunestab import ray_trial
 from tunestab.loop import run
 from tunestab.session import LocalSession
 from test_loop import tiny
@@ -25,14 +25,14 @@ def test_two_ray_workers_follow_the_one_worker_loss_curve(tmp_path):
     import ray
 
     try:
-        result = trainer.run_with_ray(cfg, workers=2, use_gpu=False, storage=str(tmp_path / "ray"), name="ddp")
+        result = ray_trial.run_with_ray(cfg, workers=2, use_gpu=False, storage=str(tmp_path / "ray"), name="ddp")
     finally:
         ray.shutdown()
     assert result.error is None
     # Train V2 builds metrics_dataframe from the checkpoints it kept: the last KEEP_CHECKPOINTS
     # of those at steps 10, 20 and 30 (the older one is deleted from storage).
     two = result.metrics_dataframe.set_index("step")["loss"]
-    assert list(two.index) == [10, 20, 30][-trainer.KEEP_CHECKPOINTS:]
+    assert list(two.index) == [10, 20, 30][-ray_trial.KEEP_CHECKPOINTS:]
     one_loss = {r["step"]: r["loss"] for r in one.reports}
     for step in two.index:
         assert two[step] == pytest.approx(one_loss[step], rel=2e-3), step
@@ -63,20 +63,20 @@ def test_a_restarted_ray_trial_resumes_from_its_last_checkpoint(tmp_path):
     run(cfg, uninterrupted)
     marker = tmp_path / "crashed"
     try:
-        result = trainer.run_with_ray(cfg, workers=1, use_gpu=False, storage=str(tmp_path / "ray"), name="restart",
+        result = ray_trial.run_with_ray(cfg, workers=1, use_gpu=False, storage=str(tmp_path / "ray"), name="restart",
                                     max_failures=1, loop=crash_once_loop, extra={"marker": str(marker)})
     finally:
         ray.shutdown()
     assert marker.exists() and result.error is None  # it crashed once, and recovered
     reports = result.metrics_dataframe.set_index("step")["loss"]
     # The kept checkpoints: 20 from the first worker group, 30 from the restarted one.
-    assert list(reports.index) == [10, 20, 30][-trainer.KEEP_CHECKPOINTS:]
+    assert list(reports.index) == [10, 20, 30][-ray_trial.KEEP_CHECKPOINTS:]
     assert reports[30] == pytest.approx(uninterrupted.reports[2]["loss"], rel=1e-5)
 
 
 @pytest.mark.slow
 def test_a_train_worker_imports_neither_mlflow_nor_optuna_nor_the_search(tmp_path):
-    """A trial's worker loads tunestab.trainer (train_loop_per_worker) and what the loop needs:
+    """A trial's worker loads tunestab.ray_trial (train_loop_per_worker) and what the loop needs:
     not the tracking, search or analysis modules, which would cost every trial their imports."""
     import ray
 
@@ -86,7 +86,7 @@ def test_a_train_worker_imports_neither_mlflow_nor_optuna_nor_the_search(tmp_pat
 
         import ray.train
 
-        from tunestab.trainer import train_loop_per_worker  # what a real worker unpickles
+        from tunestab.ray_trial import train_loop_per_worker  # what a real worker unpickles
 
         assert callable(train_loop_per_worker)
 
@@ -98,7 +98,7 @@ def test_a_train_worker_imports_neither_mlflow_nor_optuna_nor_the_search(tmp_pat
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     try:
-        result = trainer.run_with_ray(tiny(), workers=1, use_gpu=False, storage=str(tmp_path / "ray"),
+        result = ray_trial.run_with_ray(tiny(), workers=1, use_gpu=False, storage=str(tmp_path / "ray"),
                                       name="imports", loop=probe_loop)
     finally:
         ray.shutdown()

@@ -10,20 +10,12 @@ from __future__ import annotations
 
 import logging
 
+from .cluster import RAY_TRAIN_ENV
 from .config import TrialConfig, config_from
 from .loop import run
+from .outcome import SIZE
 from .session import RaySession
 
-# Ray Train V2's controller takes one report off each worker's size-1 queue per poll, every
-# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s), so reports faster than that block the worker:
-# 0.42x bare-loop speed at 2 s. Polling every 0.1 s costs CPU on small machines (0.80-0.88x);
-# 0.5 s gave 0.89-0.93x for ~1 s more teardown. Measurements: docs/overhead.md.
-#
-# Every trial starts a Train controller and its helper actors, each a new Python process that
-# imports Ray Train (1-2 s to start, 2-8 s in its constructor on 2 busy cores: docs/overhead.md).
-# The preemption watcher is one of them: it tells the training function that a node is being
-# drained (`ray.train.get_preemption_info()`), which the loop does not ask, so trials go without it.
-RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 # Checkpoints Ray Train keeps per trial: the latest, and the one before it to fall back on when
 # the latest cannot be read. All of them would fill a disk (GPT-2 small with AdamW state: 1.5 GB
 # each).
@@ -128,7 +120,8 @@ def trial_driver(config: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     runner = dict(config.get("runner") or {})
-    cfg = config_from({k: v for k, v in config.items() if k != "runner"}, "trial config")
+    # `size` names a scale strategy's model size; its fields are in the config already.
+    cfg = config_from({k: v for k, v in config.items() if k not in ("runner", SIZE)}, "trial config")
     torch_trainer(train_loop_per_worker, {"trial": cfg.to_dict(), "quiet": True}, int(runner.get("workers", 1)),
                   cpus_per_worker=runner.get("cpus_per_worker", 1), gpus_per_worker=runner.get("gpus_per_worker", 0),
                   storage=runner.get("storage") or ray.tune.get_context().get_trial_dir(),

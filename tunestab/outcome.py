@@ -1,0 +1,132 @@
+"""What a trial's reports mean, decided in one place: the metric names every part reads, how a
+trial ended, whether it was stable, and which trial it was.
+
+The worker reports these names (tunestab/loop.py), the TEV scheduler and the Optuna searchers read
+them, the tables and plots are built from them and MLflow logs them. Pure Python with no heavy
+imports: the worker, the space checker and the tables all import it. The finite stand-in for NaN
+is in tunestab/metrics.py, which the worker alone needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+# -- metric names (reported by workers, read by the driver, logged to MLflow) -----------------
+STEP = "step"
+LR = "lr"
+LOSS = "loss"
+VAL_LOSS = "val_loss"
+LOSS_INIT = "loss_init"
+"""The loss at initialisation, l0: a failed trial's objective and its validation loss."""
+TEV_MEAN = "tev_mean"
+TEV_STD = "tev_std"
+TEV_DISPERSION = "tev_dispersion"
+"""sigma_TEV / mu_TEV, reported by the worker with its two parts (`dispersion`)."""
+ATTN_LOGIT_MAX = "attn_logit_max"
+DIVERGED = "diverged"
+STOP_REASON = "stop_reason"
+RANGE_LR = "range_lr"
+"""Where an LR range test's loss passed l0 (its last report)."""
+TRIAL_ID = "trial_id"
+# Written into a result by the driver, after the worker reported it:
+TEV_STOP_STEP = "tev_stop_step"
+TEV_STOP_REASON = "tev_stop_reason"
+STABLE_LR = "stable_lr"
+"""The `max_lr` searchers' objective: the trial's LR when it was stable, else 0."""
+OBJECTIVE = "objective"
+"""The `tune` searchers' objective: the final val_loss when stable, else l0."""
+
+
+class StopReason(str, Enum):
+    """How a trial ended (the `stop_reason` metric and MLflow tag). A str, so that it compares,
+    prints and serialises as its value."""
+
+    RUNNING = "running"
+    COMPLETED = "completed"
+    NONFINITE = "nonfinite"
+    BLOWUP = "blowup"
+    NO_PROGRESS = "no_progress"
+    RANGE_END = "range_end"
+    TEV = "tev"
+    """Stopped by the TEV scheduler: predicted divergent."""
+    ERROR = "error"
+    """The trial failed (an exception, not a divergence): it says nothing about its LR."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def is_stable(result: Mapping) -> bool:
+    """Completed its budget without diverging. A TEV stop is not stable (predicted divergent),
+    and neither is a final validation loss no better than the floor (`diverged` says so)."""
+    return result.get(STOP_REASON) == StopReason.COMPLETED and not result.get(DIVERGED, 0)
+
+
+def objectives(result: Mapping, lr: float) -> dict[str, float]:
+    """What the Optuna study sees of a result: `stable_lr` (max_lr, scale) and `objective`
+    (tune). A range test's `stable_lr` is where it failed (tunestab/bracket.py)."""
+    l0 = result.get(LOSS_INIT, result.get(LOSS, 0.0))
+    if RANGE_LR in result:
+        return {STABLE_LR: float(result[RANGE_LR]), OBJECTIVE: float(l0)}
+    stable = is_stable(result)
+    return {STABLE_LR: float(lr) if stable else 0.0,
+            OBJECTIVE: float(result[VAL_LOSS]) if stable and VAL_LOSS in result else float(l0)}
+
+
+def dispersion(mean: float, std: float) -> float:
+    """sigma_TEV / mu_TEV (0 before the embedding has any spread)."""
+    return float(std) / float(mean) if mean > 0 else 0.0
+
+
+def dispersion_of(result: Mapping) -> float | None:
+    """A report's TEV dispersion: the worker's own, or from its parts in reports that predate it
+    (the labelled runs bench/scheduler_eval.py replays). None without TEV."""
+    if result.get(TEV_DISPERSION) is not None:
+        return float(result[TEV_DISPERSION])
+    if result.get(TEV_MEAN) is None or result.get(TEV_STD) is None:
+        return None
+    return dispersion(result[TEV_MEAN], result[TEV_STD])
+
+
+# -- which trial it was -------------------------------------------------------------------------
+SIZE = "size"
+"""A trial config's model size, by its name in the `scale` strategy's space (absent elsewhere).
+It travels in the Tune config beside the size's fields and is dropped before TrialConfig."""
+ARM_SEP = "@"
+
+
+@dataclass(frozen=True)
+class TrialKey:
+    """Who a trial is: its variant, its size (scale only), its LR and its seed."""
+
+    variant: str
+    size: str | None
+    lr: float
+    seed: int
+
+    @property
+    def arm(self) -> str:
+        """What max_lr brackets and fits on its own: the variant, or `variant@size`."""
+        return arm_label(self.variant, self.size)
+
+    @classmethod
+    def of(cls, config: Mapping, default_seed: int = 0) -> "TrialKey":
+        return cls(str(config.get("variant")), config.get(SIZE), float(config.get(LR, 0.0)),
+                   int(config.get("seed", default_seed)))
+
+
+def arm_label(variant: str, size: str | None) -> str:
+    return variant if size is None else f"{variant}{ARM_SEP}{size}"
+
+
+def split_arm(label: str) -> tuple[str, str | None]:
+    """(variant, size) of an arm label; size None for a plain variant."""
+    variant, _, size = label.partition(ARM_SEP)
+    return variant, size or None
+
+
+def metric_path(label: str) -> str:
+    """An arm in an MLflow metric name, which takes no "@": `<variant>/<size>`."""
+    return label.replace(ARM_SEP, "/")

@@ -1,0 +1,173 @@
+"""The Optuna and Ray Tune adapters of the search strategies: the pure design they drive is
+elsewhere (tunestab/bracket.py for max_lr and scale), so that it can be read and tested without
+Optuna or Ray.
+
+- `BracketSampler`: the max_lr bracket and boundary seeds (tunestab/bracket.py) as an Optuna
+  sampler over {variant, lr, seed}. The study stores every trial and its objective (`stable_lr`,
+  tunestab/outcome.py: the LR when the trial was stable, 0 when it diverged or the TEV scheduler
+  stopped it), so a restarted search reads its state back from the study.
+- `BracketSearch`: Ray Tune's `OptunaSearch` with that sampler; it proposes nothing while a
+  variant's next step waits on trials in flight, and finishes when every variant has its
+  boundary trials.
+- `FinalOnlyOptunaSearch`, `SeedRepeater`: the `tune` strategy's searchers.
+"""
+
+from __future__ import annotations
+
+import optuna
+from ray.tune.search import Repeater, Searcher
+from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search.repeater import TRIAL_INDEX
+
+from .bracket import DONE, RANGE, RUNNING, WAIT, Design, next_trial
+from .outcome import SIZE, STABLE_LR, split_arm
+
+
+class BracketSampler(optuna.samplers.BaseSampler):
+    """Optuna sampler for `variant` (categorical), then `lr` (log float), `seed` (int) and, with
+    range tests, `lr_schedule` (categorical: cosine, or range for a variant's range test)."""
+
+    def __init__(self, variants: list[str], design: Design):
+        self.variants, self.design = list(variants), design
+        self._chosen: dict[int, tuple[float, int, str]] = {}  # trial number -> its (lr, seed, schedule)
+
+    def state(self, study: optuna.Study, exclude: int | None = None) -> dict[str, tuple[list, list]]:
+        """variant -> (finished outcomes [(lr, seed, stable)], pending [(lr, seed)]), range tests
+        left out."""
+        out = {v: ([], []) for v in self.variants}
+        for t in study.get_trials(deepcopy=False):
+            v, lr = t.params.get("variant"), t.params.get("lr")
+            if v not in out or lr is None or t.number == exclude or t.params.get("lr_schedule") == RANGE:
+                continue
+            seed = int(t.params.get("seed", self.design.seed))
+            if t.state == optuna.trial.TrialState.COMPLETE:
+                # stable_lr > 0: outcome.is_stable's verdict, as the study stored it.
+                out[v][0].append((lr, seed, t.values[0] > 0))
+            elif t.state == optuna.trial.TrialState.RUNNING:
+                out[v][1].append((lr, seed))
+        return out
+
+    def ranges(self, study: optuna.Study, exclude: int | None = None) -> dict[str, float | str | None]:
+        """variant -> the range_lr of its range test (the objective it reported), RUNNING while
+        it runs, or None before it started (or after it failed, so that it runs again)."""
+        out: dict[str, float | str | None] = {v: None for v in self.variants}
+        for t in study.get_trials(deepcopy=False):
+            v = t.params.get("variant")
+            if v not in out or t.number == exclude or t.params.get("lr_schedule") != RANGE:
+                continue
+            if t.state == optuna.trial.TrialState.COMPLETE and t.values[0] > 0:
+                out[v] = t.values[0]
+            elif t.state == optuna.trial.TrialState.RUNNING and out[v] is None:
+                out[v] = RUNNING
+        return out
+
+    def proposals(self, study: optuna.Study, exclude: int | None = None) -> dict[str, object]:
+        """variant -> its next trial: an (lr, seed, schedule), WAIT or DONE."""
+        ranges = self.ranges(study, exclude) if self.design.range_test else {}
+        out = {}
+        for v, (done, pending) in self.state(study, exclude).items():
+            r = ranges.get(v)
+            if self.design.range_test and r is None:
+                out[v] = (self.design.hi, self.design.seed, RANGE)  # the ramp ends at the range's top
+            elif r == RUNNING:
+                out[v] = WAIT
+            else:
+                nxt = next_trial(done, pending, self.design, r)
+                out[v] = (*nxt, "cosine") if isinstance(nxt, tuple) else nxt
+        return out
+
+    def finished(self, study: optuna.Study) -> bool:
+        return all(p == DONE for p in self.proposals(study).values())
+
+    def can_propose(self, study: optuna.Study) -> bool:
+        return any(isinstance(p, tuple) for p in self.proposals(study).values())
+
+    def choose(self, study: optuna.Study, trial) -> str:
+        """The variant of `trial`, and its (lr, seed) kept for the next parameters."""
+        state = self.state(study, exclude=trial.number)
+        ready = {v: p for v, p in self.proposals(study, exclude=trial.number).items() if isinstance(p, tuple)}
+        choices = list(ready) or self.variants
+        # The variant with the fewest trials so far, finished or running.
+        variant = min(choices, key=lambda v: (len(state[v][0]) + len(state[v][1]), self.variants.index(v)))
+        self._chosen[trial.number] = ready.get(variant) or (self.design.lo, self.design.seed, "cosine")
+        return variant
+
+    def infer_relative_search_space(self, study, trial):
+        return {}
+
+    def sample_relative(self, study, trial, search_space):
+        return {}
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        if param_name == "variant":
+            return self.choose(study, trial)
+        # Optuna does not ask a sampler for a parameter with one possible value: with one variant
+        # (or no boundary seeds), `lr` or `seed` is the first parameter this sampler sees.
+        if trial.number not in self._chosen:
+            self.choose(study, trial)
+        if param_name == "lr":
+            return self._chosen[trial.number][0]
+        if param_name == "seed":
+            return self._chosen[trial.number][1]
+        if param_name == "lr_schedule":
+            return self._chosen[trial.number][2]
+        return optuna.samplers.RandomSampler().sample_independent(study, trial, param_name, param_distribution)
+
+
+class FinalOnlyOptunaSearch(OptunaSearch):
+    """OptunaSearch that scores a trial on its final result only: intermediate reports do not
+    carry the objective (it depends on how the trial ends), and Optuna prunes nothing here (the
+    TEV scheduler does the stopping)."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        pass
+
+
+class SeedRepeater(Repeater):
+    """The `tune` strategy with `tune.seeds` > 1: Ray Tune's Repeater runs each configuration
+    Optuna proposes at `repeat` seeds (trial.seed, + 1, ...) and gives Optuna their mean
+    objective, so a candidate is scored over seeds rather than on one seed's luck."""
+
+    def __init__(self, searcher: Searcher, repeat: int, base_seed: int = 0):
+        super().__init__(searcher, repeat=repeat, set_index=True)
+        self.base_seed = base_seed
+
+    def suggest(self, trial_id: str):
+        config = super().suggest(trial_id)
+        if isinstance(config, dict):  # a copy of the group's config, Repeater's own
+            config["seed"] = self.base_seed + config.pop(TRIAL_INDEX)
+        return config
+
+
+class BracketSearch(FinalOnlyOptunaSearch):
+    """OptunaSearch over {variant, lr, seed} with BracketSampler; FINISHED when every variant is.
+
+    With `arms` (the `scale` strategy) the sampler's "variants" are arm labels, `variant@size`,
+    each bracketed on its own, and a trial's config gets the arm's fields (its variant and the
+    size's d_model, n_layer, ...) in place of the label."""
+
+    def __init__(self, variants: list[str], design: Design, storage=None, study_name: str | None = None,
+                 arms: dict[str, dict] | None = None):
+        self.arms = arms
+        self.bracket_sampler = BracketSampler(variants, design)
+        space = {"variant": optuna.distributions.CategoricalDistribution(list(variants)),
+                 "lr": optuna.distributions.FloatDistribution(design.lo, design.hi, log=True),
+                 "seed": optuna.distributions.IntDistribution(design.seed, design.seed + max(design.seeds, 0))}
+        if design.range_test:
+            space["lr_schedule"] = optuna.distributions.CategoricalDistribution(["cosine", RANGE])
+        super().__init__(space=space, metric=STABLE_LR, mode="max", sampler=self.bracket_sampler,
+                         storage=storage, study_name=study_name)
+
+    def suggest(self, trial_id: str):
+        study = self._ot_study
+        if self.bracket_sampler.finished(study):
+            return Searcher.FINISHED
+        if not self.bracket_sampler.can_propose(study):
+            return None  # every open variant waits on trials in flight; Tune asks again later
+        config = super().suggest(trial_id)
+        if self.arms and isinstance(config, dict):
+            # The arm label becomes the trial's variant, its size (a field of its own) and the
+            # size's TrialConfig fields.
+            label = config.pop("variant")
+            config.update(self.arms[label], **{SIZE: split_arm(label)[1]})
+        return config
