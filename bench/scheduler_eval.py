@@ -326,10 +326,10 @@ def main(argv=None) -> int:
             by.setdefault((r["variant"], r["lr"]), []).append(r)
     for (variant, lr), rs in sorted(by.items()):
         t = [tev_stops[r["id"]] or r["end"] for r in rs]
-        l = [loss_stops[r["id"]] or r["end"] for r in rs]
+        by_loss = [loss_stops[r["id"]] or r["end"] for r in rs]
         ended = ",".join(sorted({r["stop_reason"] for r in rs}))
-        print(f"| {variant} | {lr:g} | {len(rs)} | {ended} | {statistics.median(t):.0f} | {statistics.median(l):.0f} | "
-              f"{sum(a <= b - cadence for a, b in zip(t, l))}/{len(rs)} |")
+        print(f"| {variant} | {lr:g} | {len(rs)} | {ended} | {statistics.median(t):.0f} | {statistics.median(by_loss):.0f} | "
+              f"{sum(a <= b - cadence for a, b in zip(t, by_loss))}/{len(rs)} |")
 
     h = held[best_tev]
     goal = h["leads_by_a_report"] >= 0.5 and h["recall"] >= 0.9 and h["false_stops"] == 0
