@@ -30,7 +30,6 @@ from test_boundary import STEP, simulated_searches  # noqa: E402
 from tunestab import boundary  # noqa: E402
 
 
-
 def firth_bootstrap(x: np.ndarray, y: np.ndarray, rng, replicates: int = 200, p: float = 0.1) -> tuple[float, float]:
     """The alternative: Firth-penalised logistic fit, outcomes redrawn from it at the same LRs,
     refitted; the 5th and 95th percentiles of the crossing (ln LR)."""
@@ -86,14 +85,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     n = args.searches
     print(f"{n} simulated max_lr searches per row; design: bracket to sqrt(2), then 4 boundary seeds x 4 LRs")
-    print("| seed noise | spread (sqrt(2) steps) | posterior interval covers | parametric bootstrap covers | "
-          "median width (steps) | trials per search |")
+    print(
+        "| seed noise | spread (sqrt(2) steps) | posterior interval covers | parametric bootstrap covers | "
+        "median width (steps) | trials per search |"
+    )
     print("|---|---|---|---|---|---|")
     for model in ("coin", "thresholds"):
         for spread in (0.1, 0.3, 0.6, 1.0):
             r = coverage(model, spread, n)
-            print(f"| {model} | {spread} | {r['posterior']}/{n} | {r['bootstrap']}/{n} | {r['width']:.2f} | "
-                  f"{r['trials']:.1f} |", flush=True)
+            print(
+                f"| {model} | {spread} | {r['posterior']}/{n} | {r['bootstrap']}/{n} | {r['width']:.2f} | "
+                f"{r['trials']:.1f} |",
+                flush=True,
+            )
     return 0
 
 

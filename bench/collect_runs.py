@@ -30,9 +30,27 @@ import time
 
 from tunestab import spec as spec_mod
 
-KEEP = ("step", "loss", "val_loss", "tev_mean", "tev_std", "grad_norm", "lr", "attn_logit_max",
-        "layer_0/attn_logit_max", "out_norm_qkv", "loss_max", "tev_dispersion_max", "tev_growth_max",
-        "tev_row_max", "embed_update_max", "loss_floor", "loss_init", "diverged", "stop_reason")
+KEEP = (
+    "step",
+    "loss",
+    "val_loss",
+    "tev_mean",
+    "tev_std",
+    "grad_norm",
+    "lr",
+    "attn_logit_max",
+    "layer_0/attn_logit_max",
+    "out_norm_qkv",
+    "loss_max",
+    "tev_dispersion_max",
+    "tev_growth_max",
+    "tev_row_max",
+    "embed_update_max",
+    "loss_floor",
+    "loss_init",
+    "diverged",
+    "stop_reason",
+)
 
 
 def grid(space: spec_mod.Space) -> list[dict]:
@@ -61,8 +79,12 @@ def boundary_lrs(runs: list[dict]) -> dict[str, list[float]]:
             stable = [lr for lr, d in lrs.items() if not any(d)]
             divergent = [lr for lr, d in lrs.items() if all(d)]
             if stable and divergent:
-                mixed = [max(x for x in stable if x < min(divergent)) if any(x < min(divergent) for x in stable)
-                         else min(stable), min(divergent)]
+                mixed = [
+                    max(x for x in stable if x < min(divergent))
+                    if any(x < min(divergent) for x in stable)
+                    else min(stable),
+                    min(divergent),
+                ]
         out[variant] = mixed
     return out
 
@@ -91,9 +113,15 @@ def one(settings: dict) -> dict:
     t0 = time.perf_counter()
     last = run(config_from(settings, where="collect"), session)
     reports = [{k: r[k] for k in KEEP if k in r} for r in session.reports]
-    return {"settings": settings, "loss_init": last["loss_init"], "stop_reason": last["stop_reason"],
-            "diverged": last["diverged"], "steps": settings["steps"], "seconds": time.perf_counter() - t0,
-            "reports": reports}
+    return {
+        "settings": settings,
+        "loss_init": last["loss_init"],
+        "stop_reason": last["stop_reason"],
+        "diverged": last["diverged"],
+        "steps": settings["steps"],
+        "seconds": time.perf_counter() - t0,
+        "reports": reports,
+    }
 
 
 def main(argv=None) -> int:
@@ -101,8 +129,12 @@ def main(argv=None) -> int:
     ap.add_argument("--space", default="search_spaces/tev_labels.yaml")
     ap.add_argument("--out", default="docs/data/tev_runs_v2.jsonl")
     ap.add_argument("--procs", type=int, default=2)
-    ap.add_argument("--boundary-seeds", type=int, default=0,
-                    help="then top up every variant's boundary LRs to this many seeds (0: off)")
+    ap.add_argument(
+        "--boundary-seeds",
+        type=int,
+        default=0,
+        help="then top up every variant's boundary LRs to this many seeds (0: off)",
+    )
     ap.add_argument("--variants", help="only these of the space's variants (comma-separated), in this order")
     args = ap.parse_args(argv)
     space = spec_mod.load(args.space)
@@ -121,8 +153,11 @@ def main(argv=None) -> int:
         with open(args.out) as f:
             runs = [json.loads(line) for line in f if line.strip()]
         variants = set(space.variants)
-        collect(boundary_top_up([r for r in runs if r["settings"]["variant"] in variants], args.boundary_seeds),
-                args.out, args.procs)
+        collect(
+            boundary_top_up([r for r in runs if r["settings"]["variant"] in variants], args.boundary_seeds),
+            args.out,
+            args.procs,
+        )
     return 0
 
 
@@ -142,9 +177,12 @@ def collect(runs: list[dict], out_path: str, procs: int) -> None:
             out.write(json.dumps(rec) + "\n")
             out.flush()
             s = rec["settings"]
-            print(f"[{i}/{len(todo)}] {s['variant']:>13} lr={s['lr']:<5} seed={s['seed']} "
-                  f"{rec['stop_reason']:>11} at step {rec['reports'][-1]['step']} ({rec['seconds']:.0f} s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{i}/{len(todo)}] {s['variant']:>13} lr={s['lr']:<5} seed={s['seed']} "
+                f"{rec['stop_reason']:>11} at step {rec['reports'][-1]['step']} ({rec['seconds']:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

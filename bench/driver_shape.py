@@ -21,14 +21,32 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
 from test_layers import strategy_branches  # noqa: E402  (the one definition of a strategy branch)
 
-WORKER = {"config", "model", "data", "probes", "checkpoint", "session", "compute", "loop", "trainer", "ray_trial",
-          "train", "metrics", "outcome", "cluster", "__init__"}
+WORKER = {
+    "config",
+    "model",
+    "data",
+    "probes",
+    "checkpoint",
+    "session",
+    "compute",
+    "loop",
+    "trainer",
+    "ray_trial",
+    "train",
+    "metrics",
+    "outcome",
+    "cluster",
+    "__init__",
+}
 HEAVY = ("torch", "ray", "optuna", "mlflow", "pandas", "matplotlib")
 
 
 def longest_function(tree: ast.Module) -> tuple[int, str]:
-    fns = [(n.end_lineno - n.lineno + 1, n.name) for n in ast.walk(tree)
-           if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    fns = [
+        (n.end_lineno - n.lineno + 1, n.name)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))
+    ]
     return max(fns, default=(0, "-"))
 
 
@@ -39,18 +57,32 @@ def shape(root: Path, storage: str) -> dict:
     trees = {m: ast.parse(p.read_text()) for m, p in modules.items()}
     branches = sum(len(strategy_branches(t)) for m, t in trees.items() if not m.startswith("strategies"))
     longest = max((longest_function(t) + (m,) for m, t in trees.items() if m in driver))
-    code = ("import sys, time; t = time.perf_counter(); from tunestab import search; "
-            f"search.main(['--dry-run', '--storage', {storage!r}]); dt = time.perf_counter() - t; "
-            f"print(dt, sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    code = (
+        "import sys, time; t = time.perf_counter(); from tunestab import search; "
+        f"search.main(['--dry-run', '--storage', {storage!r}]); dt = time.perf_counter() - t; "
+        f"print(dt, sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
     runs = []
     for _ in range(5):
-        out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
-                             env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())})
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+        )
         last = out.stdout.strip().splitlines()[-1]
         seconds, loaded = last.split(" ", 1)
         runs.append(float(seconds))
-    return {"lines": lines, "total": sum(lines.values()), "longest": longest, "branches": branches,
-            "dry_run_s": statistics.median(runs), "dry_run_loads": loaded}
+    return {
+        "lines": lines,
+        "total": sum(lines.values()),
+        "longest": longest,
+        "branches": branches,
+        "dry_run_s": statistics.median(runs),
+        "dry_run_loads": loaded,
+    }
 
 
 def main() -> None:
@@ -61,17 +93,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for rev in args.revisions:
             tree = Path(tmp) / rev
-            subprocess.run(["git", "worktree", "add", "--detach", str(tree), rev], cwd=REPO, check=True,
-                           capture_output=True)
+            subprocess.run(
+                ["git", "worktree", "add", "--detach", str(tree), rev], cwd=REPO, check=True, capture_output=True
+            )
             try:
                 results[rev] = shape(tree, str(Path(tmp) / "storage"))
             finally:
                 subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=True)
     for rev, r in results.items():
-        print(f"== {rev}: driver {r['total']} lines in {len(r['lines'])} modules; longest function "
-              f"{r['longest'][1]} ({r['longest'][2]}.py) {r['longest'][0]} lines; strategy branches outside "
-              f"tunestab/strategies/: {r['branches']}; --dry-run {r['dry_run_s']:.2f} s (median of 5), "
-              f"loads {r['dry_run_loads']}")
+        print(
+            f"== {rev}: driver {r['total']} lines in {len(r['lines'])} modules; longest function "
+            f"{r['longest'][1]} ({r['longest'][2]}.py) {r['longest'][0]} lines; strategy branches outside "
+            f"tunestab/strategies/: {r['branches']}; --dry-run {r['dry_run_s']:.2f} s (median of 5), "
+            f"loads {r['dry_run_loads']}"
+        )
         print("   " + ", ".join(f"{m} {n}" for m, n in r["lines"].items()))
 
 

@@ -88,8 +88,17 @@ def part_a(shape: dict, device: torch.device, steps: int) -> list[Row]:
     rows = []
     for variant in VARIANTS:
         fresh(device)
-        cfg = TrialConfig(variant=variant, **shape, steps=steps, warmup_steps=max(1, steps // 10), lr=6e-4,
-                          report_every=max(1, steps // 5), eval_every=steps, eval_batches=2, checkpoint_every=0)
+        cfg = TrialConfig(
+            variant=variant,
+            **shape,
+            steps=steps,
+            warmup_steps=max(1, steps // 10),
+            lr=6e-4,
+            report_every=max(1, steps // 5),
+            eval_every=steps,
+            eval_batches=2,
+            checkpoint_every=0,
+        )
         session = LocalSession(out=io.StringIO())
         t0 = time.perf_counter()
         run(cfg, session)
@@ -101,10 +110,16 @@ def part_a(shape: dict, device: torch.device, steps: int) -> list[Row]:
         cuda = device.type == "cuda"
         peak = torch.cuda.max_memory_allocated(device) if cuda else 0
         tps, mfu = reports[-1].get("tokens_per_s"), reports[-1].get("mfu")
-        rows.append(Row("a", variant, finite and falls and completed and (not cuda or peak < GOAL_MEMORY),
-                        f"loss {reports[0]['loss']:.2f} -> {reports[-1]['loss']:.2f} over {steps} steps; "
-                        f"{'%.0f' % tps if tps else '-'} tokens/s{'; MFU %.1f%%' % (100 * mfu) if mfu else ''}"
-                        f"{'; peak %.1f GB' % (peak / 1e9) if cuda else ''}; {wall:.1f} s with compilation"))
+        rows.append(
+            Row(
+                "a",
+                variant,
+                finite and falls and completed and (not cuda or peak < GOAL_MEMORY),
+                f"loss {reports[0]['loss']:.2f} -> {reports[-1]['loss']:.2f} over {steps} steps; "
+                f"{'%.0f' % tps if tps else '-'} tokens/s{'; MFU %.1f%%' % (100 * mfu) if mfu else ''}"
+                f"{'; peak %.1f GB' % (peak / 1e9) if cuda else ''}; {wall:.1f} s with compilation",
+            )
+        )
     return rows
 
 
@@ -132,8 +147,14 @@ def part_b(device: torch.device, tiny: bool) -> list[Row]:
             ref_grads = torch.autograd.grad(ref, ref_in, grad)
             errors += [rel(a, b) for a, b in zip(fused_grads, ref_grads)]
         what = "forward and dq, dk, dv" if backward else "forward (no FlexAttention backward on a CPU)"
-        rows.append(Row("b", f"flex softcap vs plain, {str(dtype).removeprefix('torch.')}", max(errors) < bound,
-                        f"{what}: largest relative error {max(errors):.1e} (bound {bound:.0e})"))
+        rows.append(
+            Row(
+                "b",
+                f"flex softcap vs plain, {str(dtype).removeprefix('torch.')}",
+                max(errors) < bound,
+                f"{what}: largest relative error {max(errors):.1e} (bound {bound:.0e})",
+            )
+        )
     # What CUDA autocast hands attention under qk_norm: fp32 q, k (from LayerNorm) and a bf16 v.
     g = torch.Generator(device=device).manual_seed(1)
     q, k = (torch.randn(B, H, T, D, device=device, generator=g).requires_grad_(backward) for _ in range(2))
@@ -143,8 +164,14 @@ def part_b(device: torch.device, tiny: bool) -> list[Row]:
     if backward:
         y.float().sum().backward()
     ok = y.dtype == torch.bfloat16 and all(t.grad is None or torch.isfinite(t.grad).all() for t in (q, k, v))
-    rows.append(Row("b", "fp32 q, k + bf16 v under autocast", ok, f"output {str(y.dtype).removeprefix('torch.')}"
-                    f"{', gradients finite' if backward else ''}"))
+    rows.append(
+        Row(
+            "b",
+            "fp32 q, k + bf16 v under autocast",
+            ok,
+            f"output {str(y.dtype).removeprefix('torch.')}{', gradients finite' if backward else ''}",
+        )
+    )
     return rows
 
 
@@ -163,9 +190,15 @@ class NanoGPTStepper:
         spec.loader.exec_module(module)
         torch.manual_seed(0)
         # nanoGPT pads GPT-2's vocabulary to a multiple of 64 (50304), as its own config does.
-        config = module.GPTConfig(block_size=shape["seq_len"], vocab_size=-(-shape["vocab_size"] // 64) * 64,
-                                  n_layer=shape["n_layer"], n_head=shape["n_head"], n_embd=shape["d_model"],
-                                  dropout=0.0, bias=True)
+        config = module.GPTConfig(
+            block_size=shape["seq_len"],
+            vocab_size=-(-shape["vocab_size"] // 64) * 64,
+            n_layer=shape["n_layer"],
+            n_head=shape["n_head"],
+            n_embd=shape["d_model"],
+            dropout=0.0,
+            bias=True,
+        )
         self.model = module.GPT(config).to(device)
         self.opt = self.model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
         self.step_model = torch.compile(self.model) if device.type == "cuda" else self.model
@@ -199,8 +232,9 @@ def part_c(shape: dict, device: torch.device, nanogpt: str | None, rounds: int, 
     per_step = interleaved(steppers, warmup=3, steps=steps, rounds=rounds)
     peak = compute.peak_flops(device)
     # nanoGPT's model is our baseline's architecture: the same FLOPs per token.
-    flops = {name: compute.training_flops_per_token(st.s.model) for name, st in steppers.items()
-             if isinstance(st, Stepper)}
+    flops = {
+        name: compute.training_flops_per_token(st.s.model) for name, st in steppers.items() if isinstance(st, Stepper)
+    }
     base = steppers["baseline"].tokens_per_step / per_step["baseline"]
     rows = []
     for name, st in steppers.items():
@@ -211,8 +245,15 @@ def part_c(shape: dict, device: torch.device, nanogpt: str | None, rounds: int, 
             ok = mfu >= GOAL_MFU
         elif name == "softcap" and device.type == "cuda":
             ok = tps / base >= GOAL_SOFTCAP
-        rows.append(Row("c", name, ok, f"{tps:,.0f} tokens/s; {per_step[name] * 1e3:.1f} ms/step; "
-                        f"{'MFU %.1f%%; ' % (100 * mfu) if mfu is not None else ''}{tps / base:.3f}x baseline"))
+        rows.append(
+            Row(
+                "c",
+                name,
+                ok,
+                f"{tps:,.0f} tokens/s; {per_step[name] * 1e3:.1f} ms/step; "
+                f"{'MFU %.1f%%; ' % (100 * mfu) if mfu is not None else ''}{tps / base:.3f}x baseline",
+            )
+        )
     return rows
 
 
@@ -222,8 +263,17 @@ def part_c(shape: dict, device: torch.device, nanogpt: str | None, rounds: int, 
 
 def part_d(shape: dict, device: torch.device, variant: str = "qk_norm_cap") -> list[Row]:
     fresh(device)
-    cfg = TrialConfig(variant=variant, **shape, steps=40, warmup_steps=5, lr=6e-4, report_every=10, eval_every=40,
-                      eval_batches=2, checkpoint_every=20)
+    cfg = TrialConfig(
+        variant=variant,
+        **shape,
+        steps=40,
+        warmup_steps=5,
+        lr=6e-4,
+        report_every=10,
+        eval_every=40,
+        eval_batches=2,
+        checkpoint_every=20,
+    )
     with tempfile.TemporaryDirectory() as folder:
         whole = LocalSession(checkpoint_dir=folder, out=io.StringIO())
         run(cfg, whole)
@@ -234,9 +284,15 @@ def part_d(shape: dict, device: torch.device, variant: str = "qk_norm_cap") -> l
     pairs = [(a["loss"], b["loss"]) for a, b in zip(after, resumed.reports)]
     same = [r["step"] for r in resumed.reports] == [30, 40] and all(a == b for a, b in pairs)
     worst = max(abs(a - b) / abs(a) for a, b in pairs) if pairs else math.nan
-    return [Row("d", f"{variant}: checkpoint at 20, resume", same,
-                f"losses at steps 30, 40: {' '.join('%.6f' % a for a, _ in pairs)} uninterrupted, "
-                f"{' '.join('%.6f' % b for _, b in pairs)} resumed; largest relative difference {worst:.1e}")]
+    return [
+        Row(
+            "d",
+            f"{variant}: checkpoint at 20, resume",
+            same,
+            f"losses at steps 30, 40: {' '.join('%.6f' % a for a, _ in pairs)} uninterrupted, "
+            f"{' '.join('%.6f' % b for _, b in pairs)} resumed; largest relative difference {worst:.1e}",
+        )
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +306,9 @@ def packed_trial(rank: int, device_name: str, steps: int, barrier, results) -> N
     torch.set_num_threads(1)
     cfg = TrialConfig(**PROXY, seed=rank, vocab_size=257).resolved()
     s = compute.setup(cfg, device)
-    tokens = torch.randint(0, 257, (cfg.batch_size * (cfg.seq_len + 1) * 64,), generator=torch.Generator().manual_seed(rank))
+    tokens = torch.randint(
+        0, 257, (cfg.batch_size * (cfg.seq_len + 1) * 64,), generator=torch.Generator().manual_seed(rank)
+    )
     batches = Batches(tokens.numpy().astype("uint16"), cfg.batch_size, cfg.seq_len, cfg.seed)
     for _ in range(5):
         train_step(s, *(t.to(device) for t in batches.next()), cfg, probe=False)
@@ -278,8 +336,14 @@ def part_e(device: torch.device, ks: list[int], steps: int) -> list[Row]:
         start, end = min(d[1] for d in done), max(d[2] for d in done)
         aggregate = sum(d[3] for d in done) / (end - start)
         one = one or aggregate
-        rows.append(Row("e", f"{k} tiny trial{'s' if k > 1 else ''} on one {'GPU' if device.type == 'cuda' else 'CPU'}",
-                        None, f"{aggregate:,.0f} tokens/s in all; {aggregate / one:.2f}x one trial"))
+        rows.append(
+            Row(
+                "e",
+                f"{k} tiny trial{'s' if k > 1 else ''} on one {'GPU' if device.type == 'cuda' else 'CPU'}",
+                None,
+                f"{aggregate:,.0f} tokens/s in all; {aggregate / one:.2f}x one trial",
+            )
+        )
     return rows
 
 
@@ -296,8 +360,16 @@ def main(argv: list[str] | None = None) -> int:
     parts = set(args.parts.split(","))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.tiny:
-        shape = dict(n_layer=2, n_head=2, d_model=64, seq_len=64, batch_size=4, vocab_size=300, bf16=True,
-                     compile=device.type == "cuda")
+        shape = dict(
+            n_layer=2,
+            n_head=2,
+            d_model=64,
+            seq_len=64,
+            batch_size=4,
+            vocab_size=300,
+            bf16=True,
+            compile=device.type == "cuda",
+        )
         steps, rounds, ks, pack_steps = min(args.steps, 10), 2, [1, 2], 20
     else:
         shape = {**GPT2_SMALL, "batch_size": 16, "bf16": True, "compile": True}
@@ -316,8 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += part_e(device, ks, pack_steps)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"\ndevice: {name}; torch {torch.__version__}; shape: {', '.join(f'{k}={v}' for k, v in shape.items())}; "
-          f"{time.perf_counter() - t0:.0f} s")
+    print(
+        f"\ndevice: {name}; torch {torch.__version__}; shape: {', '.join(f'{k}={v}' for k, v in shape.items())}; "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     print("| part | case | result | figures |\n|---|---|---|---|")
     for r in rows:
         result = "-" if r.ok is None else ("ok" if r.ok else "FAIL")

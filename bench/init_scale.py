@@ -35,19 +35,23 @@ def stats(x: torch.Tensor, **kw) -> dict:
 
 def main() -> int:
     tokens, _ = data.load_splits("builtin", "bytes", str(Path.home() / ".cache" / "tunestab"), 0.05)
-    x = torch.from_numpy(tokens[:16 * 129].astype("int64")).view(16, 129)[:, :128]
+    x = torch.from_numpy(tokens[: 16 * 129].astype("int64")).view(16, 129)[:, :128]
     base = stats(x)
     last = SHAPE["n_layer"] - 1
-    print(f"ratio to the baseline at initialisation, {SHAPE['n_layer']} layers x width {SHAPE['d_model']}, "
-          f"one batch of 16 x 128 bytes (block 0 / block {last})\n")
+    print(
+        f"ratio to the baseline at initialisation, {SHAPE['n_layer']} layers x width {SHAPE['d_model']}, "
+        f"one batch of 16 x 128 bytes (block 0 / block {last})\n"
+    )
     print("| variant | init | " + " | ".join(NAMES) + " |")
     print("|---|---|" + "---|" * len(NAMES))
     for variant, inits in (("mlra", ("matched", "factors")), ("sigma_reparam", ("matched", "one"))):
         key = "mlra_init" if variant == "mlra" else "sigma_reparam_gamma"
         for init in inits:
             s = stats(x, variant=variant, **{key: init})
-            cells = [f"{s[f'layer_0/{n}'] / base[f'layer_0/{n}']:.2f} / {s[f'layer_{last}/{n}'] / base[f'layer_{last}/{n}']:.2f}"
-                     for n in NAMES]
+            cells = [
+                f"{s[f'layer_0/{n}'] / base[f'layer_0/{n}']:.2f} / {s[f'layer_{last}/{n}'] / base[f'layer_{last}/{n}']:.2f}"
+                for n in NAMES
+            ]
             print(f"| {variant} | {key}: {init} | " + " | ".join(cells) + " |")
     return 0
 

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tunestab import data as data_mod  # noqa: E402
 from tunestab import compute, loop, session  # noqa: E402
+from tunestab import data as data_mod  # noqa: E402
 from tunestab.config import TrialConfig, config_from  # noqa: E402
 from tunestab.model import GPT  # noqa: E402
 
@@ -87,10 +87,13 @@ def trainer(cfg: TrialConfig) -> tuple[list, float, float]:
 
     stamp_file = tempfile.mktemp(suffix=".jsonl")
     t_start = time.time()
-    TorchTrainer(stamped_loop, train_loop_config={"trial": cfg.to_dict(), "stamp_file": stamp_file},
-                 # The worker gets the whole machine, as the bare loop does (torch threads = CPUs).
-                 scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": os.cpu_count()}),
-                 run_config=RunConfig(storage_path=tempfile.mkdtemp(), name="overhead")).fit()
+    TorchTrainer(
+        stamped_loop,
+        train_loop_config={"trial": cfg.to_dict(), "stamp_file": stamp_file},
+        # The worker gets the whole machine, as the bare loop does (torch threads = CPUs).
+        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": os.cpu_count()}),
+        run_config=RunConfig(storage_path=tempfile.mkdtemp(), name="overhead"),
+    ).fit()
     t_end = time.time()
     stamps = [tuple(json.loads(line)) for line in open(stamp_file)]
     return stamps, t_start, t_end
@@ -100,16 +103,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--set", dest="overrides", action="append", default=[])
-    ap.add_argument("--health-check-s", default="0.1", help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S values to "
-                    "try besides Ray's default 2 (comma-separated)")
+    ap.add_argument(
+        "--health-check-s",
+        default="0.1",
+        help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S values to try besides Ray's default 2 (comma-separated)",
+    )
     args = ap.parse_args()
-    cfg = config_from({"steps": str(args.steps), "checkpoint_every": "0",
-                       **dict(kv.split("=", 1) for kv in args.overrides)})
+    cfg = config_from(
+        {"steps": str(args.steps), "checkpoint_every": "0", **dict(kv.split("=", 1) for kv in args.overrides)}
+    )
     cfg = loop.model_config(cfg)
     tps = cfg.batch_size * cfg.seq_len
-    print(f"config: n_layer={cfg.n_layer} d_model={cfg.d_model} seq_len={cfg.seq_len} batch_size={cfg.batch_size} "
-          f"steps={cfg.steps} report_every={cfg.report_every} eval_every={cfg.eval_every} torch threads="
-          f"{torch.get_num_threads()}")
+    print(
+        f"config: n_layer={cfg.n_layer} d_model={cfg.d_model} seq_len={cfg.seq_len} batch_size={cfg.batch_size} "
+        f"steps={cfg.steps} report_every={cfg.report_every} eval_every={cfg.eval_every} torch threads="
+        f"{torch.get_num_threads()}"
+    )
 
     import ray
 
@@ -119,8 +128,11 @@ def main() -> None:
     # processes, as a user's search would.
     healths = ["2"] + args.health_check_s.split(",")
     for i, health in enumerate(healths):
-        ray.init(runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": health}},
-                 include_dashboard=False, log_to_driver=False)
+        ray.init(
+            runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": health}},
+            include_dashboard=False,
+            log_to_driver=False,
+        )
         if i == len(healths) - 1:
             results["bare"] = (rate(bare(cfg), tps), None, None)
             stamped = StampedSession()

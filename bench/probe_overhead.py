@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tunestab import data as data_mod  # noqa: E402
 from tunestab import compute, loop  # noqa: E402
+from tunestab import data as data_mod  # noqa: E402
 from tunestab.config import config_from  # noqa: E402
 from tunestab.data import cache_dir  # noqa: E402
 from tunestab.loop import all_reduce, train_step  # noqa: E402
@@ -55,10 +55,14 @@ def main() -> None:
     t_plain, t_probe = statistics.median(plain), statistics.median(probed)
     k = cfg.report_every
     ratio = (k * t_plain + (t_probe - t_plain)) / (k * t_plain)
-    print(f"device={device} variant={cfg.variant} n_layer={cfg.n_layer} d_model={cfg.d_model} "
-          f"seq_len={cfg.seq_len} batch_size={cfg.batch_size} report_every={k}")
-    print(f"median step: plain {t_plain * 1e3:.2f} ms, with probes {t_probe * 1e3:.2f} ms "
-          f"(probe step / plain step = {t_probe / t_plain:.3f})")
+    print(
+        f"device={device} variant={cfg.variant} n_layer={cfg.n_layer} d_model={cfg.d_model} "
+        f"seq_len={cfg.seq_len} batch_size={cfg.batch_size} report_every={k}"
+    )
+    print(
+        f"median step: plain {t_plain * 1e3:.2f} ms, with probes {t_probe * 1e3:.2f} ms "
+        f"(probe step / plain step = {t_probe / t_plain:.3f})"
+    )
     print(f"probe overhead at report_every={k}: time ratio {ratio:.4f} (goal <= 1.02)")
 
 

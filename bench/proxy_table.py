@@ -18,13 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tunestab import boundary, data  # noqa: E402
-from tunestab.data import cache_dir  # noqa: E402
 from tunestab.config import config_from  # noqa: E402
-
+from tunestab.data import cache_dir  # noqa: E402
 
 # Every variant against the baseline, then Rybakov et al.'s comparisons against QK-norm alone.
-PAIRS = [(v, "baseline") for v in ("qk_norm", "softcap", "qk_norm_cap", "qk_fc_norm", "qkv_norm", "mlra",
-                                   "sigma_reparam")] + [(v, "qk_norm") for v in ("qk_norm_cap", "qk_fc_norm", "qkv_norm")]
+PAIRS = [
+    (v, "baseline") for v in ("qk_norm", "softcap", "qk_norm_cap", "qk_fc_norm", "qkv_norm", "mlra", "sigma_reparam")
+] + [(v, "qk_norm") for v in ("qk_norm_cap", "qk_fc_norm", "qkv_norm")]
 
 
 def load(path: str) -> list[dict]:
@@ -57,19 +57,28 @@ def boundaries(runs: list[dict], floor: float | None) -> dict[str, boundary.Boun
     by = defaultdict(list)
     for r in runs:
         by[r["settings"]["variant"]].append(r)
-    return {v: boundary.fit([r["settings"]["lr"] for r in rs], [failed(r, floor) for r in rs],
-                            [r["settings"].get("seed", 0) for r in rs]) for v, rs in by.items()}
+    return {
+        v: boundary.fit(
+            [r["settings"]["lr"] for r in rs],
+            [failed(r, floor) for r in rs],
+            [r["settings"].get("seed", 0) for r in rs],
+        )
+        for v, rs in by.items()
+    }
 
 
 def fmt(b: boundary.Boundary) -> str:
     if not b.found:
         return "-"
-    return f"{b.lr:.3g} (no interval below {boundary.MIN_SEEDS} seeds)" if math.isnan(b.low) else \
-        f"{b.lr:.3g} [{b.low:.3g}, {b.high:.3g}]"
+    return (
+        f"{b.lr:.3g} (no interval below {boundary.MIN_SEEDS} seeds)"
+        if math.isnan(b.low)
+        else f"{b.lr:.3g} [{b.low:.3g}, {b.high:.3g}]"
+    )
 
 
 def main(argv=None) -> int:
-    for path in (argv or sys.argv[1:]):
+    for path in argv or sys.argv[1:]:
         runs = load(path)
         by = defaultdict(list)
         for r in runs:
@@ -100,7 +109,9 @@ def main(argv=None) -> int:
                 cells = []
                 for fits in (uni, l0):
                     r, lo, hi = boundary.ratio(fits[a], fits[b])
-                    cells.append("-" if math.isnan(r) else f"{r:.3g}" if math.isnan(lo) else f"{r:.3g} [{lo:.3g}, {hi:.3g}]")
+                    cells.append(
+                        "-" if math.isnan(r) else f"{r:.3g}" if math.isnan(lo) else f"{r:.3g} [{lo:.3g}, {hi:.3g}]"
+                    )
                 print(f"| {a} / {b} | {cells[0]} | {cells[1]} |")
         print()
     return 0

@@ -61,8 +61,14 @@ def load(path: str) -> list[dict]:
         runs = [json.loads(line) for line in f if line.strip()]
     for i, r in enumerate(runs):
         s = r["settings"]
-        r.update(id=f"r{i}", variant=s["variant"], lr=s["lr"], seed=s.get("seed", 0),
-                 divergent=r["stop_reason"] in DIVERGED, end=r["reports"][-1]["step"])
+        r.update(
+            id=f"r{i}",
+            variant=s["variant"],
+            lr=s["lr"],
+            seed=s.get("seed", 0),
+            divergent=r["stop_reason"] in DIVERGED,
+            end=r["reports"][-1]["step"],
+        )
     return runs
 
 
@@ -76,8 +82,14 @@ class Rule:
     patience: int = 1
 
     def tev(self, min_step: int) -> TEVRule:
-        return TEVRule(signal=self.signal, threshold=self.threshold, rise=self.rise, rise_floor=self.threshold / 2,
-                       min_step=min_step, patience=self.patience)
+        return TEVRule(
+            signal=self.signal,
+            threshold=self.threshold,
+            rise=self.rise,
+            rise_floor=self.threshold / 2,
+            min_step=min_step,
+            patience=self.patience,
+        )
 
 
 def interleaved(runs: list[dict]):
@@ -92,8 +104,9 @@ def stops_of(rule: Rule, runs: list[dict], min_step: int) -> dict[str, int | Non
     """Replay a rule: run id -> the step it would stop the run at, or None."""
     if rule.signal in SIGNALS:
         sched = TEVScheduler(rule.tev(min_step), shadow=True)
-        trials = {r["id"]: SimpleNamespace(trial_id=r["id"], config={"variant": r["variant"], "lr": r["lr"]})
-                  for r in runs}
+        trials = {
+            r["id"]: SimpleNamespace(trial_id=r["id"], config={"variant": r["variant"], "lr": r["lr"]}) for r in runs
+        }
         for t in trials.values():
             sched.on_trial_add(None, t)
         for r, rep in interleaved(runs):
@@ -124,7 +137,7 @@ def spike_stops(params: dict, runs: list[dict], min_step: int) -> dict[str, int 
     for r in runs:
         losses, streak, out[r["id"]] = [], 0, None
         for rep in r["reports"]:
-            past = losses[-params["window"]:]
+            past = losses[-params["window"] :]
             spike = len(past) == params["window"] and rep["loss"] > params["multiplier"] * statistics.mean(past)
             losses.append(rep["loss"])
             if rep["step"] < min_step:
@@ -142,9 +155,14 @@ def asha_stops(params: dict, runs: list[dict], min_step: int, seed: int = 0) -> 
     import numpy as np
 
     np.random.seed(seed)
-    sched = AsyncHyperBandScheduler(time_attr="step", metric="loss", mode="min", max_t=max(r["end"] for r in runs),
-                                    grace_period=max(params["grace_period"], min_step),
-                                    reduction_factor=params["reduction_factor"])
+    sched = AsyncHyperBandScheduler(
+        time_attr="step",
+        metric="loss",
+        mode="min",
+        max_t=max(r["end"] for r in runs),
+        grace_period=max(params["grace_period"], min_step),
+        reduction_factor=params["reduction_factor"],
+    )
     order = list(runs)
     random.Random(seed).shuffle(order)
     trials = {r["id"]: SimpleNamespace(trial_id=r["id"]) for r in order}
@@ -171,7 +189,8 @@ def score(runs: list[dict], stops: dict[str, int | None], cadence: int, rival: d
     caught = [r for r in div if stops[r["id"]] is not None and stops[r["id"]] <= r["end"]]
     used = sum(min(r["end"], stops[r["id"]] or r["end"]) for r in runs)
     out = {
-        "divergent": len(div), "converged": len(conv),
+        "divergent": len(div),
+        "converged": len(conv),
         "recall": len(caught) / len(div) if div else math.nan,
         "false_stops": sum(stops[r["id"]] is not None for r in conv),
         "median_stop": statistics.median(stops[r["id"]] for r in caught) if caught else math.nan,
@@ -187,8 +206,12 @@ def score(runs: list[dict], stops: dict[str, int | None], cadence: int, rival: d
 
 
 def objective(s: dict, threshold: float) -> tuple:
-    return (-s["false_stops"], round(s["recall"], 6), -s["median_stop"] if not math.isnan(s["median_stop"]) else -1e9,
-            threshold)
+    return (
+        -s["false_stops"],
+        round(s["recall"], 6),
+        -s["median_stop"] if not math.isnan(s["median_stop"]) else -1e9,
+        threshold,
+    )
 
 
 def percentiles(values: list[float]) -> list[float]:
@@ -204,7 +227,9 @@ def signal_maxima(runs: list[dict], signal: str, min_step: int) -> list[float]:
     probe = TEVRule(signal="dispersion" if signal == "peer" else signal) if signal in SIGNALS else None
     out = []
     for r in runs:
-        vals = [(signal_of(probe, rep) if probe else rep.get(signal)) for rep in r["reports"] if rep["step"] >= min_step]
+        vals = [
+            (signal_of(probe, rep) if probe else rep.get(signal)) for rep in r["reports"] if rep["step"] >= min_step
+        ]
         vals = [v for v in vals if v is not None]
         if vals:
             out.append(max(vals))
@@ -214,7 +239,27 @@ def signal_maxima(runs: list[dict], signal: str, min_step: int) -> list[float]:
 def family(signal: str, train: list[dict], min_step: int, cadence: int) -> tuple[Rule, dict] | None:
     """The best rule on one signal over the shared grid, tuned on `train`."""
     if signal == "peer":
-        thresholds = [1.1, 1.2, 1.3, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 13.0, 16.0, 20.0, 25.0, 30.0, 40.0]
+        thresholds = [
+            1.1,
+            1.2,
+            1.3,
+            1.5,
+            1.75,
+            2.0,
+            2.5,
+            3.0,
+            4.0,
+            5.0,
+            6.0,
+            8.0,
+            10.0,
+            13.0,
+            16.0,
+            20.0,
+            25.0,
+            30.0,
+            40.0,
+        ]
     else:
         thresholds = percentiles(signal_maxima(train, signal, min_step))
     best = None
@@ -246,10 +291,12 @@ def fmt_rule(rule: Rule) -> str:
 
 
 def row(name: str, s: dict) -> str:
-    lead = (f"{s['leads_by_a_report']:.0%} | {s['median_lead']:.0f}" if "leads_by_a_report" in s else "- | -")
+    lead = f"{s['leads_by_a_report']:.0%} | {s['median_lead']:.0f}" if "leads_by_a_report" in s else "- | -"
     stop = "-" if math.isnan(s["median_stop"]) else f"{s['median_stop']:.0f}"  # it stopped nothing
-    return (f"| {name} | {s['recall']:.2f} | {s['false_stops']}/{s['converged']} | {stop} | {lead} | "
-            f"{s['saved_vs_loss_rule']:.1%} | {s['saved_vs_budget']:.1%} |")
+    return (
+        f"| {name} | {s['recall']:.2f} | {s['false_stops']}/{s['converged']} | {stop} | {lead} | "
+        f"{s['saved_vs_loss_rule']:.1%} | {s['saved_vs_budget']:.1%} |"
+    )
 
 
 def main(argv=None) -> int:
@@ -277,37 +324,60 @@ def main(argv=None) -> int:
     spike, spike_train = tune_spike(train, min_step, cadence)
     # The best loss-only rule, on the tuning runs: a threshold on the loss or its per-step
     # maximum, or the spike rule.
-    candidates = {s: (objective(tuned[s][1], tuned[s][0].threshold), fmt_rule(tuned[s][0]),
-                      lambda runs, rule=tuned[s][0]: stops_of(rule, runs, min_step)) for s in LOSS_SIGNALS if s in tuned}
-    candidates["loss spike"] = (objective(spike_train, spike["multiplier"]), f"loss spike {spike}",
-                                lambda runs: spike_stops(spike, runs, min_step))
+    candidates = {
+        s: (
+            objective(tuned[s][1], tuned[s][0].threshold),
+            fmt_rule(tuned[s][0]),
+            lambda runs, rule=tuned[s][0]: stops_of(rule, runs, min_step),
+        )
+        for s in LOSS_SIGNALS
+        if s in tuned
+    }
+    candidates["loss spike"] = (
+        objective(spike_train, spike["multiplier"]),
+        f"loss spike {spike}",
+        lambda runs: spike_stops(spike, runs, min_step),
+    )
     best_loss = max(candidates, key=lambda s: candidates[s][0])
     best_loss_name = candidates[best_loss][1]
     loss_stops = candidates[best_loss][2](test)
     tev_names = [s for s in SIGNALS if s in tuned]
     held = {s: score(test, stops_of(tuned[s][0], test, min_step), cadence, loss_stops) for s in tuned}
     # JSON has no NaN: a rule that stopped nothing has no median stop (None).
-    json_held = {s: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in h.items()}
-                 for s, h in held.items()}
+    json_held = {
+        s: {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in h.items()} for s, h in held.items()
+    }
     spike_held = score(test, spike_stops(spike, test, min_step), cadence, loss_stops)
-    asha_held = score(test, asha_stops({"grace_period": min_step, "reduction_factor": 3}, test, min_step), cadence,
-                      loss_stops)
+    asha_held = score(
+        test, asha_stops({"grace_period": min_step, "reduction_factor": 3}, test, min_step), cadence, loss_stops
+    )
     # The best TEV rule on held-out data: no false stop first, then recall, then its lead.
-    best_tev = max(tev_names, key=lambda s: (-held[s]["false_stops"], round(held[s]["recall"], 6),
-                                            held[s]["leads_by_a_report"], -held[s]["median_stop"]))
+    best_tev = max(
+        tev_names,
+        key=lambda s: (
+            -held[s]["false_stops"],
+            round(held[s]["recall"], 6),
+            held[s]["leads_by_a_report"],
+            -held[s]["median_stop"],
+        ),
+    )
 
     counts = ", ".join(f"{k} {sum(r['stop_reason'] == k for r in runs)}" for k in DIVERGED)
-    print(f"Runs: {args.runs}: {len(runs)} ({sum(r['divergent'] for r in runs)} divergent: {counts}). "
-          f"Tuned on seeds {sorted(train_seeds)} ({len(train)} runs), held out: {len(test)} runs "
-          f"({sum(r['divergent'] for r in test)} divergent). Every rule: no verdict before step {min_step}, "
-          f"a report every {cadence} steps.\n")
+    print(
+        f"Runs: {args.runs}: {len(runs)} ({sum(r['divergent'] for r in runs)} divergent: {counts}). "
+        f"Tuned on seeds {sorted(train_seeds)} ({len(train)} runs), held out: {len(test)} runs "
+        f"({sum(r['divergent'] for r in test)} divergent). Every rule: no verdict before step {min_step}, "
+        f"a report every {cadence} steps.\n"
+    )
     print("Tuned rules (on the tuning runs):\n")
     for s, (rule, sc) in tuned.items():
         print(f"- {s}: `{fmt_rule(rule)}` (recall {sc['recall']:.2f}, false stops {sc['false_stops']})")
     print(f"- loss spike: `{spike}`\n")
     print(f"Held-out runs; lead: against the best loss-only rule on the tuning runs (`{best_loss_name}`):\n")
-    print("| rule | recall | false stops | median stop step | stops >= 1 report earlier than the loss rule "
-          "| median lead (steps) | steps saved vs the loss rule's own end | vs the full budget |")
+    print(
+        "| rule | recall | false stops | median stop step | stops >= 1 report earlier than the loss rule "
+        "| median lead (steps) | steps saved vs the loss rule's own end | vs the full budget |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for s in tuned:
         kind = "loss" if s in LOSS_SIGNALS else "TEV"
@@ -318,7 +388,9 @@ def main(argv=None) -> int:
     best_rule = tuned[best_tev][0]
     tev_stops = stops_of(best_rule, test, min_step)
     print(f"\nPer LR, held-out divergent runs: the best TEV rule ({fmt_rule(best_rule)}) against the best loss rule\n")
-    print("| variant | lr | divergent | loss rule ended | TEV: median stop | loss rule: median stop | TEV >= 1 report earlier |")
+    print(
+        "| variant | lr | divergent | loss rule ended | TEV: median stop | loss rule: median stop | TEV >= 1 report earlier |"
+    )
     print("|---|---|---|---|---|---|---|")
     by = {}
     for r in test:
@@ -328,17 +400,31 @@ def main(argv=None) -> int:
         t = [tev_stops[r["id"]] or r["end"] for r in rs]
         by_loss = [loss_stops[r["id"]] or r["end"] for r in rs]
         ended = ",".join(sorted({r["stop_reason"] for r in rs}))
-        print(f"| {variant} | {lr:g} | {len(rs)} | {ended} | {statistics.median(t):.0f} | {statistics.median(by_loss):.0f} | "
-              f"{sum(a <= b - cadence for a, b in zip(t, by_loss))}/{len(rs)} |")
+        print(
+            f"| {variant} | {lr:g} | {len(rs)} | {ended} | {statistics.median(t):.0f} | {statistics.median(by_loss):.0f} | "
+            f"{sum(a <= b - cadence for a, b in zip(t, by_loss))}/{len(rs)} |"
+        )
 
     h = held[best_tev]
     goal = h["leads_by_a_report"] >= 0.5 and h["recall"] >= 0.9 and h["false_stops"] == 0
-    print(f"\nVerdict: the best TEV rule ({fmt_rule(best_rule)}) stops {h['leads_by_a_report']:.0%} of the held-out "
-          f"divergent runs at least one report before the best loss rule, with recall {h['recall']:.2f} and "
-          f"{h['false_stops']} false stops: the goal (>= 50%, >= 0.9, 0) is {'met' if goal else 'NOT met'}.")
-    print("\n```json\n" + json.dumps({"default_rule": dataclasses.asdict(best_rule.tev(min_step)),
-                                      "best_loss_rule": best_loss_name,
-                                      "held_out": json_held}, indent=1, allow_nan=False) + "\n```")
+    print(
+        f"\nVerdict: the best TEV rule ({fmt_rule(best_rule)}) stops {h['leads_by_a_report']:.0%} of the held-out "
+        f"divergent runs at least one report before the best loss rule, with recall {h['recall']:.2f} and "
+        f"{h['false_stops']} false stops: the goal (>= 50%, >= 0.9, 0) is {'met' if goal else 'NOT met'}."
+    )
+    print(
+        "\n```json\n"
+        + json.dumps(
+            {
+                "default_rule": dataclasses.asdict(best_rule.tev(min_step)),
+                "best_loss_rule": best_loss_name,
+                "held_out": json_held,
+            },
+            indent=1,
+            allow_nan=False,
+        )
+        + "\n```"
+    )
     return 0
 
 

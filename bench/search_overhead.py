@@ -46,8 +46,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tunestab import run_dir as rd  # noqa: E402
 from tunestab import search  # noqa: E402
-from tunestab.replay import reports  # noqa: E402
 from tunestab import spec as spec_mod  # noqa: E402
+from tunestab.replay import reports  # noqa: E402
 
 DEFAULT_SPACE = "docs/results/legacy/default.yaml"
 
@@ -72,8 +72,9 @@ def alone_seconds(rows: list[dict]) -> float:
     runner = config.pop("runner", {}) or {}
     cfg = config_from(config, "trial config")
     steps = int(rows[-1]["step"])  # a stopped trial: as far as it went
-    cfg = dataclasses.replace(cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, steps),
-                              eval_every=min(cfg.eval_every, steps))
+    cfg = dataclasses.replace(
+        cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, steps), eval_every=min(cfg.eval_every, steps)
+    )
     torch.set_num_threads(max(1, int(runner.get("cpus_per_worker", 1))))
     with tempfile.TemporaryDirectory(prefix="tunestab-alone-") as tmp:
         began = time.perf_counter()
@@ -87,15 +88,21 @@ def actor_starts() -> dict[str, list[tuple[float, float]]]:
     import ray
     from ray.util.state import list_tasks
 
-    tasks = list_tasks(address=ray.get_runtime_context().gcs_address, detail=True, limit=10_000,
-                       filters=[("type", "=", "ACTOR_CREATION_TASK")], raise_on_missing_output=False)
+    tasks = list_tasks(
+        address=ray.get_runtime_context().gcs_address,
+        detail=True,
+        limit=10_000,
+        filters=[("type", "=", "ACTOR_CREATION_TASK")],
+        raise_on_missing_output=False,
+    )
     out = defaultdict(list)
     for t in tasks:
         at = {e["state"]: e["created_ms"] / 1000 for e in (t.events or [])}
         if {"RUNNING", "FINISHED"} <= at.keys():
             queued = at.get("PENDING_NODE_ASSIGNMENT", at["RUNNING"])
-            out[t.name.removesuffix(".__init__").split(":")[-1]].append((at["RUNNING"] - queued,
-                                                                       at["FINISHED"] - at["RUNNING"]))
+            out[t.name.removesuffix(".__init__").split(":")[-1]].append(
+                (at["RUNNING"] - queued, at["FINISHED"] - at["RUNNING"])
+            )
     return dict(out)
 
 
@@ -125,7 +132,7 @@ class CpuSampler(threading.Thread):
                     title = f.read().replace("\0", " ").strip()
             except OSError:
                 continue
-            fields = stat[stat.rfind(")") + 2:].split()
+            fields = stat[stat.rfind(")") + 2 :].split()
             key, cpu = (pid, fields[19]), (int(fields[11]) + int(fields[12])) / self.tick
             self.parent[key] = fields[1]
             if first:
@@ -194,8 +201,11 @@ def main() -> int:
         space = spec_mod.load(args.space)
     concurrency = args.max_concurrent or space.resources.max_concurrent
     if not concurrency:
-        print(f"{space.source}: resources.max_concurrent is not set; give --max-concurrent N, the trials at once "
-              f"(the ratio divides by it)", file=sys.stderr)
+        print(
+            f"{space.source}: resources.max_concurrent is not set; give --max-concurrent N, the trials at once "
+            f"(the ratio divides by it)",
+            file=sys.stderr,
+        )
         return 2
     actors = {}
     if not args.run_dir:
@@ -235,29 +245,41 @@ def main() -> int:
         print("\n| actor class | started | mean s to start its process | mean s in its constructor |")
         print("|---|---|---|---|")
         for name, times in sorted(actors.items(), key=lambda kv: -len(kv[1])):
-            print(f"| {name} | {len(times)} | {statistics.mean(t for t, _ in times):.2f} | "
-                  f"{statistics.mean(c for _, c in times):.2f} |")
+            print(
+                f"| {name} | {len(times)} | {statistics.mean(t for t, _ in times):.2f} | "
+                f"{statistics.mean(c for _, c in times):.2f} |"
+            )
     if not args.run_dir:
         cpu_total = sum(s for _, s in used.values())
         print("\n| process | count | CPU s | CPU s per trial |\n|---|---|---|---|")
         for name, (n, s) in sorted(used.items(), key=lambda kv: -kv[1][1]):
             if s >= 0.01 * cpu_total:
                 print(f"| {name} | {n} | {s:.1f} | {s / len(trials):.2f} |")
-        print(f"| all processes | {sum(n for n, _ in used.values())} | {cpu_total:.1f} | {cpu_total / len(trials):.2f} |")
+        print(
+            f"| all processes | {sum(n for n, _ in used.values())} | {cpu_total:.1f} | {cpu_total / len(trials):.2f} |"
+        )
         cores = os.cpu_count() or 1
-        print(f"\nCPU: the machine was {cpu.busy():.0%} busy over the search ({cores} cores); the search's processes "
-              f"used {cpu_total:.1f} CPU s, the trials alone {alone:.1f}; so on {cores} cores no scheduling of these trials "
-              f"gets the ratio below {cpu_total / cores / (alone / concurrency):.2f} (CPU used / {cores} against trials "
-              f"alone / {concurrency})")
+        print(
+            f"\nCPU: the machine was {cpu.busy():.0%} busy over the search ({cores} cores); the search's processes "
+            f"used {cpu_total:.1f} CPU s, the trials alone {alone:.1f}; so on {cores} cores no scheduling of these trials "
+            f"gets the ratio below {cpu_total / cores / (alone / concurrency):.2f} (CPU used / {cores} against trials "
+            f"alone / {concurrency})"
+        )
     startup = [total - loop for total, loop in first]
-    print(f"\nper trial: first report {statistics.mean(t for t, _ in first):.1f} s after Tune started the trial "
-          f"(median {statistics.median(t for t, _ in first):.1f}), of which the loop's own "
-          f"{statistics.mean(loop for _, loop in first):.1f} s; TorchTrainer start-up before the loop "
-          f"{statistics.mean(startup):.1f} s (median {statistics.median(startup):.1f})")
-    print(f"per trial: the loop's own time {own / len(trials):.1f} s inside the search, {alone / len(trials):.1f} s "
-          f"alone without Ray (means over {len(trials)} trials)")
-    print(f"\nsearch wall time {wall:.1f} s; trials' loop time inside the search {own:.1f} s / {concurrency} at a "
-          f"time = {own / concurrency:.1f} s (ratio {wall / (own / concurrency):.2f})")
+    print(
+        f"\nper trial: first report {statistics.mean(t for t, _ in first):.1f} s after Tune started the trial "
+        f"(median {statistics.median(t for t, _ in first):.1f}), of which the loop's own "
+        f"{statistics.mean(loop for _, loop in first):.1f} s; TorchTrainer start-up before the loop "
+        f"{statistics.mean(startup):.1f} s (median {statistics.median(startup):.1f})"
+    )
+    print(
+        f"per trial: the loop's own time {own / len(trials):.1f} s inside the search, {alone / len(trials):.1f} s "
+        f"alone without Ray (means over {len(trials)} trials)"
+    )
+    print(
+        f"\nsearch wall time {wall:.1f} s; trials' loop time inside the search {own:.1f} s / {concurrency} at a "
+        f"time = {own / concurrency:.1f} s (ratio {wall / (own / concurrency):.2f})"
+    )
     print(f"trials alone without Ray {alone:.1f} s / {concurrency} at a time = {alone / concurrency:.1f} s")
     print(f"overhead ratio {wall / (alone / concurrency):.2f}")
     return 0

@@ -46,10 +46,14 @@ def main() -> int:
         window.max["tev_dispersion_max"].item()  # waits for it
         tevs.append(time.perf_counter() - t0)
     step, t = statistics.median(steps), statistics.median(tevs)
-    print(f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; GPT-2 small, "
-          f"batch {args.batch} x {st.cfg.seq_len}, vocabulary {st.s.model.vocab_size} x {st.cfg.d_model}")
-    print(f"median training step {step * 1e3:.0f} ms; median per-step TEV {t * 1e3:.2f} ms; "
-          f"TEV / step = {t / step:.4f} (goal <= 0.01)")
+    print(
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; GPT-2 small, "
+        f"batch {args.batch} x {st.cfg.seq_len}, vocabulary {st.s.model.vocab_size} x {st.cfg.d_model}"
+    )
+    print(
+        f"median training step {step * 1e3:.0f} ms; median per-step TEV {t * 1e3:.2f} ms; "
+        f"TEV / step = {t / step:.4f} (goal <= 0.01)"
+    )
     return 0
 
 

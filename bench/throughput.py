@@ -105,8 +105,10 @@ def main() -> int:
     peak = compute.peak_flops(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     first = next(iter(steppers.values()))
-    print(f"device: {name}; torch {torch.__version__}; batch {args.batch} x seq {first.cfg.seq_len}; "
-          f"{args.rounds} rounds x {args.steps} steps per variant, medians")
+    print(
+        f"device: {name}; torch {torch.__version__}; batch {args.batch} x seq {first.cfg.seq_len}; "
+        f"{args.rounds} rounds x {args.steps} steps per variant, medians"
+    )
     print("| variant | params (M) | ms/step | tokens/s | MFU | tokens/s vs first |")
     print("|---|---|---|---|---|---|")
     base = None
@@ -114,8 +116,10 @@ def main() -> int:
         tps = st.tokens_per_step / per_step[v]
         base = base or tps
         mfu = f"{compute.training_flops_per_token(st.s.model) * tps / peak:.1%}" if peak else "-"
-        print(f"| {v} | {st.s.model.num_params() / 1e6:.1f} | {per_step[v] * 1e3:.1f} | {tps:,.0f} | {mfu} | "
-              f"{tps / base:.3f} |")
+        print(
+            f"| {v} | {st.s.model.num_params() / 1e6:.1f} | {per_step[v] * 1e3:.1f} | {tps:,.0f} | {mfu} | "
+            f"{tps / base:.3f} |"
+        )
     return 0
 
 

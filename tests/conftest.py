@@ -43,10 +43,26 @@ class MlflowServer:
 
     def start(self) -> "MlflowServer":
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-             "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow-server.db'}",
-             "--artifacts-destination", str(self.artifacts), "--workers", "1"],
-            stdout=open(self.folder / "mlflow-server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--backend-store-uri",
+                f"sqlite:///{self.folder / 'mlflow-server.db'}",
+                "--artifacts-destination",
+                str(self.artifacts),
+                "--workers",
+                "1",
+            ],
+            stdout=open(self.folder / "mlflow-server.log", "a"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             wait_http(f"{self.uri}/health", 180, self.proc)
         except BaseException:

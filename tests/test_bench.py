@@ -10,8 +10,9 @@ BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
 def test_the_gpu_check_runs_every_part_at_a_tiny_shape_on_the_cpu():
-    done = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--tiny"], capture_output=True, text=True,
-                          timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_check.py"), "--tiny"], capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     parts = {row[0].strip("| ") for row in rows}
@@ -38,10 +39,19 @@ def test_collect_runs_tops_up_each_variant_where_its_seeds_disagree_or_else_eith
     assert collect_runs.boundary_lrs(runs) == {"a": [0.2], "b": [0.1, 0.2], "c": []}
     todo = collect_runs.boundary_top_up(runs, 5)
     assert sorted((s["variant"], s["lr"], s["seed"]) for s in todo) == [
-        ("a", 0.2, 3), ("a", 0.2, 4), ("b", 0.1, 3), ("b", 0.1, 4), ("b", 0.2, 3), ("b", 0.2, 4)]
+        ("a", 0.2, 3),
+        ("a", 0.2, 4),
+        ("b", 0.1, 3),
+        ("b", 0.1, 4),
+        ("b", 0.2, 3),
+        ("b", 0.2, 4),
+    ]
     assert all(s["steps"] == 600 for s in todo)  # the rest of each run's settings kept
-    assert not [s for s in collect_runs.boundary_top_up(runs + [run("a", 0.2, s, False) for s in (3, 4)], 5)
-                if s["variant"] == "a"]
+    assert not [
+        s
+        for s in collect_runs.boundary_top_up(runs + [run("a", 0.2, s, False) for s in (3, 4)], 5)
+        if s["variant"] == "a"
+    ]
 
 
 def synthetic_labels(path, tev_step, loss_step):
@@ -61,13 +71,30 @@ def synthetic_labels(path, tev_step, loss_step):
                     noise = 1 + 0.05 * rng.random()
                     ratio = (1.0 if divergent and step >= tev_step else 0.2) * noise
                     loss = (8.0 if divergent and step >= loss_step else 4.0 - step / 100) * noise
-                    reports.append({"step": step, "loss": loss, "loss_max": loss * 1.02, "tev_mean": 0.3,
-                                    "tev_std": 0.3 * ratio, "tev_dispersion_max": ratio * 1.01,
-                                    "tev_growth_max": 0.001 * noise, "tev_row_max": 1.5 * noise,
-                                    "embed_update_max": 0.1 * noise})
-                f.write(json.dumps({"settings": {"variant": "baseline", "lr": lr, "seed": seed, "warmup_steps": 60},
-                                    "steps": 200, "stop_reason": "blowup" if divergent else "completed",
-                                    "reports": reports}) + "\n")
+                    reports.append(
+                        {
+                            "step": step,
+                            "loss": loss,
+                            "loss_max": loss * 1.02,
+                            "tev_mean": 0.3,
+                            "tev_std": 0.3 * ratio,
+                            "tev_dispersion_max": ratio * 1.01,
+                            "tev_growth_max": 0.001 * noise,
+                            "tev_row_max": 1.5 * noise,
+                            "embed_update_max": 0.1 * noise,
+                        }
+                    )
+                f.write(
+                    json.dumps(
+                        {
+                            "settings": {"variant": "baseline", "lr": lr, "seed": seed, "warmup_steps": 60},
+                            "steps": 200,
+                            "stop_reason": "blowup" if divergent else "completed",
+                            "reports": reports,
+                        }
+                    )
+                    + "\n"
+                )
 
 
 def test_scheduler_eval_credits_tev_only_when_tev_moves_before_the_loss(tmp_path):
@@ -77,8 +104,12 @@ def test_scheduler_eval_credits_tev_only_when_tev_moves_before_the_loss(tmp_path
     for tev_step, loss_step, verdict in ((80, 120, "is met"), (120, 80, "is NOT met")):
         path = tmp_path / f"runs_{tev_step}.jsonl"
         synthetic_labels(path, tev_step, loss_step)
-        done = subprocess.run([sys.executable, str(BENCH / "scheduler_eval.py"), "--runs", str(path),
-                               "--train-seeds", "0,1"], capture_output=True, text=True, timeout=300)
+        done = subprocess.run(
+            [sys.executable, str(BENCH / "scheduler_eval.py"), "--runs", str(path), "--train-seeds", "0,1"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         line = next(x for x in done.stdout.splitlines() if x.startswith("Verdict"))
         assert line.endswith(f"the goal (>= 50%, >= 0.9, 0) {verdict}."), line

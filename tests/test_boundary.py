@@ -6,10 +6,10 @@ from statistics import NormalDist
 
 import numpy as np
 import pytest
+from test_bracket import drive
 
 from tunestab import boundary
 from tunestab.bracket import Design
-from test_bracket import drive
 
 STEP = math.log(math.sqrt(2))
 
@@ -36,7 +36,9 @@ def test_all_stable_or_all_divergent_places_no_boundary():
     assert not boundary.fit([0.1, 0.2, 0.4], [False] * 3).found
     assert not boundary.fit([0.1, 0.2, 0.4], [True] * 3).found
     assert math.isnan(boundary.ratio(boundary.fit([0.1, 0.2], [False, True]), boundary.fit([0.1], [True]))[0])
-    point = boundary.ratio(boundary.fit([0.1, 0.4], [False, True], [0, 0]), boundary.fit([0.1, 0.2], [False, True], [0, 0]))
+    point = boundary.ratio(
+        boundary.fit([0.1, 0.4], [False, True], [0, 0]), boundary.fit([0.1, 0.2], [False, True], [0, 0])
+    )
     assert point[0] > 1 and math.isnan(point[1]) and math.isnan(point[2])  # one seed: the point alone
 
 
@@ -79,6 +81,7 @@ def simulated_searches(truth_model: str, spread_steps: float, searches: int = 10
                 if s not in edges:
                     edges[s] = centre + scale * rng.standard_normal()
                 return math.log(lr) < edges[s]
+
         yield drive(outcome, design, seed=i), truth
 
 
@@ -86,8 +89,12 @@ def coverage(truth_model: str, spread_steps: float, searches: int = 100) -> int:
     """How many simulated searches end with an interval that covers the true boundary."""
     covered = 0
     for i, (done, truth) in enumerate(simulated_searches(truth_model, spread_steps, searches)):
-        f = boundary.fit([lr for lr, _, _ in done], [not ok for _, _, ok in done], [s for _, s, _ in done],
-                         rng=np.random.default_rng(i))
+        f = boundary.fit(
+            [lr for lr, _, _ in done],
+            [not ok for _, _, ok in done],
+            [s for _, s, _ in done],
+            rng=np.random.default_rng(i),
+        )
         covered += f.found and math.log(f.low) <= truth <= math.log(f.high)
     return covered
 

@@ -68,8 +68,9 @@ def test_max_trials_ends_a_variant():
     assert not is_done([(0.1, True)] * 3, LO, HI, RATIO, max_trials=4)
 
 
-@pytest.mark.parametrize("thresholds", [{"baseline": 0.05, "qk_norm": 0.4}, {"baseline": 0.05}],
-                         ids=["two variants", "one variant"])
+@pytest.mark.parametrize(
+    "thresholds", [{"baseline": 0.05, "qk_norm": 0.4}, {"baseline": 0.05}], ids=["two variants", "one variant"]
+)
 def test_as_an_optuna_sampler_each_variant_gets_its_own_bracket(tmp_path, thresholds):
     # One variant: Optuna never asks the sampler for a one-choice `variant` (it crashed with a
     # KeyError on `lr` before the sampler chose lazily).
@@ -77,9 +78,11 @@ def test_as_an_optuna_sampler_each_variant_gets_its_own_bracket(tmp_path, thresh
     sampler = BracketSampler(list(thresholds), design)
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="s", storage=storage, sampler=sampler, direction="maximize")
-    space = {"variant": optuna.distributions.CategoricalDistribution(list(thresholds)),
-             "lr": optuna.distributions.FloatDistribution(LO, HI, log=True),
-             "seed": optuna.distributions.IntDistribution(0, 0)}
+    space = {
+        "variant": optuna.distributions.CategoricalDistribution(list(thresholds)),
+        "lr": optuna.distributions.FloatDistribution(LO, HI, log=True),
+        "seed": optuna.distributions.IntDistribution(0, 0),
+    }
     in_flight = []
     while not sampler.finished(study):
         while len(in_flight) < 4 and sampler.can_propose(study):
@@ -137,7 +140,9 @@ def test_boundary_seeds_sample_a_staggered_grid_around_the_bracket():
         assert math.log(per_seed[s][0] / centre) / math.log(math.sqrt(2)) == pytest.approx(-1.5 + (j + 0.5) / 4 - 0.5)
     # Together the four seeds sample the boundary at a quarter of a step.
     every = sorted(lr for lr, _ in grid)
-    assert [math.log(b_ / a_) / math.log(math.sqrt(2)) for a_, b_ in zip(every, every[1:])] == pytest.approx([0.25] * 15)
+    assert [math.log(b_ / a_) / math.log(math.sqrt(2)) for a_, b_ in zip(every, every[1:])] == pytest.approx(
+        [0.25] * 15
+    )
 
 
 def test_the_grid_grows_until_both_sides_of_the_boundary_are_seen():
@@ -187,12 +192,15 @@ def range_search(thresholds: dict, range_lr: dict, design: Design, tmp_path):
     """Drive BracketSampler like Tune does, 4 trials in flight; a range test reports
     range_lr[variant], a fixed-LR trial is stable below its variant's threshold."""
     sampler = BracketSampler(list(thresholds), design)
-    study = optuna.create_study(study_name="r", storage=f"sqlite:///{tmp_path / 'r.db'}", sampler=sampler,
-                                direction="maximize")
-    space = {"variant": optuna.distributions.CategoricalDistribution(list(thresholds)),
-             "lr": optuna.distributions.FloatDistribution(LO, HI, log=True),
-             "seed": optuna.distributions.IntDistribution(0, 0),
-             "lr_schedule": optuna.distributions.CategoricalDistribution(["cosine", "range"])}
+    study = optuna.create_study(
+        study_name="r", storage=f"sqlite:///{tmp_path / 'r.db'}", sampler=sampler, direction="maximize"
+    )
+    space = {
+        "variant": optuna.distributions.CategoricalDistribution(list(thresholds)),
+        "lr": optuna.distributions.FloatDistribution(LO, HI, log=True),
+        "seed": optuna.distributions.IntDistribution(0, 0),
+        "lr_schedule": optuna.distributions.CategoricalDistribution(["cosine", "range"]),
+    }
     in_flight, order = [], []
     while not sampler.finished(study):
         while len(in_flight) < 4 and sampler.can_propose(study):
@@ -204,8 +212,9 @@ def range_search(thresholds: dict, range_lr: dict, design: Design, tmp_path):
     return sampler, study, order
 
 
-@pytest.mark.parametrize("factor", [1.0, 3.0, 100.0, 0.01], ids=["at the boundary", "3x above",
-                                                                    "100x above", "100x below"])
+@pytest.mark.parametrize(
+    "factor", [1.0, 3.0, 100.0, 0.01], ids=["at the boundary", "3x above", "100x above", "100x below"]
+)
 def test_max_lr_starts_with_one_range_test_per_variant_and_brackets_from_it(tmp_path, factor):
     thresholds = {"baseline": 0.05, "qk_norm": 0.4}
     design = Design(LO, HI, RATIO, slots=2, max_trials=12, seeds=0, range_test=True)
@@ -222,8 +231,9 @@ def test_max_lr_starts_with_one_range_test_per_variant_and_brackets_from_it(tmp_
         # A good estimate saves trials, its own included: the same search without it brackets
         # from the whole range.
         (tmp_path / "plain").mkdir()
-        _, plain, _ = range_search(thresholds, estimate, Design(LO, HI, RATIO, slots=2, max_trials=12, seeds=0),
-                                   tmp_path / "plain")
+        _, plain, _ = range_search(
+            thresholds, estimate, Design(LO, HI, RATIO, slots=2, max_trials=12, seeds=0), tmp_path / "plain"
+        )
         assert len(study.trials) < len(plain.trials)
 
 
@@ -240,7 +250,10 @@ def test_bracket_search_runs_its_range_tests_and_boundary_seeds_under_tune(tmp_p
     from tunestab.searchers import BracketSearch
 
     edges = {16: 0.3, 32: 0.05}  # d_model -> boundary
-    arms = {"baseline@w16": {"variant": "baseline", "d_model": 16}, "baseline@w32": {"variant": "baseline", "d_model": 32}}
+    arms = {
+        "baseline@w16": {"variant": "baseline", "d_model": 16},
+        "baseline@w32": {"variant": "baseline", "d_model": 32},
+    }
 
     def trial(config):
         assert config["variant"] == "baseline"
@@ -256,9 +269,11 @@ def test_bracket_search_runs_its_range_tests_and_boundary_seeds_under_tune(tmp_p
     searcher = BracketSearch(list(arms), design, storage=storage, study_name="b", arms=arms)
     ray.init(num_cpus=2, include_dashboard=False)
     try:
-        results = tune.Tuner(trial, tune_config=tune.TuneConfig(search_alg=searcher, num_samples=200,
-                                                                max_concurrent_trials=3),
-                             run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0)).fit()
+        results = tune.Tuner(
+            trial,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=200, max_concurrent_trials=3),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), verbose=0),
+        ).fit()
     finally:
         ray.shutdown()
     configs = [r.config for r in results]

@@ -5,6 +5,7 @@ import io
 
 import pytest
 import torch
+from test_loop import tiny
 
 from tunestab import checkpoint, compute, data
 from tunestab.checkpoint import CHECKPOINT_FILE, CheckpointError
@@ -12,7 +13,6 @@ from tunestab.data import cache_dir
 from tunestab.loop import model_config, restore, run
 from tunestab.session import LocalSession
 from tunestab.train import main
-from test_loop import tiny
 
 
 # Loading into meta parameters copies nothing, and torch says so once per tensor: expected here.

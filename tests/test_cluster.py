@@ -49,9 +49,16 @@ def test_no_credentials_in_the_repository():
     secret = re.compile(r"AKIA[0-9A-Z]{16}|aws_secret_access_key\s*[:=]|BEGIN (RSA|OPENSSH) PRIVATE KEY")
     git = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
     # Outside a git checkout, every file that is not in a hidden folder or a cache.
-    tracked = git.stdout.split() if git.returncode == 0 else [
-        str(f.relative_to(ROOT)) for f in ROOT.rglob("*")
-        if f.is_file() and not any(part.startswith(".") or part == "__pycache__" for part in f.relative_to(ROOT).parts)]
+    tracked = (
+        git.stdout.split()
+        if git.returncode == 0
+        else [
+            str(f.relative_to(ROOT))
+            for f in ROOT.rglob("*")
+            if f.is_file()
+            and not any(part.startswith(".") or part == "__pycache__" for part in f.relative_to(ROOT).parts)
+        ]
+    )
     assert tracked
     hits = [f for f in tracked if (ROOT / f).is_file() and secret.search((ROOT / f).read_text(errors="ignore"))]
     assert hits == []
@@ -60,20 +67,38 @@ def test_no_credentials_in_the_repository():
 def test_max_concurrent_follows_the_clusters_largest_size(tmp_path):
     # What `ray up` writes on the head: node types with the resources the launcher filled in.
     bootstrap = tmp_path / "ray_bootstrap_config.yaml"
-    bootstrap.write_text(yaml.safe_dump({
-        "head_node_type": "head",
-        "available_node_types": {
-            "head": {"resources": {"CPU": 8, "GPU": 0}, "max_workers": 0},
-            "gpu_1x": {"resources": {"CPU": 4, "GPU": 1, "accelerator_type:L40S": 1}, "min_workers": 0,
-                       "max_workers": 8},
-            "gpu_8x": {"resources": {"CPU": 96, "GPU": 8, "accelerator_type:H100": 1}, "min_workers": 0,
-                       "max_workers": 2},
-        }}))
+    bootstrap.write_text(
+        yaml.safe_dump(
+            {
+                "head_node_type": "head",
+                "available_node_types": {
+                    "head": {"resources": {"CPU": 8, "GPU": 0}, "max_workers": 0},
+                    "gpu_1x": {
+                        "resources": {"CPU": 4, "GPU": 1, "accelerator_type:L40S": 1},
+                        "min_workers": 0,
+                        "max_workers": 8,
+                    },
+                    "gpu_8x": {
+                        "resources": {"CPU": 96, "GPU": 8, "accelerator_type:H100": 1},
+                        "min_workers": 0,
+                        "max_workers": 2,
+                    },
+                },
+            }
+        )
+    )
     now = [{"CPU": 8.0}]  # only the head is up: no GPU yet
 
     def concurrent(**resources):
-        s = spec.parse({"name": "g", "strategy": "max_lr", "variants": ["baseline"],
-                        "params": {"lr": {"loguniform": [1e-3, 1.0]}}, "resources": resources})
+        s = spec.parse(
+            {
+                "name": "g",
+                "strategy": "max_lr",
+                "variants": ["baseline"],
+                "params": {"lr": {"loguniform": [1e-3, 1.0]}},
+                "resources": resources,
+            }
+        )
         return cluster.max_concurrent(s, now, str(bootstrap))
 
     assert concurrent(gpus_per_worker=1) == 24  # 8 x 1 + 2 x 8 GPUs
@@ -87,11 +112,15 @@ def test_max_concurrent_follows_the_clusters_largest_size(tmp_path):
     assert concurrent(gpus_per_worker=1, accelerator_type="H100") == 16
     assert concurrent(gpus_per_worker=0.5, accelerator_type="L40S") == 16
     assert concurrent(gpus_per_worker=1, accelerator_type="A100") == 1  # none: one trial waits for a node
-    space = spec.parse({"name": "c", "strategy": "max_lr", "variants": ["baseline"],
-                        "params": {"lr": {"loguniform": [1e-3, 1.0]}}})
+    space = spec.parse(
+        {"name": "c", "strategy": "max_lr", "variants": ["baseline"], "params": {"lr": {"loguniform": [1e-3, 1.0]}}}
+    )
     assert cluster.max_concurrent(space, [{"CPU": 2.0}], str(tmp_path / "none.yaml")) == 2  # no autoscaler: what is up
-    live = [{"CPU": 8.0}, {"CPU": 4.0, "GPU": 1.0, "accelerator_type:L40S": 1.0},
-            {"CPU": 96.0, "GPU": 8.0, "accelerator_type:H100": 1.0}]
+    live = [
+        {"CPU": 8.0},
+        {"CPU": 4.0, "GPU": 1.0, "accelerator_type:L40S": 1.0},
+        {"CPU": 96.0, "GPU": 8.0, "accelerator_type:H100": 1.0},
+    ]
     gpu_space = dataclasses.replace(space, resources=spec.Resources(gpus_per_worker=1, accelerator_type="H100"))
     assert cluster.max_concurrent(gpu_space, live, str(tmp_path / "none.yaml")) == 8
 
@@ -100,8 +129,11 @@ def test_bad_train_storage_is_refused_before_ray(tmp_path, capsys):
     import ray
 
     space = tmp_path / "s.yaml"
-    space.write_text(yaml.safe_dump({"name": "t", "strategy": "max_lr", "variants": ["baseline"],
-                                     "params": {"lr": {"loguniform": [1e-3, 1.0]}}}))
+    space.write_text(
+        yaml.safe_dump(
+            {"name": "t", "strategy": "max_lr", "variants": ["baseline"], "params": {"lr": {"loguniform": [1e-3, 1.0]}}}
+        )
+    )
     argv = ["--space", str(space), "--storage", str(tmp_path / "r")]
     assert search.main(argv + ["--train-storage", "ftp://host/x"]) == 2
     assert "train_storage: 'ftp://host/x': unknown scheme 'ftp'" in capsys.readouterr().err
@@ -127,12 +159,27 @@ def two_node_cluster(monkeypatch):
     common = ["--node-ip-address=127.0.0.1", "--object-store-memory=200000000", "--disable-usage-stats"]
     # The head holds the trial drivers (no CPU) and room for one 1-CPU Train worker; the second
     # node has room for one more. Two trials at once therefore need both nodes.
-    subprocess.run([ray_bin, "start", "--head", f"--port={gcs}", "--num-cpus=1", "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *common],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            ray_bin,
+            "start",
+            "--head",
+            f"--port={gcs}",
+            "--num-cpus=1",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard}",
+            *common,
+        ],
+        check=True,
+        capture_output=True,
+    )
     try:
-        subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", "--resources={\"second\": 1}",
-                        *common], check=True, capture_output=True)
+        subprocess.run(
+            [ray_bin, "start", f"--address=127.0.0.1:{gcs}", "--num-cpus=1", '--resources={"second": 1}', *common],
+            check=True,
+            capture_output=True,
+        )
         wait_http(f"http://127.0.0.1:{dashboard}/api/version", 60)
         yield ray_bin, f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard}"
     finally:
@@ -147,26 +194,65 @@ def test_search_submitted_to_a_two_node_cluster_logs_to_an_mlflow_server(tmp_pat
     ray_bin, gcs, dashboard = two_node_cluster
     tracking, artifact_store = mlflow_server.uri, mlflow_server.artifacts
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump({
-        "name": "cluster", "strategy": "max_lr", "variants": ["baseline", "qk_norm"],
-        "trial": {"n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 32, "batch_size": 4, "steps": 60,
-                  "warmup_steps": 5, "report_every": 10, "eval_every": 60, "checkpoint_every": 30,
-                  "eval_batches": 2},
-        "params": {"lr": {"loguniform": [1e-3, 30.0]}},
-        "max_lr": {"ratio": 1.25, "slots": 1, "max_trials": 2, "seeds": 0},
-        # one 1-CPU Train worker per trial, two trials at once: one on each node
-        "resources": {"workers": 1, "cpus_per_worker": 1, "max_concurrent": 2},
-    }))
-    job = subprocess.run([ray_bin, "job", "submit", "--address", dashboard, "--",
-                          sys.executable, "-m", "tunestab.search", "--space", str(space),
-                          "--tracking-uri", tracking, "--storage", str(tmp_path / "results")],
-                         capture_output=True, text=True, timeout=900)
+    space.write_text(
+        yaml.safe_dump(
+            {
+                "name": "cluster",
+                "strategy": "max_lr",
+                "variants": ["baseline", "qk_norm"],
+                "trial": {
+                    "n_layer": 2,
+                    "n_head": 2,
+                    "d_model": 32,
+                    "seq_len": 32,
+                    "batch_size": 4,
+                    "steps": 60,
+                    "warmup_steps": 5,
+                    "report_every": 10,
+                    "eval_every": 60,
+                    "checkpoint_every": 30,
+                    "eval_batches": 2,
+                },
+                "params": {"lr": {"loguniform": [1e-3, 30.0]}},
+                "max_lr": {"ratio": 1.25, "slots": 1, "max_trials": 2, "seeds": 0},
+                # one 1-CPU Train worker per trial, two trials at once: one on each node
+                "resources": {"workers": 1, "cpus_per_worker": 1, "max_concurrent": 2},
+            }
+        )
+    )
+    job = subprocess.run(
+        [
+            ray_bin,
+            "job",
+            "submit",
+            "--address",
+            dashboard,
+            "--",
+            sys.executable,
+            "-m",
+            "tunestab.search",
+            "--space",
+            str(space),
+            "--tracking-uri",
+            tracking,
+            "--storage",
+            str(tmp_path / "results"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
     assert "succeeded" in job.stdout and "| baseline |" in job.stdout
 
     nodes = {n.node_id for n in list_nodes(address=dashboard)}
-    workers = list_actors(address=dashboard, filters=[("class_name", "=", "RayTrainWorker")], detail=True,
-                          limit=1000, raise_on_missing_output=False)
+    workers = list_actors(
+        address=dashboard,
+        filters=[("class_name", "=", "RayTrainWorker")],
+        detail=True,
+        limit=1000,
+        raise_on_missing_output=False,
+    )
     assert len(nodes) == 2 and {w.node_id for w in workers} == nodes, "trials did not run on both nodes"
 
     client = MlflowClient(tracking)
@@ -180,5 +266,7 @@ def test_search_submitted_to_a_two_node_cluster_logs_to_an_mlflow_server(tmp_pat
     assert "summary.md" in {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     # Artifacts went through the server into its own store, not to a path on the client side.
     assert list(artifact_store.rglob("summary.md"))
-    assert json.loads(next((tmp_path / "results").glob("cluster-*/tunestab_search.json")).read_text())[
-        "tracking_uri"] == tracking
+    assert (
+        json.loads(next((tmp_path / "results").glob("cluster-*/tunestab_search.json")).read_text())["tracking_uri"]
+        == tracking
+    )

@@ -34,8 +34,14 @@ def test_training_flops_count_matmul_weights_once_and_no_lookup():
 
 def test_peak_flops_match_device_names_exactly(monkeypatch):
     cuda = torch.device("cuda")
-    for name, peak in [("NVIDIA L40S", 362e12), ("NVIDIA L4", 121e12), ("NVIDIA H100 80GB HBM3", 989e12),
-                       ("NVIDIA H100 PCIe", 756e12), ("NVIDIA L40", None), ("NVIDIA H100 SXM5 94GB", None)]:
+    for name, peak in [
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA L40", None),
+        ("NVIDIA H100 SXM5 94GB", None),
+    ]:
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
         assert compute.peak_flops(cuda) == peak, name
     assert compute.peak_flops(CPU) is None
@@ -63,8 +69,9 @@ def test_weight_decay_is_independent_of_the_lr_unless_coupled(mode):
     any peak LR; coupled: w <- w·(1 - lr_t·λ), 100x stronger at LR 1 than at 0.01."""
     shrink = {}
     for lr in (0.01, 1.0):
-        cfg = TrialConfig(vocab_size=97, n_layer=1, d_model=32, n_head=2, seq_len=16, lr=lr, weight_decay=1e-2,
-                          weight_decay_mode=mode).resolved()
+        cfg = TrialConfig(
+            vocab_size=97, n_layer=1, d_model=32, n_head=2, seq_len=16, lr=lr, weight_decay=1e-2, weight_decay_mode=mode
+        ).resolved()
         s = compute.setup(cfg, CPU)
         w = s.model.blocks[0].mlp.fc1.weight
         bias = s.model.blocks[0].mlp.fc1.bias.detach().clone()
@@ -80,14 +87,26 @@ def test_weight_decay_is_independent_of_the_lr_unless_coupled(mode):
         assert shrink[0.01] == pytest.approx(1e-2 / 2, rel=1e-4) and shrink[1.0] == pytest.approx(1e-2 / 2, rel=1e-4)
     else:
         # (5e-5 read off fp32 weights: to 1%)
-        assert shrink[0.01] == pytest.approx(0.01 / 2 * 1e-2, rel=1e-2) and shrink[1.0] == pytest.approx(1e-2 / 2, rel=1e-4)
+        assert shrink[0.01] == pytest.approx(0.01 / 2 * 1e-2, rel=1e-2) and shrink[1.0] == pytest.approx(
+            1e-2 / 2, rel=1e-4
+        )
 
 
 # --------------------------------------------------------------------------------------------
 # the CPU test matrix: every variant x {fp32, bf16 autocast} x {eager, torch.compile (inductor)}
 
-MATRIX = dict(n_layer=1, n_head=2, d_model=32, seq_len=16, vocab_size=97, batch_size=4, lr=3e-3, warmup_steps=0,
-              steps=10, eval_batches=1)
+MATRIX = dict(
+    n_layer=1,
+    n_head=2,
+    d_model=32,
+    seq_len=16,
+    vocab_size=97,
+    batch_size=4,
+    lr=3e-3,
+    warmup_steps=0,
+    steps=10,
+    eval_batches=1,
+)
 TOKENS = np.random.default_rng(0).integers(0, 97, 4096).astype(np.uint16)
 
 

@@ -11,7 +11,6 @@ import torch
 from tunestab import data
 from tunestab.data import EOT, Batches, DataError, eval_batches, get_tokenizer, load_splits
 
-
 # ----------------------------------------------------------------------------------
 # helpers / fixtures
 
@@ -22,6 +21,7 @@ def _block_network(mp: pytest.MonkeyPatch) -> None:
     datasets reads HF_DATASETS_OFFLINE once at import time, so the already-imported
     config is patched too; otherwise a blocked hub request retries for ~25 s before failing.
     """
+
     def refuse(*args, **kwargs):
         raise OSError("network disabled by test")
 
@@ -171,7 +171,6 @@ def test_interrupted_cache_write_leaves_nothing(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------------
 # local files
-
 
 
 def _check_split(train, val, docs, val_fraction):

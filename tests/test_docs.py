@@ -5,6 +5,7 @@ tests move between files as modules are split or renamed; a citation that points
 the claim look tested when nobody can find the test. This reads the Markdown and the test files'
 syntax trees only: no Ray, no torch.
 """
+
 import ast
 import re
 from pathlib import Path
@@ -12,9 +13,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # `tests/test_x.py::test_y`, `test_x.py::test_y[param]`, `…::test_y` (same file as the one
 # before it on the line), `test_x.py::test_prefix…` / `...` / `*` (some test starts with it).
-CITATION = re.compile(
-    r"(?:(?<![\w./])(?:tests/)?(test_\w+\.py)|…|\.\.\.)::(test_\w*)(?:\[[^\]]*\])?(…|\.\.\.|\*)?"
-)
+CITATION = re.compile(r"(?:(?<![\w./])(?:tests/)?(test_\w+\.py)|…|\.\.\.)::(test_\w*)(?:\[[^\]]*\])?(…|\.\.\.|\*)?")
 MODULE = re.compile(r"(?<![\w./])tunestab/[\w/]+\.py")
 
 
@@ -46,6 +45,5 @@ def test_every_test_and_module_the_docs_cite_exists():
             elif not (any(t.startswith(name) for t in tests) if prefix else name in tests):
                 broken.append(f"{where}: {m[0]} (not in tests/{file})")
     for where, line in _lines([ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]):
-        broken += [f"{where}: {m[0]} (no such file)" for m in MODULE.finditer(line)
-                   if not (ROOT / m[0]).is_file()]
+        broken += [f"{where}: {m[0]} (no such file)" for m in MODULE.finditer(line) if not (ROOT / m[0]).is_file()]
     assert not broken, "broken citations in the docs:\n" + "\n".join(broken)

@@ -13,37 +13,72 @@ import pytest
 PKG = Path(__file__).resolve().parent.parent / "tunestab"
 
 # What a Ray Train worker runs, and what it may import of the package.
-WORKER = {"config", "model", "data", "probes", "checkpoint", "session", "compute", "loop", "ray_trial", "train",
-          "metrics", "outcome", "cluster"}
+WORKER = {
+    "config",
+    "model",
+    "data",
+    "probes",
+    "checkpoint",
+    "session",
+    "compute",
+    "loop",
+    "ray_trial",
+    "train",
+    "metrics",
+    "outcome",
+    "cluster",
+}
 # Pure design code: decisions and tables a reader can run without a cluster or a tracking store.
-PURE = ["tunestab.outcome", "tunestab.bracket", "tunestab.boundary", "tunestab.scaling", "tunestab.tables",
-        "tunestab.plots", "tunestab.tev_rule", "tunestab.sections", "tunestab.run_dir", "tunestab.spec",
-        "tunestab.strategies"]
+PURE = [
+    "tunestab.outcome",
+    "tunestab.bracket",
+    "tunestab.boundary",
+    "tunestab.scaling",
+    "tunestab.tables",
+    "tunestab.plots",
+    "tunestab.tev_rule",
+    "tunestab.sections",
+    "tunestab.run_dir",
+    "tunestab.spec",
+    "tunestab.strategies",
+]
 
 
 def modules() -> dict[str, ast.Module]:
-    return {str(p.relative_to(PKG.parent).with_suffix("")).replace("/", "."): ast.parse(p.read_text())
-            for p in PKG.rglob("*.py")}
+    return {
+        str(p.relative_to(PKG.parent).with_suffix("")).replace("/", "."): ast.parse(p.read_text())
+        for p in PKG.rglob("*.py")
+    }
 
 
 def strategy_branches(tree: ast.Module) -> list[int]:
     """Lines that compare a `strategy` (a name or an attribute) with a strategy's name."""
+
     def names_strategy(node) -> bool:
         return (isinstance(node, ast.Name) and node.id == "strategy") or (
-            isinstance(node, ast.Attribute) and node.attr == "strategy")
+            isinstance(node, ast.Attribute) and node.attr == "strategy"
+        )
 
     def is_literal(node) -> bool:
         return isinstance(node, ast.Constant) or (
-            isinstance(node, (ast.Tuple, ast.List, ast.Set)) and all(isinstance(e, ast.Constant) for e in node.elts))
+            isinstance(node, (ast.Tuple, ast.List, ast.Set)) and all(isinstance(e, ast.Constant) for e in node.elts)
+        )
 
-    return [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Compare)
-            and any(names_strategy(x) for x in [n.left, *n.comparators])
-            and any(is_literal(x) for x in [n.left, *n.comparators])]
+    return [
+        n.lineno
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Compare)
+        and any(names_strategy(x) for x in [n.left, *n.comparators])
+        and any(is_literal(x) for x in [n.left, *n.comparators])
+    ]
 
 
 def test_no_strategy_branch_outside_the_strategy_modules():
-    found = {name: lines for name, tree in modules().items()
-             if not name.startswith("tunestab.strategies") and (lines := strategy_branches(tree))}
+    found = {
+        name: lines
+        for name, tree in modules().items()
+        if not name.startswith("tunestab.strategies") and (lines := strategy_branches(tree))
+    }
     assert found == {}
     # The count is real: the strategies' own modules are where such code would go, and a branch
     # planted in a module is found.
@@ -56,8 +91,12 @@ def imported(tree: ast.Module, name: str) -> set[str]:
     package = name.rsplit(".", 1)[0] if name.count(".") > 1 else "tunestab"
     out = set()
     # Imports for annotations alone (`if TYPE_CHECKING:`) do not run.
-    typing_only = {id(x) for n in ast.walk(tree) if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING"
-                   for x in ast.walk(n)}
+    typing_only = {
+        id(x)
+        for n in ast.walk(tree)
+        if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING"
+        for x in ast.walk(n)
+    }
     for n in ast.walk(tree):
         if id(n) in typing_only:
             continue
@@ -79,15 +118,20 @@ def test_the_worker_imports_no_driver_module():
     trees = modules()
     wrong = {m: sorted(imported(trees[f"tunestab.{m}"], f"tunestab.{m}") - WORKER) for m in WORKER}
     assert {m: w for m, w in wrong.items() if w} == {}
-    planted = ast.parse("from .search import main\nfrom . import tracking\nimport tunestab.report\n"
-                        "if TYPE_CHECKING:\n    from .spec import Space\n")
+    planted = ast.parse(
+        "from .search import main\nfrom . import tracking\nimport tunestab.report\n"
+        "if TYPE_CHECKING:\n    from .spec import Space\n"
+    )
     assert imported(planted, "tunestab.loop") == {"search", "tracking", "report"}
 
 
 def loaded_after(code: str, heavy=("torch", "ray", "optuna", "mlflow", "matplotlib")) -> list[str]:
-    done = subprocess.run([sys.executable, "-c", f"{code}\nimport sys\n"
-                           f"print(sorted(m for m in {heavy!r} if m in sys.modules))"],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys\nprint(sorted(m for m in {heavy!r} if m in sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return eval(done.stdout.strip().splitlines()[-1])
 
 
@@ -96,7 +140,10 @@ def test_pure_design_code_imports_no_ray_optuna_or_mlflow():
 
 
 def test_a_dry_run_loads_no_torch_and_no_ray(tmp_path):
-    assert loaded_after(f"from tunestab import search; assert search.main(['--dry-run', '--storage', '{tmp_path}']) == 0") == []
+    assert (
+        loaded_after(f"from tunestab import search; assert search.main(['--dry-run', '--storage', '{tmp_path}']) == 0")
+        == []
+    )
 
 
 def test_a_fifth_strategy_is_one_module_and_one_registry_line(monkeypatch, tmp_path):
@@ -119,16 +166,32 @@ def test_a_fifth_strategy_is_one_module_and_one_registry_line(monkeypatch, tmp_p
             return {"variant": tune.grid_search(list(space.variants)), "lr": space.param("lr").tune_domain()}
 
     monkeypatch.setitem(strategies.STRATEGIES, "fixed_lrs", FixedLRs())  # the registry line
-    raw = {"name": "toy", "strategy": "fixed_lrs", "variants": ["baseline", "qk_norm"],
-           "params": {"lr": {"grid": [0.01, 0.1, 1.0]}}}
+    raw = {
+        "name": "toy",
+        "strategy": "fixed_lrs",
+        "variants": ["baseline", "qk_norm"],
+        "params": {"lr": {"grid": [0.01, 0.1, 1.0]}},
+    }
     space = spec.parse(raw)
     with pytest.raises(spec.SpecError, match="fixed_lrs strategy needs"):
         spec.parse({**raw, "params": {"lr": {"loguniform": [0.01, 1.0]}}})
     assert search.param_space(space, tmp_path)["lr"] == {"grid_search": [0.01, 0.1, 1.0]}
-    grid = [SimpleNamespace(config={"variant": v, "lr": lr, "seed": 0}, error=None, metrics_dataframe=None,
-                            metrics={"trial_id": f"{v}{lr}", "stop_reason": "completed" if lr < edge else "blowup",
-                                     "diverged": int(lr >= edge), "val_loss": 3.0, "loss_init": 5.5})
-            for v, edge in (("baseline", 0.05), ("qk_norm", 0.5)) for lr in (0.01, 0.1, 1.0)]
+    grid = [
+        SimpleNamespace(
+            config={"variant": v, "lr": lr, "seed": 0},
+            error=None,
+            metrics_dataframe=None,
+            metrics={
+                "trial_id": f"{v}{lr}",
+                "stop_reason": "completed" if lr < edge else "blowup",
+                "diverged": int(lr >= edge),
+                "val_loss": 3.0,
+                "loss_init": 5.5,
+            },
+        )
+        for v, edge in (("baseline", 0.05), ("qk_norm", 0.5))
+        for lr in (0.01, 0.1, 1.0)
+    ]
     out, _ = report.build(space, grid)
     s = out.files["summary.csv"].set_index("variant")
     assert s.loc["baseline", "largest_stable_lr"] == 0.01 and s.loc["qk_norm", "smallest_divergent_lr"] == 1.0

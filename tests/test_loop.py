@@ -13,8 +13,18 @@ from tunestab.data import cache_dir
 from tunestab.loop import Divergence, lr_at, run, train_step
 from tunestab.session import LocalSession
 
-TINY = dict(n_layer=2, n_head=2, d_model=32, seq_len=32, batch_size=8, steps=40, warmup_steps=5,
-            report_every=10, eval_every=20, eval_batches=2)
+TINY = dict(
+    n_layer=2,
+    n_head=2,
+    d_model=32,
+    seq_len=32,
+    batch_size=8,
+    steps=40,
+    warmup_steps=5,
+    report_every=10,
+    eval_every=20,
+    eval_batches=2,
+)
 
 
 def tiny(**kw) -> TrialConfig:

@@ -31,7 +31,9 @@ def test_a_saved_view_is_an_experiment_tag_in_the_uis_own_format(tmp_path):
     tags = client.get_experiment(exp).tags
     # Each search keeps its own view: the link the first one printed still shows its trials.
     assert sorted(k for k in tags if k.startswith("mlflow.sharedViewState.")) == [
-        "mlflow.sharedViewState.tunestab-run1", "mlflow.sharedViewState.tunestab-run2"]
+        "mlflow.sharedViewState.tunestab-run1",
+        "mlflow.sharedViewState.tunestab-run2",
+    ]
     first, second = (json.loads(tags[f"mlflow.sharedViewState.tunestab-{r}"]) for r in ("run1", "run2"))
     assert first["name"] == "tunestab s-1" and second["name"] == "tunestab s-2"
     assert first["state"].startswith("deflate;")
@@ -41,8 +43,10 @@ def test_a_saved_view_is_an_experiment_tag_in_the_uis_own_format(tmp_path):
 
 def test_the_link_opens_the_runs_in_the_model_training_view_with_the_saved_view():
     url = mlflow_view.runs_url("http://127.0.0.1:5000/", "7", "0a1b")
-    assert url == ("http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
-                   "&compareRunsMode=CHART&viewStateShareKey=tunestab-0a1b")
+    assert url == (
+        "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+        "&compareRunsMode=CHART&viewStateShareKey=tunestab-0a1b"
+    )
 
 
 def test_a_scale_searchs_runs_carry_their_size_and_its_view_groups_by_variant_and_size(tmp_path):
@@ -55,29 +59,53 @@ def test_a_scale_searchs_runs_carry_their_size_and_its_view_groups_by_variant_an
     exp = client.create_experiment("e", artifact_location=str(tmp_path / "a"))
     parent = client.create_run(exp, run_name="search").info.run_id
     # w64d4's fields include w64's: the trial's size is the one its arm named, not a match of fields.
-    space = spec.parse({"name": "s", "strategy": "scale", "variants": ["qk_norm"], "trial": {"n_layer": 2},
-                        "params": {"lr": {"loguniform": [0.01, 1.0]}},
-                        "scale": {"sizes": {"w32": {"d_model": 32, "n_head": 2}, "w64": {"d_model": 64, "n_head": 4},
-                                            "w64d4": {"d_model": 64, "n_head": 4, "n_layer": 4}},
-                                  "target": {"w96": {"d_model": 96, "n_head": 6}}}})
+    space = spec.parse(
+        {
+            "name": "s",
+            "strategy": "scale",
+            "variants": ["qk_norm"],
+            "trial": {"n_layer": 2},
+            "params": {"lr": {"loguniform": [0.01, 1.0]}},
+            "scale": {
+                "sizes": {
+                    "w32": {"d_model": 32, "n_head": 2},
+                    "w64": {"d_model": 64, "n_head": 4},
+                    "w64d4": {"d_model": 64, "n_head": 4, "n_layer": 4},
+                },
+                "target": {"w96": {"d_model": 96, "n_head": 6}},
+            },
+        }
+    )
     t = tracking.MLflowTracking(uri, "e", parent)
     # Each trial's config as the scale strategy's searcher hands it out (tests/test_bracket.py): the
     # arm's variant and fields, and its size.
-    runs = {size: client.get_run(t.run_for(SimpleNamespace(trial_id=f"t{i}", config={
-        "variant": "qk_norm", "lr": 0.1, "n_layer": 2, "size": size, **fields})))
-        for i, (size, fields) in enumerate(space.scale.every_size.items())}
+    runs = {
+        size: client.get_run(
+            t.run_for(
+                SimpleNamespace(
+                    trial_id=f"t{i}", config={"variant": "qk_norm", "lr": 0.1, "n_layer": 2, "size": size, **fields}
+                )
+            )
+        )
+        for i, (size, fields) in enumerate(space.scale.every_size.items())
+    }
     assert list(runs) == ["w32", "w64", "w64d4", "w96"]
     for size, run in runs.items():
         assert run.data.tags["size"] == size and run.data.tags["variant"] == "qk_norm"
         assert run.info.run_name.startswith(f"qk_norm@{size}-")
     # Another strategy's runs are named by variant alone, with no size tag.
-    plain = client.get_run(tracking.MLflowTracking(uri, "e", parent).run_for(
-        SimpleNamespace(trial_id="t9", config={"variant": "baseline", "lr": 0.1, "d_model": 32})))
+    plain = client.get_run(
+        tracking.MLflowTracking(uri, "e", parent).run_for(
+            SimpleNamespace(trial_id="t9", config={"variant": "baseline", "lr": 0.1, "d_model": 32})
+        )
+    )
     assert "size" not in plain.data.tags and plain.info.run_name == "baseline-t9"
 
     search.save_chart_view(client, parent, space, "s-1")
     state = mlflow_view.read_state(client.get_experiment(exp).tags[f"mlflow.sharedViewState.tunestab-{parent}"])
-    assert state["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "variant"},
-                                               {"mode": "tag", "groupByData": "size"}]
+    assert state["groupBy"]["groupByKeys"] == [
+        {"mode": "tag", "groupByData": "variant"},
+        {"mode": "tag", "groupByData": "size"},
+    ]
     assert state["selectedColumns"][:2] == ["tags.`variant`", "tags.`size`"]
     assert [s["name"] for s in state["compareRunSections"]][2:6] == ["layer_0", "layer_1", "layer_2", "layer_3"]

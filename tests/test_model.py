@@ -7,10 +7,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tunestab.config import VARIANTS, TrialConfig
 from tunestab import model as model_mod
-from tunestab.model import (GPT, MLRAProjection, SigmaReparamLinear, attend, attention_logits, causal_block_mask,
-                            flex_capped_attention, linear_cross_entropy, padded_vocab, plain_attention)
+from tunestab.config import VARIANTS, TrialConfig
+from tunestab.model import (
+    GPT,
+    MLRAProjection,
+    SigmaReparamLinear,
+    attend,
+    attention_logits,
+    causal_block_mask,
+    flex_capped_attention,
+    linear_cross_entropy,
+    padded_vocab,
+    plain_attention,
+)
 
 TINY = dict(vocab_size=97, n_layer=2, n_head=4, d_model=64, seq_len=32)
 
@@ -325,7 +335,11 @@ def test_sigma_reparam_starts_as_the_dense_layer_it_replaces():
     m = tiny("sigma_reparam")
     for layer in (mod for mod in m.modules() if isinstance(mod, SigmaReparamLinear)):
         torch.testing.assert_close(layer.effective_weight(), layer.weight, rtol=1e-3, atol=1e-6)
-    base, matched, one = init_norms(), init_norms("sigma_reparam"), init_norms("sigma_reparam", sigma_reparam_gamma="one")
+    base, matched, one = (
+        init_norms(),
+        init_norms("sigma_reparam"),
+        init_norms("sigma_reparam", sigma_reparam_gamma="one"),
+    )
     assert all(0.8 < matched[k] / base[k] < 1.25 for k in base), {k: matched[k] / base[k] for k in base}
     assert max(one[k] / base[k] for k in base if "proj" in k) > 5  # the old init, still selectable
 

@@ -104,7 +104,9 @@ def test_the_per_step_tev_agrees_with_the_reported_one():
     from tunestab.probes import tev_rows
 
     g = torch.Generator().manual_seed(3)
-    E = torch.randn(300, 64, generator=g) * torch.linspace(0.01, 1, 300).unsqueeze(1) + 0.05 * torch.randn(300, 1, generator=g)
+    E = torch.randn(300, 64, generator=g) * torch.linspace(0.01, 1, 300).unsqueeze(1) + 0.05 * torch.randn(
+        300, 1, generator=g
+    )
     rows = tev_rows(E)
     for a, b in zip((rows.mean(), rows.std(correction=0)), tev(E)):
         assert a.item() == pytest.approx(b.item(), rel=1e-5)

@@ -3,12 +3,12 @@
 import io
 
 import pytest
+from test_loop import tiny
 
-from tunestab import session as session_mod
 from tunestab import ray_trial
+from tunestab import session as session_mod
 from tunestab.loop import run
 from tunestab.session import LocalSession
-from test_loop import tiny
 
 
 @pytest.mark.slow
@@ -32,7 +32,7 @@ def test_two_ray_workers_follow_the_one_worker_loss_curve(tmp_path):
     # Train V2 builds metrics_dataframe from the checkpoints it kept: the last KEEP_CHECKPOINTS
     # of those at steps 10, 20 and 30 (the older one is deleted from storage).
     two = result.metrics_dataframe.set_index("step")["loss"]
-    assert list(two.index) == [10, 20, 30][-ray_trial.KEEP_CHECKPOINTS:]
+    assert list(two.index) == [10, 20, 30][-ray_trial.KEEP_CHECKPOINTS :]
     one_loss = {r["step"]: r["loss"] for r in one.reports}
     for step in two.index:
         assert two[step] == pytest.approx(one_loss[step], rel=2e-3), step
@@ -63,14 +63,22 @@ def test_a_restarted_ray_trial_resumes_from_its_last_checkpoint(tmp_path):
     run(cfg, uninterrupted)
     marker = tmp_path / "crashed"
     try:
-        result = ray_trial.run_with_ray(cfg, workers=1, use_gpu=False, storage=str(tmp_path / "ray"), name="restart",
-                                    max_failures=1, loop=crash_once_loop, extra={"marker": str(marker)})
+        result = ray_trial.run_with_ray(
+            cfg,
+            workers=1,
+            use_gpu=False,
+            storage=str(tmp_path / "ray"),
+            name="restart",
+            max_failures=1,
+            loop=crash_once_loop,
+            extra={"marker": str(marker)},
+        )
     finally:
         ray.shutdown()
     assert marker.exists() and result.error is None  # it crashed once, and recovered
     reports = result.metrics_dataframe.set_index("step")["loss"]
     # The kept checkpoints: 20 from the first worker group, 30 from the restarted one.
-    assert list(reports.index) == [10, 20, 30][-ray_trial.KEEP_CHECKPOINTS:]
+    assert list(reports.index) == [10, 20, 30][-ray_trial.KEEP_CHECKPOINTS :]
     assert reports[30] == pytest.approx(uninterrupted.reports[2]["loss"], rel=1e-5)
 
 
@@ -91,15 +99,26 @@ def test_a_train_worker_imports_neither_mlflow_nor_optuna_nor_the_search(tmp_pat
         assert callable(train_loop_per_worker)
 
         # (pandas is not among them: Ray Train's worker imports it itself, through Ray Data.)
-        heavy = ("mlflow", "optuna", "matplotlib", "tunestab.search", "tunestab.tracking",
-                 "tunestab.analysis", "tunestab.bracket", "tunestab.replay")
+        heavy = (
+            "mlflow",
+            "optuna",
+            "matplotlib",
+            "tunestab.search",
+            "tunestab.tracking",
+            "tunestab.analysis",
+            "tunestab.bracket",
+            "tunestab.replay",
+        )
         with tempfile.TemporaryDirectory() as tmp:  # Train V2 keeps the metrics of checkpointed reports
-            ray.train.report({"step": 1, "loaded": " ".join(m for m in heavy if m in sys.modules)},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            ray.train.report(
+                {"step": 1, "loaded": " ".join(m for m in heavy if m in sys.modules)},
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+            )
 
     try:
-        result = ray_trial.run_with_ray(tiny(), workers=1, use_gpu=False, storage=str(tmp_path / "ray"),
-                                      name="imports", loop=probe_loop)
+        result = ray_trial.run_with_ray(
+            tiny(), workers=1, use_gpu=False, storage=str(tmp_path / "ray"), name="imports", loop=probe_loop
+        )
     finally:
         ray.shutdown()
     assert result.error is None and result.metrics["step"] == 1
@@ -110,8 +129,11 @@ def test_a_ray_trial_falls_back_to_its_older_checkpoints_newest_first(tmp_path):
     from ray.train import Checkpoint
 
     run_dir = tmp_path / "trial"
-    names = ["checkpoint_2026-11-23_08-10-21.259995", "checkpoint_2026-11-23_08-09-52.991071",
-             "checkpoint_2026-11-23_08-11-05.000001"]  # the last: a newer upload that never registered
+    names = [
+        "checkpoint_2026-11-23_08-10-21.259995",
+        "checkpoint_2026-11-23_08-09-52.991071",
+        "checkpoint_2026-11-23_08-11-05.000001",
+    ]  # the last: a newer upload that never registered
     for n in names:
         (run_dir / n).mkdir(parents=True)
     (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")

@@ -23,8 +23,7 @@ from tunestab import checkpoint, loop, replay, search, session, tracking
 from tunestab import run_dir as run_dir_mod
 from tunestab.config import TrialConfig
 
-TRIAL = {"n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 32, "batch_size": 4, "warmup_steps": 5,
-         "eval_batches": 2}
+TRIAL = {"n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 32, "batch_size": 4, "warmup_steps": 5, "eval_batches": 2}
 
 
 def write_space(tmp_path, space: dict) -> str:
@@ -34,9 +33,12 @@ def write_space(tmp_path, space: dict) -> str:
 
 
 def start_search(tmp_path, space: str, *args: str, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tunestab.search", "--space", space, *args],
-                            stdout=open(tmp_path / "search.log", "w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})})
+    return subprocess.Popen(
+        [sys.executable, "-m", "tunestab.search", "--space", space, *args],
+        stdout=open(tmp_path / "search.log", "w"),
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def wait_for(what: str, check, proc, tmp_path, timeout_s: float = 300):
@@ -64,18 +66,35 @@ def finish(proc, tmp_path, timeout_s: float = 600) -> str:
 @pytest.mark.slow
 def test_a_killed_train_worker_restarts_from_its_checkpoint_and_the_trial_completes(tmp_path):
     trial = {**TRIAL, "lr": 0.01, "steps": 400, "report_every": 20, "eval_every": 400, "checkpoint_every": 100}
-    space = write_space(tmp_path, {"name": "kill", "strategy": "sweep", "variants": ["baseline"], "trial": trial,
-                                   "params": {"seed": {"grid": [0]}}, "scheduler": {"type": "none"},
-                                   "resources": {"max_failures": 1}})
+    space = write_space(
+        tmp_path,
+        {
+            "name": "kill",
+            "strategy": "sweep",
+            "variants": ["baseline"],
+            "trial": trial,
+            "params": {"seed": {"grid": [0]}},
+            "scheduler": {"type": "none"},
+            "resources": {"max_failures": 1},
+        },
+    )
     storage = tmp_path / "results"
     proc = start_search(tmp_path, space, "--storage", str(storage))
     try:
         # Registered, not just uploaded: a worker uploads its checkpoint folder before Ray Train's
         # controller takes the report that names it, and a restart only sees registered ones.
-        wait_for("a registered checkpoint", lambda: list(storage.glob("kill-*/train/*/checkpoint_manager_snapshot.json")),
-                 proc, tmp_path)
-        workers = wait_for("the Train worker", lambda: [p for p in descendants(proc.pid)
-                                                        if "ray::RayTrainWorker" in process_title(p)], proc, tmp_path)
+        wait_for(
+            "a registered checkpoint",
+            lambda: list(storage.glob("kill-*/train/*/checkpoint_manager_snapshot.json")),
+            proc,
+            tmp_path,
+        )
+        workers = wait_for(
+            "the Train worker",
+            lambda: [p for p in descendants(proc.pid) if "ray::RayTrainWorker" in process_title(p)],
+            proc,
+            tmp_path,
+        )
         for pid in workers:
             os.kill(pid, signal.SIGKILL)  # nothing the worker can catch or clean up after
         killed_at = time.time()
@@ -126,8 +145,9 @@ class PendingWatch(threading.Thread):
                 continue
             try:
                 free = ray.available_resources()
-                pending = list_placement_groups(filters=[("state", "=", "PENDING")], detail=True,
-                                                raise_on_missing_output=False)
+                pending = list_placement_groups(
+                    filters=[("state", "=", "PENDING")], detail=True, raise_on_missing_output=False
+                )
             except Exception:  # the cluster starting or stopping
                 continue
             self.polls += 1
@@ -152,24 +172,47 @@ def test_a_hundred_tev_stops_in_a_row_leave_no_actor_or_placement_group_behind(t
 
     # A rule every trial meets at its first report: each of the 100 trials is stopped by the
     # scheduler at step 10, which is what ends its Train run (controller, workers, group).
-    space = write_space(tmp_path, {
-        "name": "stops", "strategy": "sweep", "variants": ["baseline"],
-        "trial": {**TRIAL, "lr": 0.01, "steps": 1000, "report_every": 10, "eval_every": 1000, "checkpoint_every": 0},
-        "params": {"seed": {"grid": list(range(100))}},
-        "scheduler": {"type": "tev", "rule": {"signal": "dispersion", "threshold": 1e-9, "min_step": 0}},
-    })
+    space = write_space(
+        tmp_path,
+        {
+            "name": "stops",
+            "strategy": "sweep",
+            "variants": ["baseline"],
+            "trial": {
+                **TRIAL,
+                "lr": 0.01,
+                "steps": 1000,
+                "report_every": 10,
+                "eval_every": 1000,
+                "checkpoint_every": 0,
+            },
+            "params": {"seed": {"grid": list(range(100))}},
+            "scheduler": {"type": "tev", "rule": {"signal": "dispersion", "threshold": 1e-9, "min_step": 0}},
+        },
+    )
     storage = tmp_path / "results"
-    trial_actors = ("ImplicitFunc", "TrainController", "RayTrainWorker", "SynchronizationActor", "_QueueActor",
-                    "PlacementGroupCleaner")
+    trial_actors = (
+        "ImplicitFunc",
+        "TrainController",
+        "RayTrainWorker",
+        "SynchronizationActor",
+        "_QueueActor",
+        "PlacementGroupCleaner",
+    )
 
     leaked = []  # what a group left behind was: its bundles tell Tune's trial group from Train's workers'
 
     def left_behind():
         actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10000, raise_on_missing_output=False)
-        groups = [g for g in list_placement_groups(limit=10000, detail=True, raise_on_missing_output=False)
-                  if g.state != "REMOVED"]
-        leaked[:] = [{k: getattr(g, k, None) for k in ("placement_group_id", "name", "bundles", "is_detached", "stats")}
-                     for g in groups]
+        groups = [
+            g
+            for g in list_placement_groups(limit=10000, detail=True, raise_on_missing_output=False)
+            if g.state != "REMOVED"
+        ]
+        leaked[:] = [
+            {k: getattr(g, k, None) for k in ("placement_group_id", "name", "bundles", "is_detached", "stats")}
+            for g in groups
+        ]
         return [a.class_name for a in actors if a.class_name in trial_actors], [g.state for g in groups]
 
     watch = PendingWatch()
@@ -185,8 +228,10 @@ def test_a_hundred_tev_stops_in_a_row_leave_no_actor_or_placement_group_behind(t
         returned = time.time()
         while (left := left_behind()) != ([], []) and time.time() - returned < 20:
             time.sleep(1)
-        print(f"100 stops: the last trial's actors {'were gone' if left == ([], []) else 'were still there'} "
-              f"{time.time() - returned:.1f} s after the search")
+        print(
+            f"100 stops: the last trial's actors {'were gone' if left == ([], []) else 'were still there'} "
+            f"{time.time() - returned:.1f} s after the search"
+        )
     finally:
         ray.shutdown()
 
@@ -195,10 +240,14 @@ def test_a_hundred_tev_stops_in_a_row_leave_no_actor_or_placement_group_behind(t
     assert len(table) == 100 and set(table.stop_reason) == {"tev"} and set(table.step) == {10}
     # No trial waited on resources that were free (the Train V2 deadlock: a leaked group held the
     # CPU every pending trial needed). How long the trials took to start is the machine's business.
-    starts = sorted(min(r["timestamp"] for r in replay.reports(p))
-                    for p in next(storage.glob("stops-*")).glob("tune/stops/trial_driver_*"))
-    print(f"100 stops: first reports {starts[-1] - starts[0]:.0f} s apart in all; {watch.polls} polls; "
-          f"longest a placement group was pending with room for it: {watch.longest:.0f} s")
+    starts = sorted(
+        min(r["timestamp"] for r in replay.reports(p))
+        for p in next(storage.glob("stops-*")).glob("tune/stops/trial_driver_*")
+    )
+    print(
+        f"100 stops: first reports {starts[-1] - starts[0]:.0f} s apart in all; {watch.polls} polls; "
+        f"longest a placement group was pending with room for it: {watch.longest:.0f} s"
+    )
     assert watch.polls > 10 and watch.longest < 30, watch.stuck
 
 
@@ -210,6 +259,7 @@ def test_tracking_skips_mlflow_while_it_is_down_and_records_what_it_missed(tmp_p
             def fail(*args, **kwargs):
                 Refusing.calls += 1
                 raise ConnectionError("connection refused (test)")
+
             return fail
 
     marker = tmp_path / run_dir_mod.INCOMPLETE_FILE
@@ -236,16 +286,29 @@ def test_mlflow_going_away_mid_search_loses_nothing_and_replay_fills_it_in(tmp_p
     from mlflow.tracking import MlflowClient
 
     server = MlflowServer(tmp_path).start()
-    space = write_space(tmp_path, {
-        "name": "outage", "strategy": "max_lr", "variants": ["baseline", "qk_norm"],
-        "trial": {**TRIAL, "steps": 200, "report_every": 10, "eval_every": 200, "checkpoint_every": 100},
-        "params": {"lr": {"loguniform": [1e-3, 30.0]}},
-        "max_lr": {"ratio": 1.25, "slots": 1, "max_trials": 2, "seeds": 0}, "resources": {"max_concurrent": 2},
-    })
+    space = write_space(
+        tmp_path,
+        {
+            "name": "outage",
+            "strategy": "max_lr",
+            "variants": ["baseline", "qk_norm"],
+            "trial": {**TRIAL, "steps": 200, "report_every": 10, "eval_every": 200, "checkpoint_every": 100},
+            "params": {"lr": {"loguniform": [1e-3, 30.0]}},
+            "max_lr": {"ratio": 1.25, "slots": 1, "max_trials": 2, "seeds": 0},
+            "resources": {"max_concurrent": 2},
+        },
+    )
     storage = tmp_path / "results"
     # No HTTP retries: the outage is seen at once (the default, 3 tries, only makes it later).
-    proc = start_search(tmp_path, space, "--storage", str(storage), "--tracking-uri", server.uri,
-                        env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    proc = start_search(
+        tmp_path,
+        space,
+        "--storage",
+        str(storage),
+        "--tracking-uri",
+        server.uri,
+        env={"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"},
+    )
     client = MlflowClient(server.uri)
 
     def logging_started():
@@ -274,8 +337,10 @@ def test_mlflow_going_away_mid_search_loses_nothing_and_replay_fills_it_in(tmp_p
         runs = client.search_runs([exp.experiment_id])
         parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
         children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-        histories = {r.data.tags["tune_trial_id"]: [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
-                     for r in children}
+        histories = {
+            r.data.tags["tune_trial_id"]: [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
+            for r in children
+        }
         artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     finally:
         server.stop()
@@ -293,26 +358,43 @@ def test_mlflow_going_away_mid_search_loses_nothing_and_replay_fills_it_in(tmp_p
     assert Path(run_dir / (run_dir_mod.INCOMPLETE_FILE + ".replayed")).exists()
 
 
-GOOD = {"name": "bad", "strategy": "max_lr", "variants": ["baseline", "mlra"],
-        "trial": {**TRIAL, "steps": 20, "report_every": 10, "eval_every": 20},
-        "params": {"lr": {"loguniform": [1e-3, 1.0]}}}
+GOOD = {
+    "name": "bad",
+    "strategy": "max_lr",
+    "variants": ["baseline", "mlra"],
+    "trial": {**TRIAL, "steps": 20, "report_every": 10, "eval_every": 20},
+    "params": {"lr": {"loguniform": [1e-3, 1.0]}},
+}
 
 
-@pytest.mark.parametrize("text, key", [
-    ("name: bad\nstrategy: [max_lr\n", "not valid YAML (line"),                          # malformed
-    ("name: !!python/object/apply:os.system ['touch {marker}']\n", "not valid YAML"),     # builds an object
-    (yaml.safe_dump({**GOOD, "trail": {}}), "trail: unknown key"),                        # a typo
-    (yaml.safe_dump({**GOOD, "trial": {**GOOD["trial"], "n_layer": "twelve"}}), "trial.n_layer"),  # wrong type
-    (yaml.safe_dump({**GOOD, "params": {"lr": {"loguniform": [1.0, 1e-3]}}}), "params.lr.loguniform: low must be below high"),
-    (yaml.safe_dump({**GOOD, "strategy": "sweep", "params": {"lr": {"grid": []}}}), "params.lr.grid"),  # empty
-    (yaml.safe_dump({**GOOD, "strategy": "tune", "params": {"mlra_rank": {"int": [0, 999]}}}), "params.mlra_rank"),
-    (yaml.safe_dump({**GOOD, "strategy": "tune", "variants": ["softcap"], "params": {"softcap": {"uniform": [-1, 5]}}}),
-     "params.softcap"),
-    (yaml.safe_dump({**GOOD, "trial": {**GOOD["trial"], "data": "/no/such/corpus.jsonl"}}), "trial.data:"),
-    (yaml.safe_dump({**GOOD, "tracking_uri": "mysql://nobody:secret@127.0.0.1:9/x"}), "tracking_uri: tracking database mysql://nobody:***@"),
-    (yaml.safe_dump({**GOOD, "storage": "/proc/cannot/write/here"}), "storage: cannot write"),
-    (yaml.safe_dump({**GOOD, "resources": {"max_failures": -1}}), "resources.max_failures: must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("name: bad\nstrategy: [max_lr\n", "not valid YAML (line"),  # malformed
+        ("name: !!python/object/apply:os.system ['touch {marker}']\n", "not valid YAML"),  # builds an object
+        (yaml.safe_dump({**GOOD, "trail": {}}), "trail: unknown key"),  # a typo
+        (yaml.safe_dump({**GOOD, "trial": {**GOOD["trial"], "n_layer": "twelve"}}), "trial.n_layer"),  # wrong type
+        (
+            yaml.safe_dump({**GOOD, "params": {"lr": {"loguniform": [1.0, 1e-3]}}}),
+            "params.lr.loguniform: low must be below high",
+        ),
+        (yaml.safe_dump({**GOOD, "strategy": "sweep", "params": {"lr": {"grid": []}}}), "params.lr.grid"),  # empty
+        (yaml.safe_dump({**GOOD, "strategy": "tune", "params": {"mlra_rank": {"int": [0, 999]}}}), "params.mlra_rank"),
+        (
+            yaml.safe_dump(
+                {**GOOD, "strategy": "tune", "variants": ["softcap"], "params": {"softcap": {"uniform": [-1, 5]}}}
+            ),
+            "params.softcap",
+        ),
+        (yaml.safe_dump({**GOOD, "trial": {**GOOD["trial"], "data": "/no/such/corpus.jsonl"}}), "trial.data:"),
+        (
+            yaml.safe_dump({**GOOD, "tracking_uri": "mysql://nobody:secret@127.0.0.1:9/x"}),
+            "tracking_uri: tracking database mysql://nobody:***@",
+        ),
+        (yaml.safe_dump({**GOOD, "storage": "/proc/cannot/write/here"}), "storage: cannot write"),
+        (yaml.safe_dump({**GOOD, "resources": {"max_failures": -1}}), "resources.max_failures: must be >= 0"),
+    ],
+)
 def test_bad_input_is_one_screen_naming_its_key_and_nothing_starts(tmp_path, capsys, text, key):
     import ray
 

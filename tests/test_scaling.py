@@ -19,10 +19,12 @@ def test_non_embedding_params_counts_the_blocks_and_the_final_norm_of_the_real_m
     head = 0 if cfg.tie_embeddings else model.lm_head.weight.numel()
     assert scaling.non_embedding_params(cfg) == model.num_params() - embeddings - head
     # The vocabulary does not change it; the width does.
-    assert scaling.non_embedding_params(TrialConfig(variant=variant, d_model=32, n_head=2, n_layer=2)) == \
-        scaling.non_embedding_params(cfg)
-    assert scaling.non_embedding_params(TrialConfig(variant=variant, d_model=64, n_head=2, n_layer=2)) > \
-        scaling.non_embedding_params(cfg)
+    assert scaling.non_embedding_params(
+        TrialConfig(variant=variant, d_model=32, n_head=2, n_layer=2)
+    ) == scaling.non_embedding_params(cfg)
+    assert scaling.non_embedding_params(
+        TrialConfig(variant=variant, d_model=64, n_head=2, n_layer=2)
+    ) > scaling.non_embedding_params(cfg)
 
 
 def simulated(rng, ln_n, alpha=-0.5, sd=0.15, draws=2000):

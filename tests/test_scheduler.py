@@ -19,8 +19,10 @@ CONTINUE, STOP = TrialScheduler.CONTINUE, TrialScheduler.STOP
 
 def stream(means, ratios, every=10):
     """Reports every `every` steps with tev_mean = means[i], tev_std = ratios[i] * means[i]."""
-    return [{"step": every * (i + 1), "tev_mean": m, "tev_std": r * m, "stop_reason": "running"}
-            for i, (m, r) in enumerate(zip(means, ratios))]
+    return [
+        {"step": every * (i + 1), "tev_mean": m, "tev_std": r * m, "stop_reason": "running"}
+        for i, (m, r) in enumerate(zip(means, ratios))
+    ]
 
 
 def feed(sched, results, tid="t"):
@@ -66,8 +68,15 @@ def test_slow_divergence_is_caught_by_the_rise_against_its_own_past():
     assert "rose" in sched.verdicts["t"]["reason"]
 
 
-@pytest.mark.parametrize("signal,key", [("dispersion_max", "tev_dispersion_max"), ("row_max", "tev_row_max"),
-                                        ("update", "embed_update_max"), ("growth", "tev_growth_max")])
+@pytest.mark.parametrize(
+    "signal,key",
+    [
+        ("dispersion_max", "tev_dispersion_max"),
+        ("row_max", "tev_row_max"),
+        ("update", "embed_update_max"),
+        ("growth", "tev_growth_max"),
+    ],
+)
 def test_a_rule_can_watch_any_per_step_signal_of_the_report(signal, key):
     results = stream([0.3] * 6, [0.2] * 6)
     for r, v in zip(results, [1.0, 1.1, 1.0, 1.2, 5.0, 6.0]):
@@ -92,8 +101,13 @@ def test_peer_compares_a_trial_with_the_same_variant_at_lower_lrs_at_the_same_st
         for t, ratio in zip(peers, (0.2, 0.2, 0.45)):
             sched.on_trial_result(None, t, {"step": step, "tev_mean": 1.0, "tev_std": ratio})
     high_baseline, high_qk = trial("x", "baseline", 0.1), trial("y", "qk_norm", 0.1)
-    decisions = {t.trial_id: [sched.on_trial_result(None, t, {"step": s, "tev_mean": 1.0, "tev_std": r})
-                              for s, r in ((10, 0.3), (20, 0.5))] for t in (high_baseline, high_qk)}
+    decisions = {
+        t.trial_id: [
+            sched.on_trial_result(None, t, {"step": s, "tev_mean": 1.0, "tev_std": r})
+            for s, r in ((10, 0.3), (20, 0.5))
+        ]
+        for t in (high_baseline, high_qk)
+    }
     assert decisions == {"x": [CONTINUE, STOP], "y": [CONTINUE, CONTINUE]}
     assert sched.verdicts["x"]["reason"].startswith("peer=2.5")
     lone = trial("z", "mlra", 0.1)  # no peers yet: no verdict, whatever its spread
@@ -106,8 +120,9 @@ def test_an_lr_range_test_is_never_stopped_and_is_no_peer():
     sched = TEVScheduler(TEVRule(signal="peer", threshold=2.0, rise=0, min_step=0))
     ramp = SimpleNamespace(trial_id="r", config={"variant": "baseline", "lr": 1e-3, "lr_schedule": "range"})
     sched.on_trial_add(None, ramp)
-    assert [sched.on_trial_result(None, ramp, {"step": s, "tev_mean": 1.0, "tev_std": 0.1 * s})
-            for s in (10, 20, 30)] == [CONTINUE] * 3
+    assert [
+        sched.on_trial_result(None, ramp, {"step": s, "tev_mean": 1.0, "tev_std": 0.1 * s}) for s in (10, 20, 30)
+    ] == [CONTINUE] * 3
     assert "r" not in sched.history and "r" not in sched.verdicts
     fixed = SimpleNamespace(trial_id="x", config={"variant": "baseline", "lr": 0.1})
     sched.on_trial_add(None, fixed)
@@ -131,8 +146,11 @@ def test_by_default_no_verdict_before_the_trials_own_warm_up():
         trial = SimpleNamespace(trial_id=tid, config={"variant": "baseline", "lr": 0.1, **warmup})
         sched.on_trial_add(None, trial)
         decisions[tid] = [sched.on_trial_result(None, trial, r) for r in stream([0.5] * 4, [0.2, 0.9, 0.9, 0.9])]
-    assert decisions == {"cold": [CONTINUE, STOP, CONTINUE, CONTINUE], "warm": [CONTINUE, CONTINUE, CONTINUE, STOP],
-                         "unset": [CONTINUE, CONTINUE, STOP, CONTINUE]}
+    assert decisions == {
+        "cold": [CONTINUE, STOP, CONTINUE, CONTINUE],
+        "warm": [CONTINUE, CONTINUE, CONTINUE, STOP],
+        "unset": [CONTINUE, CONTINUE, STOP, CONTINUE],
+    }
 
 
 def test_patience_needs_consecutive_reports():
@@ -239,9 +257,19 @@ def test_tune_run_stops_the_divergent_trial_by_tev_and_completes_the_stable_one(
     from tunestab.ray_trial import trial_driver
 
     sched = TEVScheduler(DISPERSION, state_path=str(tmp_path / "tev_scheduler.json"))
-    base = {"n_layer": 12, "d_model": 64, "n_head": 4, "grad_clip": 0.0, "steps": 60, "warmup_steps": 30,
-            "report_every": 10, "eval_every": 60, "checkpoint_every": 0, "data_cache": str(tmp_path / "cache"),
-            "runner": {"workers": 1}}
+    base = {
+        "n_layer": 12,
+        "d_model": 64,
+        "n_head": 4,
+        "grad_clip": 0.0,
+        "steps": 60,
+        "warmup_steps": 30,
+        "report_every": 10,
+        "eval_every": 60,
+        "checkpoint_every": 0,
+        "data_cache": str(tmp_path / "cache"),
+        "runner": {"workers": 1},
+    }
     # The dashboard serves the State API, which Train V2's PlacementGroupCleaner needs to see
     # that a stopped trial's controller is gone: without it the worker group's placement group
     # is never removed and the next trial waits for its CPU forever (docs/scheduler.md). The
@@ -253,8 +281,9 @@ def test_tune_run_stops_the_divergent_trial_by_tev_and_completes_the_stable_one(
             tune.with_resources(trial_driver, {"cpu": 0.01}),
             param_space={**base, "lr": tune.grid_search([2.0, 0.03])},
             tune_config=tune.TuneConfig(scheduler=sched, max_concurrent_trials=1),
-            run_config=tune.RunConfig(storage_path=str(tmp_path / "results"), name="two",
-                                      callbacks=[sched.callback()], verbose=0),
+            run_config=tune.RunConfig(
+                storage_path=str(tmp_path / "results"), name="two", callbacks=[sched.callback()], verbose=0
+            ),
         )
         grid = tuner.fit()
         by_lr = {r.config["lr"]: r.metrics for r in grid}

@@ -56,9 +56,22 @@ def test_summary_fits_each_variant_and_keeps_the_bracket():
 
 
 TINY = {
-    "name": "tiny", "strategy": "max_lr", "variants": ["baseline", "mlra"],
-    "trial": {"n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 32, "batch_size": 4, "steps": 20,
-              "warmup_steps": 5, "report_every": 10, "eval_every": 20, "checkpoint_every": 0, "eval_batches": 2},
+    "name": "tiny",
+    "strategy": "max_lr",
+    "variants": ["baseline", "mlra"],
+    "trial": {
+        "n_layer": 2,
+        "n_head": 2,
+        "d_model": 32,
+        "seq_len": 32,
+        "batch_size": 4,
+        "steps": 20,
+        "warmup_steps": 5,
+        "report_every": 10,
+        "eval_every": 20,
+        "checkpoint_every": 0,
+        "eval_batches": 2,
+    },
     "params": {"lr": {"loguniform": [1e-3, 30.0]}},
     "max_lr": {"ratio": 1.25, "slots": 1, "max_trials": 2, "seeds": 0},  # boundary seeds: test_bracket.py
     "resources": {"max_concurrent": 2},
@@ -71,16 +84,23 @@ def write_space(tmp_path, **changes) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--storage", "/proc/no-such-place"], "storage: cannot write"),
-    (["--tracking-uri", "http://127.0.0.1:9"], "tracking_uri: tracking server http://127.0.0.1:9 is not reachable"),
-    (["--tracking-uri", "file:./mlruns"], "MLflow 3 refuses the file store"),
-    (["--max-concurrent", "0"], "--max-concurrent: must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--storage", "/proc/no-such-place"], "storage: cannot write"),
+        (["--tracking-uri", "http://127.0.0.1:9"], "tracking_uri: tracking server http://127.0.0.1:9 is not reachable"),
+        (["--tracking-uri", "file:./mlruns"], "MLflow 3 refuses the file store"),
+        (["--max-concurrent", "0"], "--max-concurrent: must be >= 1"),
+    ],
+)
 def test_bad_input_exits_2_with_one_message_before_ray(tmp_path, capsys, args, fragment):
     import ray
 
-    argv = ["--space", write_space(tmp_path)] + (["--storage", str(tmp_path / "s")] if "--storage" not in args else []) + args
+    argv = (
+        ["--space", write_space(tmp_path)]
+        + (["--storage", str(tmp_path / "s")] if "--storage" not in args else [])
+        + args
+    )
     assert search.main(argv) == 2
     err = capsys.readouterr().err
     assert fragment in err and err.startswith("error: ")
@@ -106,8 +126,11 @@ def mlflow_runs(storage, name):
     client = MlflowClient(f"sqlite:///{storage / 'mlflow.db'}")
     exp = client.get_experiment_by_name(name)
     runs = client.search_runs([exp.experiment_id]) if exp else []
-    return (client, [r for r in runs if "mlflow.parentRunId" not in r.data.tags],
-            [r for r in runs if "mlflow.parentRunId" in r.data.tags])
+    return (
+        client,
+        [r for r in runs if "mlflow.parentRunId" not in r.data.tags],
+        [r for r in runs if "mlflow.parentRunId" in r.data.tags],
+    )
 
 
 def run_search_in_process(space, storage):
@@ -134,9 +157,13 @@ def test_end_to_end_search_writes_parent_and_child_runs_to_mlflow(tmp_path, caps
     assert parent.info.status == "FINISHED"
     # The printed link opens the model-training runs view with the search's saved chart view.
     exp = parent.info.experiment_id
-    assert (f"http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning"
-            f"&compareRunsMode=CHART&viewStateShareKey=tunestab-{parent.info.run_id}") in out
-    view = mlflow_view.read_state(client.get_experiment(exp).tags[f"mlflow.sharedViewState.tunestab-{parent.info.run_id}"])
+    assert (
+        f"http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning"
+        f"&compareRunsMode=CHART&viewStateShareKey=tunestab-{parent.info.run_id}"
+    ) in out
+    view = mlflow_view.read_state(
+        client.get_experiment(exp).tags[f"mlflow.sharedViewState.tunestab-{parent.info.run_id}"]
+    )
     assert view["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
     assert [s["name"] for s in view["compareRunSections"]][:4] == ["Stability", "Model metrics", "layer_0", "layer_1"]
     # What the filter selects is this search's trials, each of them.
@@ -179,12 +206,14 @@ def test_tune_reports_the_best_configuration_and_stable_lr_per_configuration():
     from tunestab.strategies.tune import best_configs
 
     space = SimpleNamespace(params=[SimpleNamespace(name="lr"), SimpleNamespace(name="mlra_rank")])
-    table = pd.DataFrame([
-        {"variant": "mlra", "mlra_rank": 4, "lr": 0.1, "stop_reason": "completed", "diverged": 0, "val_loss": 3.2},
-        {"variant": "mlra", "mlra_rank": 4, "lr": 0.3, "stop_reason": "completed", "diverged": 0, "val_loss": 3.0},
-        {"variant": "mlra", "mlra_rank": 8, "lr": 0.2, "stop_reason": "completed", "diverged": 0, "val_loss": 3.1},
-        {"variant": "mlra", "mlra_rank": 8, "lr": 0.9, "stop_reason": "tev", "diverged": 0, "val_loss": None},
-    ])
+    table = pd.DataFrame(
+        [
+            {"variant": "mlra", "mlra_rank": 4, "lr": 0.1, "stop_reason": "completed", "diverged": 0, "val_loss": 3.2},
+            {"variant": "mlra", "mlra_rank": 4, "lr": 0.3, "stop_reason": "completed", "diverged": 0, "val_loss": 3.0},
+            {"variant": "mlra", "mlra_rank": 8, "lr": 0.2, "stop_reason": "completed", "diverged": 0, "val_loss": 3.1},
+            {"variant": "mlra", "mlra_rank": 8, "lr": 0.9, "stop_reason": "tev", "diverged": 0, "val_loss": None},
+        ]
+    )
     best, per = best_configs(table, space)
     assert best == {"variant": "mlra", "mlra_rank": 4, "lr": 0.3, "val_loss": 3.0}
     assert dict(zip(per["mlra_rank"], per["max_stable_lr"])) == {4: 0.3, 8: 0.2}
@@ -200,15 +229,39 @@ def test_lr_sensitivity_follows_wortsman_with_the_l0_clip_and_seed_mean():
     # a: stable at all three LRs; two seeds whose losses average to 3.0, 2.5, 2.8.
     for lr, losses in ((0.1, (3.1, 2.9)), (0.3, (2.4, 2.6)), (1.0, (2.8, 2.8))):
         for seed, loss in enumerate(losses):
-            rows.append({"variant": "a", "lr": lr, "seed": seed, "stop_reason": "completed", "diverged": 0,
-                         "val_loss": loss, "loss_init": 5.5})
+            rows.append(
+                {
+                    "variant": "a",
+                    "lr": lr,
+                    "seed": seed,
+                    "stop_reason": "completed",
+                    "diverged": 0,
+                    "val_loss": loss,
+                    "loss_init": 5.5,
+                }
+            )
     # b: learns at 0.1, diverges at 0.3 (val_loss = l0) and is stopped by TEV at 1.0 (no val_loss).
-    rows += [{"variant": "b", "lr": 0.1, "seed": 0, "stop_reason": "completed", "diverged": 0, "val_loss": 3.0,
-              "loss_init": 5.5},
-             {"variant": "b", "lr": 0.3, "seed": 0, "stop_reason": "blowup", "diverged": 1, "val_loss": 5.5,
-              "loss_init": 5.5},
-             {"variant": "b", "lr": 1.0, "seed": 0, "stop_reason": "tev", "diverged": 0, "val_loss": None,
-              "loss_init": 5.5}]
+    rows += [
+        {
+            "variant": "b",
+            "lr": 0.1,
+            "seed": 0,
+            "stop_reason": "completed",
+            "diverged": 0,
+            "val_loss": 3.0,
+            "loss_init": 5.5,
+        },
+        {
+            "variant": "b",
+            "lr": 0.3,
+            "seed": 0,
+            "stop_reason": "blowup",
+            "diverged": 1,
+            "val_loss": 5.5,
+            "loss_init": 5.5,
+        },
+        {"variant": "b", "lr": 1.0, "seed": 0, "stop_reason": "tev", "diverged": 0, "val_loss": None, "loss_init": 5.5},
+    ]
     s = lr_sensitivity(pd.DataFrame(rows), space).set_index("variant")
     assert s.loc["a", "lr_sensitivity"] == pytest.approx((3.0 + 2.5 + 2.8) / 3 - 2.5)
     assert s.loc["a", "best_lr"] == 0.3 and s.loc["a", "lrs"] == 3
@@ -223,13 +276,47 @@ def test_sweep_cells_average_seeds_and_count_divergences_per_cell():
     from tunestab.tables import spearman
 
     space = SimpleNamespace(params=[SimpleNamespace(name="n_layer"), SimpleNamespace(name="seed")])
-    rows = [{"trial_id": f"a{seed}", "variant": "a", "n_layer": 6, "seed": seed, "stop_reason": "completed",
-             "diverged": 0, "val_loss": math.log(ppl), "tev_mean": tev, "tev_std": 0.1, "tev_stop_step": None}
-            for seed, ppl, tev in ((0, 20.0, 1.0), (1, 30.0, 2.0))]
-    rows += [{"trial_id": "a2", "variant": "a", "n_layer": 6, "seed": 2, "stop_reason": "blowup", "diverged": 1,
-              "val_loss": 5.5, "tev_mean": 9.0, "tev_std": 5.0, "tev_stop_step": 40},
-             {"trial_id": "b0", "variant": "a", "n_layer": 12, "seed": 0, "stop_reason": "tev", "diverged": 0,
-              "val_loss": None, "tev_mean": 3.0, "tev_std": 2.0, "tev_stop_step": 30}]
+    rows = [
+        {
+            "trial_id": f"a{seed}",
+            "variant": "a",
+            "n_layer": 6,
+            "seed": seed,
+            "stop_reason": "completed",
+            "diverged": 0,
+            "val_loss": math.log(ppl),
+            "tev_mean": tev,
+            "tev_std": 0.1,
+            "tev_stop_step": None,
+        }
+        for seed, ppl, tev in ((0, 20.0, 1.0), (1, 30.0, 2.0))
+    ]
+    rows += [
+        {
+            "trial_id": "a2",
+            "variant": "a",
+            "n_layer": 6,
+            "seed": 2,
+            "stop_reason": "blowup",
+            "diverged": 1,
+            "val_loss": 5.5,
+            "tev_mean": 9.0,
+            "tev_std": 5.0,
+            "tev_stop_step": 40,
+        },
+        {
+            "trial_id": "b0",
+            "variant": "a",
+            "n_layer": 12,
+            "seed": 0,
+            "stop_reason": "tev",
+            "diverged": 0,
+            "val_loss": None,
+            "tev_mean": 3.0,
+            "tev_std": 2.0,
+            "tev_stop_step": 30,
+        },
+    ]
     cells = sweep_cells(pd.DataFrame(rows), space, {"a0": 0.5, "a1": 1.0, "a2": -1.0}).set_index("n_layer")
     six = cells.loc[6]
     assert six["seeds"] == 3 and six["diverged"] == 1 and six["tev_flagged"] == 1
@@ -243,10 +330,20 @@ def test_sweep_cells_average_seeds_and_count_divergences_per_cell():
 def test_params_vs_loss_plot_is_written(tmp_path):
     from tunestab.plots import plot_params_vs_loss
 
-    table = pd.DataFrame([
-        {"variant": "mlra", "mlra_rank": r, "lr": lr, "stop_reason": sr, "diverged": 0, "val_loss": vl,
-         "loss_init": 5.5}
-        for r, lr, sr, vl in ((4, 0.1, "completed", 3.2), (16, 0.3, "completed", 3.0), (32, 2.0, "tev", None))])
+    table = pd.DataFrame(
+        [
+            {
+                "variant": "mlra",
+                "mlra_rank": r,
+                "lr": lr,
+                "stop_reason": sr,
+                "diverged": 0,
+                "val_loss": vl,
+                "loss_init": 5.5,
+            }
+            for r, lr, sr, vl in ((4, 0.1, "completed", 3.2), (16, 0.3, "completed", 3.0), (32, 2.0, "tev", None))
+        ]
+    )
     plot_params_vs_loss(table, ["mlra_rank"], tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -260,12 +357,18 @@ def test_resume_after_sigkill_finishes_the_search_without_duplicate_mlflow_runs(
 
     import ray
 
-    space = write_space(tmp_path, trial={**TINY["trial"], "steps": 300, "checkpoint_every": 100, "eval_every": 300},
-                        resources={"max_concurrent": 1})
+    space = write_space(
+        tmp_path,
+        trial={**TINY["trial"], "steps": 300, "checkpoint_every": 100, "eval_every": 300},
+        resources={"max_concurrent": 1},
+    )
     storage = tmp_path / "results"
     log = open(tmp_path / "search.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "tunestab.search", "--space", space, "--storage", str(storage)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tunestab.search", "--space", space, "--storage", str(storage)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         # Kill the search once one trial has finished and the next is past its first checkpoint.
         deadline = time.time() + 300
@@ -310,16 +413,21 @@ def test_resume_after_sigkill_finishes_the_search_without_duplicate_mlflow_runs(
     run_search_in_process(space, tmp_path / "uninterrupted")
     reference = pd.read_csv(next((tmp_path / "uninterrupted").glob("tiny-*")) / "trials.csv")
     columns = ["variant", "lr", "stop_reason", "diverged", "step"]
-    assert (trials.sort_values(["variant", "lr"])[columns].to_dict("records")
-            == reference.sort_values(["variant", "lr"])[columns].to_dict("records"))
+    assert trials.sort_values(["variant", "lr"])[columns].to_dict("records") == reference.sort_values(
+        ["variant", "lr"]
+    )[columns].to_dict("records")
     assert sorted(trials.val_loss) == pytest.approx(sorted(reference.val_loss), rel=1e-6)
 
 
 @pytest.mark.slow
 def test_tune_strategy_reports_best_configuration_to_mlflow(tmp_path, capsys):
-    space = write_space(tmp_path, strategy="tune", variants=["mlra"],
-                        params={"lr": {"loguniform": [1e-3, 0.3]}, "mlra_rank": {"int": [2, 16]}},
-                        tune={"sampler": "tpe", "num_samples": 3, "seed": 1})
+    space = write_space(
+        tmp_path,
+        strategy="tune",
+        variants=["mlra"],
+        params={"lr": {"loguniform": [1e-3, 0.3]}, "mlra_rank": {"int": [2, 16]}},
+        tune={"sampler": "tpe", "num_samples": 3, "seed": 1},
+    )
     storage = tmp_path / "results"
     run_search_in_process(space, storage)
     assert "Best configuration: {'variant': 'mlra', 'mlra_rank':" in capsys.readouterr().out
@@ -338,14 +446,23 @@ def test_tune_strategy_reports_best_configuration_to_mlflow(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sweep_strategy_runs_the_grid_and_logs_lr_sensitivity(tmp_path):
-    space = write_space(tmp_path, strategy="sweep", variants=["baseline", "qk_norm"],
-                        params={"lr": {"grid": [0.003, 0.03]}}, scheduler={"type": "none"})
+    space = write_space(
+        tmp_path,
+        strategy="sweep",
+        variants=["baseline", "qk_norm"],
+        params={"lr": {"grid": [0.003, 0.03]}},
+        scheduler={"type": "none"},
+    )
     storage = tmp_path / "results"
     run_search_in_process(space, storage)
 
     client, (parent,), children = mlflow_runs(storage, "tiny")
     assert sorted((r.data.tags["variant"], float(r.data.params["lr"])) for r in children) == [
-        ("baseline", 0.003), ("baseline", 0.03), ("qk_norm", 0.003), ("qk_norm", 0.03)]
+        ("baseline", 0.003),
+        ("baseline", 0.03),
+        ("qk_norm", 0.003),
+        ("qk_norm", 0.03),
+    ]
     assert {"lr_sensitivity.csv", "cells.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     sens = pd.read_csv(next(storage.glob("tiny-*")) / "lr_sensitivity.csv").set_index("variant")
     for v in ("baseline", "qk_norm"):
@@ -354,13 +471,29 @@ def test_sweep_strategy_runs_the_grid_and_logs_lr_sensitivity(tmp_path):
 
 
 def test_tune_over_seeds_scores_each_configuration_by_its_mean_and_spread():
-    space = spec.parse({**TINY, "strategy": "tune", "tune": {"seeds": 3},
-                        "params": {"mlra_rank": {"int": [2, 8]}, "lr": {"loguniform": [1e-3, 0.1]}}})
+    space = spec.parse(
+        {
+            **TINY,
+            "strategy": "tune",
+            "tune": {"seeds": 3},
+            "params": {"mlra_rank": {"int": [2, 8]}, "lr": {"loguniform": [1e-3, 0.1]}},
+        }
+    )
     rows = []
     for rank, losses in ((2, [3.0, 3.1, 2.9]), (4, [2.5, 2.6, None]), (8, [2.7, 2.75, 2.65])):
         for seed, loss in enumerate(losses):
-            rows.append({"variant": "mlra", "mlra_rank": rank, "lr": 0.01, "seed": seed, "val_loss": loss,
-                         "loss_init": 5.5, "stop_reason": "completed" if loss else "blowup", "diverged": int(not loss)})
+            rows.append(
+                {
+                    "variant": "mlra",
+                    "mlra_rank": rank,
+                    "lr": 0.01,
+                    "seed": seed,
+                    "val_loss": loss,
+                    "loss_init": 5.5,
+                    "stop_reason": "completed" if loss else "blowup",
+                    "diverged": int(not loss),
+                }
+            )
     scores = config_scores(pd.DataFrame(rows), space)
     # Rank 4's diverged seed counts at l0: its mean is (2.5 + 2.6 + 5.5) / 3, worst of the three.
     assert list(scores["mlra_rank"]) == [8, 2, 4] and list(scores["seeds"]) == [3, 3, 3]
@@ -369,8 +502,12 @@ def test_tune_over_seeds_scores_each_configuration_by_its_mean_and_spread():
     close = scores.copy()
     close.loc[1, "objective_mean"] = 2.8
     assert separated(close) is False
-    assert any("params.seed" in p for p in problems_of_space({**TINY, "strategy": "tune", "tune": {"seeds": 3},
-                                                               "params": {"seed": {"choice": [0, 1]}}}))
+    assert any(
+        "params.seed" in p
+        for p in problems_of_space(
+            {**TINY, "strategy": "tune", "tune": {"seeds": 3}, "params": {"seed": {"choice": [0, 1]}}}
+        )
+    )
 
 
 def problems_of_space(raw) -> list[str]:
@@ -416,14 +553,28 @@ def test_scale_report_fits_each_variant_predicts_the_target_and_logs_it_on_the_p
     from tunestab.tracking import start_parent
     from tunestab.tracking_store import artifact_location
 
-    space = spec.parse({**TINY, "strategy": "scale", "variants": ["baseline", "qk_norm"],
-                        "max_lr": {"seeds": 3},
-                        "scale": {"sizes": {"w16": {"d_model": 16}, "w32": {"d_model": 32}, "w48": {"d_model": 48}},
-                                  "target": {"w64": {"d_model": 64}}, "measure_target": True}})
-    n = {name: scaling.non_embedding_params(space.trial_config("baseline", **f))
-         for name, f in {**space.scale.sizes, **space.scale.target}.items()}
-    edge = {(v, name): 0.2 * (n[name] / n["w16"]) ** (-0.5 if v == "baseline" else 0.0)
-            for v in space.variants for name in n}
+    space = spec.parse(
+        {
+            **TINY,
+            "strategy": "scale",
+            "variants": ["baseline", "qk_norm"],
+            "max_lr": {"seeds": 3},
+            "scale": {
+                "sizes": {"w16": {"d_model": 16}, "w32": {"d_model": 32}, "w48": {"d_model": 48}},
+                "target": {"w64": {"d_model": 64}},
+                "measure_target": True,
+            },
+        }
+    )
+    n = {
+        name: scaling.non_embedding_params(space.trial_config("baseline", **f))
+        for name, f in {**space.scale.sizes, **space.scale.target}.items()
+    }
+    edge = {
+        (v, name): 0.2 * (n[name] / n["w16"]) ** (-0.5 if v == "baseline" else 0.0)
+        for v in space.variants
+        for name in n
+    }
     steps = pd.DataFrame({"step": [10, 20], "tev_mean": [0.02, 0.021], "tev_std": [0.001, 0.001]})
     grid = []
     for (v, name), e in edge.items():
@@ -432,12 +583,31 @@ def test_scale_report_fits_each_variant_predicts_the_target_and_logs_it_on_the_p
                 lr = e * 1.25 ** (k + 0.25 * seed)
                 stable = lr < e
                 logit = math.exp(2 * math.log(lr) + 0.5 * math.log(n[name]) + 5) if v == "baseline" else 30.0
-                grid.append(SimpleNamespace(
-                    config={"variant": v, "lr": lr, "seed": seed, "size": name, **space.scale.arms([v])[f"{v}@{name}"]},
-                    metrics={"trial_id": f"{v}{name}{seed}{k}", "stop_reason": "completed" if stable else "blowup",
-                             "diverged": int(not stable), "step": 20, "loss": 2.0, "val_loss": 2.0, "loss_init": 5.5,
-                             "tev_mean": 0.02, "tev_std": 0.001, "attn_logit_max": logit},
-                    error=None, metrics_dataframe=steps))
+                grid.append(
+                    SimpleNamespace(
+                        config={
+                            "variant": v,
+                            "lr": lr,
+                            "seed": seed,
+                            "size": name,
+                            **space.scale.arms([v])[f"{v}@{name}"],
+                        },
+                        metrics={
+                            "trial_id": f"{v}{name}{seed}{k}",
+                            "stop_reason": "completed" if stable else "blowup",
+                            "diverged": int(not stable),
+                            "step": 20,
+                            "loss": 2.0,
+                            "val_loss": 2.0,
+                            "loss_init": 5.5,
+                            "tev_mean": 0.02,
+                            "tev_std": 0.001,
+                            "attn_logit_max": logit,
+                        },
+                        error=None,
+                        metrics_dataframe=steps,
+                    )
+                )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     parent = start_parent(uri, "scale", "run", {}, artifacts=artifact_location(uri, str(tmp_path)))
     report.report(space, grid, uri, parent, tmp_path)
@@ -452,7 +622,8 @@ def test_scale_report_fits_each_variant_predicts_the_target_and_logs_it_on_the_p
     assert "baseline: max stable LR ~ N^-0.5" in out
     assert math.isnan(target.loc["qk_norm", "logit_predicted"])
     assert target.loc["baseline", "logit_predicted"] == pytest.approx(
-        math.exp((math.log(1e4) - 0.5 * math.log(n["w64"]) - 5) / 2), rel=0.03)
+        math.exp((math.log(1e4) - 0.5 * math.log(n["w64"]) - 5) / 2), rel=0.03
+    )
     trials = pd.read_csv(tmp_path / "trials.csv")
     assert set(trials["size"]) == set(n) and list(trials["variant"].unique()) == ["baseline", "qk_norm"]
 

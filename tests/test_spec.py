@@ -42,22 +42,42 @@ def test_shipped_spaces_load():
 
 def test_every_problem_is_reported_with_its_key():
     raw = {
-        "name": "a/b", "strategy": "fastest", "variants": ["baseline", "nope"], "colour": "red",
+        "name": "a/b",
+        "strategy": "fastest",
+        "variants": ["baseline", "nope"],
+        "colour": "red",
         "trial": {"n_layer": "many", "d_model": 30, "n_head": 4, "stepz": 3},
-        "params": {"lr": {"loguniform": [1.0, 0.1]}, "softcap": {"uniform": [-5, 10]},
-                   "mlra_rank": {"int": [1, 999]}, "warmup_steps": {"choice": []}, "batch_size": {"normal": [1, 2]}},
+        "params": {
+            "lr": {"loguniform": [1.0, 0.1]},
+            "softcap": {"uniform": [-5, 10]},
+            "mlra_rank": {"int": [1, 999]},
+            "warmup_steps": {"choice": []},
+            "batch_size": {"normal": [1, 2]},
+        },
         "resources": {"workers": 0, "gpus": 1},
         "tune": {"sampler": "random"},
         "scheduler": {"type": "tev", "rule": {"threshold": -1, "nonsense": 2}},
         "max_lr": {"range_test": "yes", "range_margin": 1.0},
     }
     text = "\n".join(problems_of(raw))
-    for fragment in ("name:", "strategy:", "variants: unknown ['nope']", "colour: unknown key",
-                     "trial.n_layer:", "trial.stepz: unknown", "params.lr.loguniform: low must be below high",
-                     "params.warmup_steps.choice: expected a non-empty list", "params.batch_size.normal: unknown distribution",
-                     "resources.workers: must be >= 1", "resources.gpus: unknown key", "tune.sampler:",
-                     "scheduler.rule.threshold", "scheduler.rule.nonsense: unknown key",
-                     "max_lr.range_test: expected bool", "max_lr.range_margin: must be > 1"):
+    for fragment in (
+        "name:",
+        "strategy:",
+        "variants: unknown ['nope']",
+        "colour: unknown key",
+        "trial.n_layer:",
+        "trial.stepz: unknown",
+        "params.lr.loguniform: low must be below high",
+        "params.warmup_steps.choice: expected a non-empty list",
+        "params.batch_size.normal: unknown distribution",
+        "resources.workers: must be >= 1",
+        "resources.gpus: unknown key",
+        "tune.sampler:",
+        "scheduler.rule.threshold",
+        "scheduler.rule.nonsense: unknown key",
+        "max_lr.range_test: expected bool",
+        "max_lr.range_margin: must be > 1",
+    ):
         assert fragment in text, fragment
 
 
@@ -80,12 +100,15 @@ def test_values_are_checked_against_the_model_with_every_variant():
     assert "params.softcap.choice: softcap=0 with variant qk_norm_cap" in text
 
 
-@pytest.mark.parametrize("strategy, params, fragment", [
-    ("max_lr", {"lr": {"uniform": [0.1, 1.0]}}, "needs `lr: {loguniform"),
-    ("max_lr", {"lr": {"loguniform": [0.1, 1.0]}, "seed": {"grid": [0, 1]}}, "searches lr alone"),
-    ("tune", {"seed": {"grid": [0, 1]}}, "needs at least one range"),
-    ("sweep", {"lr": {"loguniform": [0.1, 1.0]}}, "every parameter as a grid"),
-])
+@pytest.mark.parametrize(
+    "strategy, params, fragment",
+    [
+        ("max_lr", {"lr": {"uniform": [0.1, 1.0]}}, "needs `lr: {loguniform"),
+        ("max_lr", {"lr": {"loguniform": [0.1, 1.0]}, "seed": {"grid": [0, 1]}}, "searches lr alone"),
+        ("tune", {"seed": {"grid": [0, 1]}}, "needs at least one range"),
+        ("sweep", {"lr": {"loguniform": [0.1, 1.0]}}, "every parameter as a grid"),
+    ],
+)
 def test_strategy_needs_its_parameters(strategy, params, fragment):
     raw = {**GOOD, "strategy": strategy, "params": params}
     assert any(fragment in p for p in problems_of(raw))
@@ -134,14 +157,17 @@ def test_tune_domains():
 # Whatever a user (or a hostile file) writes, the loader answers with a Space or a SpecError,
 # never with another exception that would surface as a traceback.
 yaml_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
+    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.floats(allow_nan=True) | st.text(max_size=8),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=12)
+    max_leaves=12,
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(key=st.sampled_from(spec.TOP_KEYS + ("params.lr", "trial.d_model", "resources.workers", "scheduler.rule")),
-       value=yaml_values)
+@given(
+    key=st.sampled_from(spec.TOP_KEYS + ("params.lr", "trial.d_model", "resources.workers", "scheduler.rule")),
+    value=yaml_values,
+)
 @example(key="variants", value=[[1]])  # an unhashable variant name once raised TypeError
 @example(key="variants", value=[{"a": 1}])
 @example(key="params", value={"lr": {"grid": [[1], [2]]}})
@@ -172,7 +198,10 @@ def test_gpu_resources_that_cannot_work_are_refused():
     two_on_half_a_gpu = {**GOOD, "resources": {"workers": 2, "gpus_per_worker": 0.5}}
     assert any("Duplicate GPU detected" in p for p in problems_of(two_on_half_a_gpu))
     spec.parse({**GOOD, "resources": {"workers": 1, "gpus_per_worker": 0.25}})  # packing one-worker trials is fine
-    assert spec.parse({**GOOD, "resources": {"gpus_per_worker": 1, "accelerator_type": "H100"}}).resources.accelerator_type == "H100"
+    assert (
+        spec.parse({**GOOD, "resources": {"gpus_per_worker": 1, "accelerator_type": "H100"}}).resources.accelerator_type
+        == "H100"
+    )
     problems = problems_of({**GOOD, "resources": {"gpus_per_worker": 1, "accelerator_type": "H100-80GB"}})
     assert any("unknown 'H100-80GB'" in p and "H100" in p for p in problems)
     assert any("gpus_per_worker is 0" in p for p in problems_of({**GOOD, "resources": {"accelerator_type": "L40S"}}))
@@ -195,15 +224,24 @@ def test_reading_a_space_imports_neither_torch_nor_ray():
     import subprocess
     import sys
 
-    code = ("import sys, tunestab.spec as s; s.load('default'); s.load('rybakov_gpu'); "
-            "print(sorted(m for m in ('torch', 'ray', 'numpy', 'mlflow', 'optuna') if m in sys.modules))")
+    code = (
+        "import sys, tunestab.spec as s; s.load('default'); s.load('rybakov_gpu'); "
+        "print(sorted(m for m in ('torch', 'ray', 'numpy', 'mlflow', 'optuna') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
 
-SCALE = {**GOOD, "strategy": "scale", "variants": ["baseline", "qk_norm"],
-         "scale": {"sizes": {"w32": {"d_model": 32}, "w48": {"d_model": 48}, "w64": {"d_model": 64}},
-                   "target": {"w128": {"d_model": 128, "n_head": 4}}, "measure_target": True}}
+SCALE = {
+    **GOOD,
+    "strategy": "scale",
+    "variants": ["baseline", "qk_norm"],
+    "scale": {
+        "sizes": {"w32": {"d_model": 32}, "w48": {"d_model": 48}, "w64": {"d_model": 64}},
+        "target": {"w128": {"d_model": 128, "n_head": 4}},
+        "measure_target": True,
+    },
+}
 
 
 def test_a_scale_space_brackets_each_variant_at_each_size_and_the_target_when_measured():
@@ -216,19 +254,59 @@ def test_a_scale_space_brackets_each_variant_at_each_size_and_the_target_when_me
     assert spec.parse(GOOD).arms() == {"baseline": {"variant": "baseline"}, "mlra": {"variant": "mlra"}}
 
 
-@pytest.mark.parametrize("scale, fragment", [
-    ({"sizes": {"w32": {"d_model": 32}}, "target": {"w64": {"d_model": 64}}}, "scale.sizes: the scale strategy fits a line through two sizes or more, got 1"),
-    ({"sizes": {"a": {"d_model": 32}, "b": {"d_model": 48}}}, "scale.target: expected one size to predict, got 0"),
-    ({"sizes": {"a": {"d_model": 32}, "b": {"lr": 0.1}}, "target": {"c": {"d_model": 64}}}, "scale.sizes.b.lr: a size cannot set lr"),
-    ({"sizes": {"a": {"d_model": 32}, "b": {"d_model": 33}}, "target": {"c": {"d_model": 64}}}, "scale.sizes.b: with variant baseline: d_model"),
-    ({"sizes": {"a@x": {"d_model": 32}, "b": {"d_model": 48}}, "target": {"c": {"d_model": 64}}}, "scale.sizes.a@x: a size name is a word"),
-    ({"sizes": {"a": {"d_model": 32}, "b": {"d_model": 48}}, "target": {"a": {"d_model": 64}}}, "scale.target: ['a'] is also a measured size"),
-    ({"sizes": [32, 48], "target": {"c": {"d_model": 64}}}, "scale.sizes: expected a mapping of size name -> TrialConfig fields"),
-    ({"sizes": {"a": {"d_model": 32}, "b": {"d_model": 48}}, "target": {"c": {"d_model": 64}}, "logit_threshold": 0}, "scale.logit_threshold: expected a number > 0"),
-    ({"sizes": {"a": {"d_model": 32}, "b": {"d_model": 48}}, "target": {"c": {"d_model": 64}}, "size": 3}, "scale.size: unknown key"),
-    ({"sizes": {"a": {"d_model": 32}, "b": {"d_model": 32, "n_layer": 2}}, "target": {"c": {"d_model": 64}}}, "scale: sizes a and b make the same model"),
-    ({"sizes": {"a": {"d_model": 32, "n_layer": 4}, "b": {"d_model": 48}}, "target": {"c": {"d_model": 32, "n_layer": 4, "n_head": 2}}}, "scale: sizes a and c make the same model"),
-])
+@pytest.mark.parametrize(
+    "scale, fragment",
+    [
+        (
+            {"sizes": {"w32": {"d_model": 32}}, "target": {"w64": {"d_model": 64}}},
+            "scale.sizes: the scale strategy fits a line through two sizes or more, got 1",
+        ),
+        ({"sizes": {"a": {"d_model": 32}, "b": {"d_model": 48}}}, "scale.target: expected one size to predict, got 0"),
+        (
+            {"sizes": {"a": {"d_model": 32}, "b": {"lr": 0.1}}, "target": {"c": {"d_model": 64}}},
+            "scale.sizes.b.lr: a size cannot set lr",
+        ),
+        (
+            {"sizes": {"a": {"d_model": 32}, "b": {"d_model": 33}}, "target": {"c": {"d_model": 64}}},
+            "scale.sizes.b: with variant baseline: d_model",
+        ),
+        (
+            {"sizes": {"a@x": {"d_model": 32}, "b": {"d_model": 48}}, "target": {"c": {"d_model": 64}}},
+            "scale.sizes.a@x: a size name is a word",
+        ),
+        (
+            {"sizes": {"a": {"d_model": 32}, "b": {"d_model": 48}}, "target": {"a": {"d_model": 64}}},
+            "scale.target: ['a'] is also a measured size",
+        ),
+        (
+            {"sizes": [32, 48], "target": {"c": {"d_model": 64}}},
+            "scale.sizes: expected a mapping of size name -> TrialConfig fields",
+        ),
+        (
+            {
+                "sizes": {"a": {"d_model": 32}, "b": {"d_model": 48}},
+                "target": {"c": {"d_model": 64}},
+                "logit_threshold": 0,
+            },
+            "scale.logit_threshold: expected a number > 0",
+        ),
+        (
+            {"sizes": {"a": {"d_model": 32}, "b": {"d_model": 48}}, "target": {"c": {"d_model": 64}}, "size": 3},
+            "scale.size: unknown key",
+        ),
+        (
+            {"sizes": {"a": {"d_model": 32}, "b": {"d_model": 32, "n_layer": 2}}, "target": {"c": {"d_model": 64}}},
+            "scale: sizes a and b make the same model",
+        ),
+        (
+            {
+                "sizes": {"a": {"d_model": 32, "n_layer": 4}, "b": {"d_model": 48}},
+                "target": {"c": {"d_model": 32, "n_layer": 4, "n_head": 2}},
+            },
+            "scale: sizes a and c make the same model",
+        ),
+    ],
+)
 def test_scale_problems_name_their_key(scale, fragment):
     problems = problems_of({**SCALE, "scale": scale})
     assert any(fragment in p for p in problems), problems

@@ -9,8 +9,18 @@ import sys
 
 from tunestab.train import main
 
-SMALL = ["--set", "n_layer=2", "--set", "d_model=32", "--set", "n_head=2", "--set", "batch_size=8",
-         "--set", "seq_len=32"]
+SMALL = [
+    "--set",
+    "n_layer=2",
+    "--set",
+    "d_model=32",
+    "--set",
+    "n_head=2",
+    "--set",
+    "batch_size=8",
+    "--set",
+    "seq_len=32",
+]
 
 
 def all_finite(report: dict) -> bool:
@@ -24,13 +34,44 @@ def reports_of(argv, capsys) -> tuple[int, list[dict]]:
 
 
 def test_a_run_completes_and_reports_every_metric(capsys):
-    rc, reports = reports_of(["--set", "steps=20", "--set", "n_layer=2", "--set", "d_model=32",
-                              "--set", "n_head=2", "--set", "batch_size=8", "--set", "seq_len=32"], capsys)
+    rc, reports = reports_of(
+        [
+            "--set",
+            "steps=20",
+            "--set",
+            "n_layer=2",
+            "--set",
+            "d_model=32",
+            "--set",
+            "n_head=2",
+            "--set",
+            "batch_size=8",
+            "--set",
+            "seq_len=32",
+        ],
+        capsys,
+    )
     assert rc == 0 and [r["step"] for r in reports] == [10, 20]
     last = reports[-1]
-    for name in ("loss", "val_loss", "tev_mean", "tev_std", "grad_norm", "attn_logit_max", "out_norm_qkv",
-                 "out_norm_proj", "out_norm_fc1", "out_norm_fc2", "lr", "step", "tokens", "tokens_per_s",
-                 "diverged", "stop_reason", "layer_1/out_norm_fc2"):
+    for name in (
+        "loss",
+        "val_loss",
+        "tev_mean",
+        "tev_std",
+        "grad_norm",
+        "attn_logit_max",
+        "out_norm_qkv",
+        "out_norm_proj",
+        "out_norm_fc1",
+        "out_norm_fc2",
+        "lr",
+        "step",
+        "tokens",
+        "tokens_per_s",
+        "diverged",
+        "stop_reason",
+        "layer_1/out_norm_fc2",
+    ):
         assert name in last, name
     assert last["stop_reason"] == "completed" and last["diverged"] == 0
     assert last["val_loss"] < last["loss_init"] and last["tokens"] == 20 * 8 * 32
@@ -38,9 +79,29 @@ def test_a_run_completes_and_reports_every_metric(capsys):
 
 
 def test_lr_10_diverges_cleanly_with_exit_code_0(capsys):
-    rc, reports = reports_of(["--set", "lr=10", "--set", "n_layer=2", "--set", "d_model=32", "--set", "n_head=2",
-                              "--set", "batch_size=8", "--set", "seq_len=32", "--set", "steps=200",
-                              "--set", "warmup_steps=5", "--set", "report_every=5"], capsys)
+    rc, reports = reports_of(
+        [
+            "--set",
+            "lr=10",
+            "--set",
+            "n_layer=2",
+            "--set",
+            "d_model=32",
+            "--set",
+            "n_head=2",
+            "--set",
+            "batch_size=8",
+            "--set",
+            "seq_len=32",
+            "--set",
+            "steps=200",
+            "--set",
+            "warmup_steps=5",
+            "--set",
+            "report_every=5",
+        ],
+        capsys,
+    )
     assert rc == 0
     last = reports[-1]
     assert last["diverged"] == 1 and last["stop_reason"] in ("nonfinite", "blowup")
@@ -54,8 +115,23 @@ def test_offline_default_works_with_the_network_unreachable(monkeypatch, tmp_pat
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-    rc, reports = reports_of(["--set", f"data_cache={tmp_path}", "--set", "steps=10", "--set", "n_layer=1",
-                              "--set", "d_model=32", "--set", "n_head=2", "--set", "batch_size=4"], capsys)
+    rc, reports = reports_of(
+        [
+            "--set",
+            f"data_cache={tmp_path}",
+            "--set",
+            "steps=10",
+            "--set",
+            "n_layer=1",
+            "--set",
+            "d_model=32",
+            "--set",
+            "n_head=2",
+            "--set",
+            "batch_size=4",
+        ],
+        capsys,
+    )
     assert rc == 0 and reports[-1]["stop_reason"] == "completed"
 
 

@@ -63,8 +63,16 @@ class Boundary:
         return not math.isnan(self.lr)
 
 
-def fit(lrs, diverged, seeds=None, p: float = P_DIVERGE, confidence: float = CONFIDENCE,
-        grid: tuple[int, int] = (240, 60), samples: int = 4000, rng: np.random.Generator | None = None) -> Boundary:
+def fit(
+    lrs,
+    diverged,
+    seeds=None,
+    p: float = P_DIVERGE,
+    confidence: float = CONFIDENCE,
+    grid: tuple[int, int] = (240, 60),
+    samples: int = 4000,
+    rng: np.random.Generator | None = None,
+) -> Boundary:
     """The max stable LR of one variant from its trials: (lr, diverged?) pairs, at any seeds.
     With fewer than MIN_SEEDS seeds the point is given without an interval."""
     x = np.log(np.asarray(lrs, dtype=float))

@@ -50,8 +50,7 @@ class Bracket:
 
     def bounds(self, lo: float, hi: float) -> tuple[float, float]:
         """The bracket with the searched range's ends standing in for unknown sides."""
-        return (self.stable if self.stable is not None else lo,
-                self.divergent if self.divergent is not None else hi)
+        return (self.stable if self.stable is not None else lo, self.divergent if self.divergent is not None else hi)
 
 
 def bracket(outcomes: list[tuple[float, bool]]) -> Bracket:
@@ -125,20 +124,24 @@ class Design:
     def grid_lr(self, centre: float, level: int, j: int) -> float:
         """Boundary seed j's LR at grid level `level` (0 ... points - 1 around the centre)."""
         offset = level - (self.points - 1) / 2 + (j + 0.5) / self.seeds - 0.5
-        return min(self.hi, max(self.lo, centre * self.step ** offset))
+        return min(self.hi, max(self.lo, centre * self.step**offset))
 
     def problems(self) -> list[str]:
         """The section's bad values, each with its key."""
-        out = [f"max_lr.{k}: must be > 1, got {getattr(self, k)}" for k in ("ratio", "step", "range_margin")
-               if getattr(self, k) <= 1]
+        out = [
+            f"max_lr.{k}: must be > 1, got {getattr(self, k)}"
+            for k in ("ratio", "step", "range_margin")
+            if getattr(self, k) <= 1
+        ]
         if self.seeds < 0:
             out.append(f"max_lr.seeds: must be >= 0, got {self.seeds}")
         if self.points < 2:
             out.append(f"max_lr.points: must be >= 2, got {self.points}")
         if not 0 < self.p_diverge < 0.5:
             out.append(f"max_lr.p_diverge: must be in (0, 0.5), got {self.p_diverge}")
-        out += [f"max_lr.{k}: must be >= 1, got {getattr(self, k)}" for k in ("slots", "max_trials")
-                if getattr(self, k) < 1]
+        out += [
+            f"max_lr.{k}: must be >= 1, got {getattr(self, k)}" for k in ("slots", "max_trials") if getattr(self, k) < 1
+        ]
         return out
 
     def max_trials_per_arm(self) -> int:
@@ -161,8 +164,9 @@ def first_lrs(d: Design, range_lr: float) -> list[float]:
     return [range_lr / d.range_margin ** ((i + 1) / d.slots) for i in range(d.slots)]
 
 
-def next_trial(outcomes: list[tuple[float, int, bool]], pending: list[tuple[float, int]], d: Design,
-               range_lr: float | None = None):
+def next_trial(
+    outcomes: list[tuple[float, int, bool]], pending: list[tuple[float, int]], d: Design, range_lr: float | None = None
+):
     """One variant's next trial as (lr, seed), or WAIT, or DONE.
 
     outcomes: (lr, seed, stable?) of its finished trials; pending: (lr, seed) of those running;
@@ -201,13 +205,27 @@ def next_trial(outcomes: list[tuple[float, int, bool]], pending: list[tuple[floa
         if waiting:
             return WAIT
         grown = False
-        if lowest > -EXTEND and d.grid_lr(centre, lowest - 1, 0) > d.lo and any(
-                not ok for lr, s, ok in outcomes for j in range(d.seeds)
-                if s == d.seed + 1 + j and same(lr, d.grid_lr(centre, lowest, j))):
+        if (
+            lowest > -EXTEND
+            and d.grid_lr(centre, lowest - 1, 0) > d.lo
+            and any(
+                not ok
+                for lr, s, ok in outcomes
+                for j in range(d.seeds)
+                if s == d.seed + 1 + j and same(lr, d.grid_lr(centre, lowest, j))
+            )
+        ):
             lowest, grown = lowest - 1, True
-        if highest < d.points - 1 + EXTEND and d.grid_lr(centre, highest + 1, d.seeds - 1) < d.hi and any(
-                ok for lr, s, ok in outcomes for j in range(d.seeds)
-                if s == d.seed + 1 + j and same(lr, d.grid_lr(centre, highest, j))):
+        if (
+            highest < d.points - 1 + EXTEND
+            and d.grid_lr(centre, highest + 1, d.seeds - 1) < d.hi
+            and any(
+                ok
+                for lr, s, ok in outcomes
+                for j in range(d.seeds)
+                if s == d.seed + 1 + j and same(lr, d.grid_lr(centre, highest, j))
+            )
+        ):
             highest, grown = highest + 1, True
         if not grown:
             return DONE

@@ -39,8 +39,10 @@ def save_checkpoint(path: Path, state: dict, step: int) -> None:
         # A write that fails inside torch's zip writer surfaces as its RuntimeError ("unexpected
         # pos ...") raised while handling the OSError that says what happened.
         cause = e.__context__ if isinstance(e, RuntimeError) and isinstance(e.__context__, OSError) else e
-        raise CheckpointError(f"cannot write the checkpoint of step {step} to {path.parent}: {cause}; "
-                              "the previous checkpoint is untouched") from e
+        raise CheckpointError(
+            f"cannot write the checkpoint of step {step} to {path.parent}: {cause}; "
+            "the previous checkpoint is untouched"
+        ) from e
 
 
 def load_checkpoint(folders) -> tuple[dict | None, str | None]:

@@ -74,8 +74,11 @@ def max_concurrent(space: Space, nodes: list[dict], bootstrap_config: str = BOOT
     if r.max_concurrent > fits:
         # More trials than the cluster can ever hold would each start a Train controller that
         # waits for workers, times out and retries, holding resources the running ones need.
-        print(f"note: resources.max_concurrent {r.max_concurrent} is more than the cluster can hold "
-              f"at once ({fits}); running {fits} at a time", file=sys.stderr)
+        print(
+            f"note: resources.max_concurrent {r.max_concurrent} is more than the cluster can hold "
+            f"at once ({fits}); running {fits} at a time",
+            file=sys.stderr,
+        )
         return fits
     return r.max_concurrent or fits
 
@@ -109,7 +112,8 @@ def start_ray() -> None:
     os.environ["RAY_GCS_SERVER_PORT"] = str(port)  # read by ray.init when it starts the GCS
     address = f"{ray.util.get_node_ip_address()}:{port}"
     try:
-        ray.init(address="local", include_dashboard=True,
-                 runtime_env={"env_vars": {**RAY_TRAIN_ENV, "RAY_ADDRESS": address}})
+        ray.init(
+            address="local", include_dashboard=True, runtime_env={"env_vars": {**RAY_TRAIN_ENV, "RAY_ADDRESS": address}}
+        )
     finally:
         del os.environ["RAY_GCS_SERVER_PORT"]

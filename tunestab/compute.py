@@ -124,8 +124,9 @@ def setup(cfg: TrialConfig, device: torch.device, wrap_ddp=None) -> Setup:
     if cuda and model.cfg.softcap:
         # FlexAttention keeps capped attention fused on GPUs; on the CPU it has no backward.
         model.set_block_mask(causal_block_mask(cfg.seq_len, device))
-    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                                  fused=cuda)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=cuda
+    )
     ddp = wrap_ddp(model) if wrap_ddp is not None else None
     step_model = ddp if ddp is not None else model
     compiled = use_compile(cfg, device)

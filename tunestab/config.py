@@ -204,8 +204,18 @@ class TrialConfig:
         p: list[str] = []
         if self.variant not in VARIANTS:
             p.append(f"variant: unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
-        for name in ("n_layer", "n_head", "d_model", "seq_len", "steps", "batch_size",
-                     "report_every", "eval_every", "eval_batches", "blowup_window"):
+        for name in (
+            "n_layer",
+            "n_head",
+            "d_model",
+            "seq_len",
+            "steps",
+            "batch_size",
+            "report_every",
+            "eval_every",
+            "eval_batches",
+            "blowup_window",
+        ):
             if getattr(self, name) < 1:
                 p.append(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("vocab_size", "warmup_steps", "checkpoint_every", "max_tokens", "seed", "micro_batch_size"):
@@ -227,8 +237,10 @@ class TrialConfig:
         if self.softcap == 0 and self.variant in ("softcap", "qk_norm_cap"):
             p.append(f"softcap: variant {self.variant!r} needs a cap > 0")
         if self.lr_schedule == "range" and not 0 < self.lr_range_start < self.lr:
-            p.append(f"lr_range_start: a range test climbs from lr_range_start to lr, so it must be in "
-                     f"(0, lr={self.lr}), got {self.lr_range_start}")
+            p.append(
+                f"lr_range_start: a range test climbs from lr_range_start to lr, so it must be in "
+                f"(0, lr={self.lr}), got {self.lr_range_start}"
+            )
         for name in ("lr", "eps"):
             if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 p.append(f"{name}: must be a finite number > 0, got {getattr(self, name)}")
@@ -349,7 +361,8 @@ def batch_split_problem(batch_size: int, micro_batch_size: int, workers: int) ->
     if batch_size % workers:
         return f"batch_size: {batch_size} sequences do not split evenly over {workers} workers"
     if not micro or share % micro:
-        return (f"micro_batch_size: {micro} does not divide the {share} sequences each of {workers} "
-                f"worker{'s' if workers > 1 else ''} takes of batch_size={batch_size}")
+        return (
+            f"micro_batch_size: {micro} does not divide the {share} sequences each of {workers} "
+            f"worker{'s' if workers > 1 else ''} takes of batch_size={batch_size}"
+        )
     return None
-

@@ -167,8 +167,7 @@ def _stdlib_sources() -> Iterator[Path]:
     and pydoc_data, whose text is already in the corpus as the topics documents (keeping it
     would leak val documents into train).
     """
-    skip_dirs = {"site-packages", "dist-packages", "__pycache__", "test", "tests",
-                 "idle_test", "pydoc_data"}
+    skip_dirs = {"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test", "pydoc_data"}
     root = sysconfig.get_paths()["stdlib"]
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs)  # walk order = sorted
@@ -215,8 +214,7 @@ def _resolve_local_files(source: str) -> list[Path]:
         path = Path(pattern)
         if path.suffix.lower() not in _BUILDERS:
             raise DataError(
-                f"data file {source!r}: unsupported extension {path.suffix!r} "
-                f"(supported: {', '.join(_BUILDERS)})"
+                f"data file {source!r}: unsupported extension {path.suffix!r} (supported: {', '.join(_BUILDERS)})"
             )
         return [path]
     else:
@@ -228,10 +226,7 @@ def _resolve_local_files(source: str) -> list[Path]:
     # Directories and globs may hold other files (README, checksums): use only data files.
     files = [p for p in candidates if p.suffix.lower() in _BUILDERS]
     if not files:
-        raise DataError(
-            f"{what}: no {', '.join(_BUILDERS)} files found "
-            f"(found {len(candidates)} other files)"
-        )
+        raise DataError(f"{what}: no {', '.join(_BUILDERS)} files found (found {len(candidates)} other files)")
     return files
 
 
@@ -252,8 +247,7 @@ def _local_documents(files: list[Path], hf_cache: str) -> Iterator[str]:
         where = f"{builder} files {group[:3]}" + (f" and {len(group) - 3} more" if len(group) > 3 else "")
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         try:
-            ds = datasets.load_dataset(builder, data_files=group, split="train",
-                                       cache_dir=hf_cache, **kwargs)
+            ds = datasets.load_dataset(builder, data_files=group, split="train", cache_dir=hf_cache, **kwargs)
         except Exception as e:  # malformed JSON, unreadable parquet, mixed schemas, ...
             raise DataError(f"could not read {where}: {type(e).__name__}: {e}") from e
         if "text" not in ds.column_names:
@@ -264,7 +258,7 @@ def _local_documents(files: list[Path], hf_cache: str) -> Iterator[str]:
 
 def _parse_hub_source(source: str) -> tuple[str, str | None]:
     """'hf:<path>[:<config>]' -> (path, config)."""
-    path, _, config = source[len("hf:"):].partition(":")
+    path, _, config = source[len("hf:") :].partition(":")
     if not path:
         raise DataError(f"data source {source!r}: expected 'hf:<dataset>[:<config>]'")
     return path, (config or None)
@@ -284,8 +278,9 @@ def _is_val(text: str, val_fraction: float) -> bool:
     return zlib.crc32(text.encode("utf-8", "surrogatepass")) / 2**32 < val_fraction
 
 
-def _tokenize_split(docs: Iterable[str], enc: "tiktoken.Encoding", val_fraction: float,
-                    max_tokens: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _tokenize_split(
+    docs: Iterable[str], enc: "tiktoken.Encoding", val_fraction: float, max_tokens: int | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Tokenise documents (each followed by EOT) into train/val streams, up to max_tokens in total."""
     dtype = _token_dtype(enc.n_vocab)
     eot = enc.eot_token
@@ -392,8 +387,9 @@ def cache_dir(cfg: "TrialConfig") -> str:
     return cfg.data_cache or os.path.join(os.path.expanduser("~"), ".cache", "tunestab")
 
 
-def load_splits(source: str, tokenizer: str, cache_dir: str, val_fraction: float = 0.05,
-                max_tokens: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_splits(
+    source: str, tokenizer: str, cache_dir: str, val_fraction: float = 0.05, max_tokens: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Tokenised (train, val) token streams as 1-D integer numpy arrays (uint16 when n_vocab < 65536 else uint32).
 
     Documents are tokenised, each followed by the EOT token id, and concatenated.
@@ -410,16 +406,19 @@ def load_splits(source: str, tokenizer: str, cache_dir: str, val_fraction: float
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                   or max_tokens < 2):
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 2):
         raise DataError(f"max_tokens must be an integer >= 2 or None, got {max_tokens!r}")
     hf_cache = os.path.join(cache_dir, "hf")  # keep datasets' own cache inside ours
 
     # Pick the source and what identifies its content (beyond its name) for the cache key.
     if source == "builtin":
         # The corpus is read from this Python installation: key on which one it is.
-        fingerprint = [platform.python_implementation(), platform.python_version(),
-                       sysconfig.get_paths()["stdlib"], BUILTIN_MAX_CHARS]
+        fingerprint = [
+            platform.python_implementation(),
+            platform.python_version(),
+            sysconfig.get_paths()["stdlib"],
+            BUILTIN_MAX_CHARS,
+        ]
         docs = _builtin_documents
     elif source.startswith("hf:"):
         hub_path, config = _parse_hub_source(source)
@@ -436,8 +435,14 @@ def load_splits(source: str, tokenizer: str, cache_dir: str, val_fraction: float
         fingerprint = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
         docs = functools.partial(_local_documents, files, hf_cache)
 
-    key = {"version": CACHE_FORMAT_VERSION, "source": source, "tokenizer": tokenizer,
-           "val_fraction": val_fraction, "max_tokens": max_tokens, "fingerprint": fingerprint}
+    key = {
+        "version": CACHE_FORMAT_VERSION,
+        "source": source,
+        "tokenizer": tokenizer,
+        "val_fraction": val_fraction,
+        "max_tokens": max_tokens,
+        "fingerprint": fingerprint,
+    }
     cache_file = _cache_path(cache_dir, key)
     cached = _load_cache(cache_file)
     if cached is not None:
@@ -447,8 +452,9 @@ def load_splits(source: str, tokenizer: str, cache_dir: str, val_fraction: float
     enc = get_tokenizer(tokenizer)
     train, val = _tokenize_split(docs(), enc, val_fraction, max_tokens)
     _save_cache(cache_file, train, val, key)
-    log.info("tokenised %r with %r: %d train + %d val tokens -> %s",
-             source, tokenizer, len(train), len(val), cache_file)
+    log.info(
+        "tokenised %r with %r: %d train + %d val tokens -> %s", source, tokenizer, len(train), len(val), cache_file
+    )
     return train, val
 
 
@@ -508,8 +514,9 @@ class Batches:
     different permutation next epoch skips different ones).
     """
 
-    def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1
+    ):
         self.local_batch_size = _check_ranks(batch_size, rank, world_size)
         self.blocks = _blocks(tokens, seq_len)
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
@@ -555,8 +562,9 @@ class Batches:
         self.epoch, self.position = epoch, position
 
 
-def eval_batches(tokens: np.ndarray, batch_size: int, seq_len: int, n_batches: int,
-                 rank: int = 0, world_size: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(
+    tokens: np.ndarray, batch_size: int, seq_len: int, n_batches: int, rank: int = 0, world_size: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """A fixed validation set: the first n_batches global batches of blocks in order (capped at what exists, at least one),
     each rank takes its slice. Same for every call (so val losses are comparable across steps and trials)."""
     local = _check_ranks(batch_size, rank, world_size)

@@ -63,8 +63,14 @@ class Divergence:
     l0 is the validation loss at initialisation, measured before the first step.
     """
 
-    def __init__(self, cfg: TrialConfig, loss0: float, recent: list[float] | None = None,
-                 unigram: float | None = None, best: float = math.inf):
+    def __init__(
+        self,
+        cfg: TrialConfig,
+        loss0: float,
+        recent: list[float] | None = None,
+        unigram: float | None = None,
+        best: float = math.inf,
+    ):
         self.cfg, self.loss0 = cfg, loss0
         self.recent = list(recent or [])
         self.best = best  # the lowest reported loss, for range tests
@@ -79,7 +85,7 @@ class Divergence:
                 return "range_end"
         if step <= self.cfg.warmup_steps:
             return None  # early spikes while the LR ramps up are not a verdict
-        self.recent = (self.recent + [loss])[-self.cfg.blowup_window:]
+        self.recent = (self.recent + [loss])[-self.cfg.blowup_window :]
         smoothed = sum(self.recent) / len(self.recent)
         if len(self.recent) == self.cfg.blowup_window and smoothed > self.loss0 + self.cfg.blowup_margin:
             return "blowup"
@@ -235,7 +241,9 @@ def checkpoint_state(s: Setup, step: int, batches, divergence: Divergence, cfg: 
     }
 
 
-def restore(session, s: Setup, batches, cfg: TrialConfig, unigram: float | None = None) -> tuple[int, Divergence | None]:
+def restore(
+    session, s: Setup, batches, cfg: TrialConfig, unigram: float | None = None
+) -> tuple[int, Divergence | None]:
     """Resume from the newest readable checkpoint the session offers: (its step, the divergence
     rule's state), or (0, None) on a fresh start. The checkpoint is read to the CPU and each
     tensor copied to its parameter's device by load_state_dict."""
@@ -248,8 +256,9 @@ def restore(session, s: Setup, batches, cfg: TrialConfig, unigram: float | None 
     torch.set_rng_state(state["rng_cpu"])
     if s.device.type == "cuda" and state["rng_cuda"]:
         torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return state["step"], Divergence(cfg, state["loss0"], state["recent_losses"], unigram,
-                                     state.get("best_loss", math.inf))
+    return state["step"], Divergence(
+        cfg, state["loss0"], state["recent_losses"], unigram, state.get("best_loss", math.inf)
+    )
 
 
 def run(cfg: TrialConfig, session) -> dict:
@@ -260,8 +269,9 @@ def run(cfg: TrialConfig, session) -> dict:
     cuda = device.type == "cuda"
     cfg = model_config(cfg)
     micro = micro_batch(cfg, world)
-    train_tokens, val_tokens = data_mod.load_splits(cfg.data, cfg.tokenizer, data_mod.cache_dir(cfg), cfg.val_fraction,
-                                                    cfg.max_tokens or None)
+    train_tokens, val_tokens = data_mod.load_splits(
+        cfg.data, cfg.tokenizer, data_mod.cache_dir(cfg), cfg.val_fraction, cfg.max_tokens or None
+    )
     batches = data_mod.Batches(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
     val = data_mod.eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches, rank, world)
 
@@ -297,8 +307,9 @@ def run(cfg: TrialConfig, session) -> dict:
             sync()
             timed_s += time.perf_counter() - tick
         x, y = batches.next()
-        loss, grad_norm, probes = train_step(s, x.to(device, non_blocking=True), y.to(device, non_blocking=True),
-                                             cfg, is_report, micro)
+        loss, grad_norm, probes = train_step(
+            s, x.to(device, non_blocking=True), y.to(device, non_blocking=True), cfg, is_report, micro
+        )
         if cold:
             sync()
             warm.add(is_report)
@@ -361,8 +372,9 @@ def run(cfg: TrialConfig, session) -> dict:
         with tempfile.TemporaryDirectory(prefix="tunestab-ckpt-") as tmp:
             ckpt_dir = None
             if is_ckpt and rank == 0 and not ends:
-                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, checkpoint_state(s, step + 1, batches, divergence, cfg),
-                                step + 1)
+                save_checkpoint(
+                    Path(tmp) / CHECKPOINT_FILE, checkpoint_state(s, step + 1, batches, divergence, cfg), step + 1
+                )
                 ckpt_dir = tmp
             session.report(metrics, ckpt_dir)
         last = metrics

@@ -31,19 +31,40 @@ MODEL_SECTION, SYSTEM_SECTION = "Model metrics", "System metrics"
 
 
 def _section(name: str) -> dict:
-    return {"uuid": f"tunestab-section-{name}", "name": name, "display": True, "isReordered": True,
-            "deleted": False, "isGenerated": False}
+    return {
+        "uuid": f"tunestab-section-{name}",
+        "name": name,
+        "display": True,
+        "isReordered": True,
+        "deleted": False,
+        "isGenerated": False,
+    }
 
 
 def _line_chart(metric: str, section: str) -> dict:
     # The fields of the UI's line-chart card, with the defaults it gives a generated one.
-    return {"uuid": f"tunestab-chart-{metric}", "type": "LINE", "runsCountToCompare": 10,
-            "metricSectionId": f"tunestab-section-{section}", "deleted": False, "isGenerated": False,
-            "displayName": metric, "metricKey": metric, "selectedMetricKeys": [metric], "lineSmoothness": 0,
-            "xAxisScaleType": "linear", "scaleType": "log" if metric == "lr" else "linear",
-            "range": {}, "xAxisKey": "step", "selectedXAxisMetricKey": "", "yAxisKey": "METRIC",
-            "yAxisExpressions": [], "ignoreOutliers": False, "useGlobalXaxisKey": True,
-            "useGlobalLineSmoothing": True}
+    return {
+        "uuid": f"tunestab-chart-{metric}",
+        "type": "LINE",
+        "runsCountToCompare": 10,
+        "metricSectionId": f"tunestab-section-{section}",
+        "deleted": False,
+        "isGenerated": False,
+        "displayName": metric,
+        "metricKey": metric,
+        "selectedMetricKeys": [metric],
+        "lineSmoothness": 0,
+        "xAxisScaleType": "linear",
+        "scaleType": "log" if metric == "lr" else "linear",
+        "range": {},
+        "xAxisKey": "step",
+        "selectedXAxisMetricKey": "",
+        "yAxisKey": "METRIC",
+        "yAxisExpressions": [],
+        "ignoreOutliers": False,
+        "useGlobalXaxisKey": True,
+        "useGlobalLineSmoothing": True,
+    }
 
 
 def view_state(parent_run_id: str, n_layer: int, group_by: tuple[str, ...] = ("variant",)) -> dict:
@@ -53,15 +74,29 @@ def view_state(parent_run_id: str, n_layer: int, group_by: tuple[str, ...] = ("v
     return {
         # The search's trials alone, flat (a filter that leaves the parent out shows its children
         # as rows of their own), grouped in the table.
-        "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_run_id}'", "orderByKey": "attributes.start_time", "orderByAsc": False, "startTime": "ALL",
-        "lifecycleFilter": "Active", "datasetsFilter": [], "modelVersionFilter": "All Runs",
-        "selectedColumns": [f"tags.`{t}`" for t in group_by] + ["params.`lr`", "tags.`stop_reason`", "metrics.`val_loss`"],
-        "columnOrder": [], "columnWidths": {}, "runsHiddenMode": "SHOW_ALL",
+        "searchFilter": f"tags.`mlflow.parentRunId` = '{parent_run_id}'",
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": False,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "datasetsFilter": [],
+        "modelVersionFilter": "All Runs",
+        "selectedColumns": [f"tags.`{t}`" for t in group_by]
+        + ["params.`lr`", "tags.`stop_reason`", "metrics.`val_loss`"],
+        "columnOrder": [],
+        "columnWidths": {},
+        "runsHiddenMode": "SHOW_ALL",
         "compareRunCharts": [_line_chart(m, MAIN_SECTION) for m in MAIN_CHARTS],
         "compareRunSections": [_section(s) for s in sections],
-        "viewMaximized": False, "runListHidden": False, "isAccordionReordered": True,
-        "useGroupedValuesInCharts": False, "hideEmptyCharts": True,
-        "groupBy": {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": t} for t in group_by]},
+        "viewMaximized": False,
+        "runListHidden": False,
+        "isAccordionReordered": True,
+        "useGroupedValuesInCharts": False,
+        "hideEmptyCharts": True,
+        "groupBy": {
+            "aggregateFunction": "average",
+            "groupByKeys": [{"mode": "tag", "groupByData": t} for t in group_by],
+        },
         "groupsExpanded": {},
         "globalLineChartConfig": {"xAxisKey": "step", "lineSmoothness": 0, "selectedXAxisMetricKey": ""},
     }
@@ -85,15 +120,21 @@ def view_key(parent_run_id: str) -> str:
     return f"tunestab-{parent_run_id}"
 
 
-def save_view(client, experiment_id: str, parent_run_id: str, n_layer: int, name: str,
-              group_by: tuple[str, ...] = ("variant",)) -> None:
+def save_view(
+    client, experiment_id: str, parent_run_id: str, n_layer: int, name: str, group_by: tuple[str, ...] = ("variant",)
+) -> None:
     """Save (or replace) this search's view, listed in the UI's Views menu as "tunestab <name>"."""
-    client.set_experiment_tag(experiment_id, TAG_PREFIX + view_key(parent_run_id),
-                              tag_value(f"tunestab {name}", view_state(parent_run_id, n_layer, group_by)))
+    client.set_experiment_tag(
+        experiment_id,
+        TAG_PREFIX + view_key(parent_run_id),
+        tag_value(f"tunestab {name}", view_state(parent_run_id, n_layer, group_by)),
+    )
 
 
 def runs_url(ui: str, experiment_id: str, parent_run_id: str) -> str:
     """The experiment's runs in MLflow's model-training view (MLflow 3 opens its GenAI overview
     unless told `workflowType=machine_learning`), with the search's saved view."""
-    return (f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-            f"&compareRunsMode=CHART&viewStateShareKey={view_key(parent_run_id)}")
+    return (
+        f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+        f"&compareRunsMode=CHART&viewStateShareKey={view_key(parent_run_id)}"
+    )

@@ -27,7 +27,6 @@ import torch.nn.functional as F
 
 from .config import TrialConfig
 
-
 # --------------------------------------------------------------------------------------------
 # attention kernels
 
@@ -120,7 +119,9 @@ class SigmaReparamLinear(nn.Linear):
     def fp32(self):
         """Autocast off (see sigma()); a model on the meta device (counted, not run: tunestab/
         scaling.py) has no autocast to turn off."""
-        return contextlib.nullcontext() if self.weight.is_meta else torch.autocast(self.weight.device.type, enabled=False)
+        return (
+            contextlib.nullcontext() if self.weight.is_meta else torch.autocast(self.weight.device.type, enabled=False)
+        )
 
     @torch.no_grad()
     def power_iteration(self, steps: int = 1) -> None:
@@ -178,7 +179,7 @@ class MLRAProjection(nn.Module):
     def head_weight(self, which: int, head: int) -> torch.Tensor:
         """Effective d x d_head weight of one head; which: 0 = q, 1 = k, 2 = v."""
         g = which * self.n_head + head
-        A = self.down.weight[g * self.rank:(g + 1) * self.rank].t()
+        A = self.down.weight[g * self.rank : (g + 1) * self.rank].t()
         return A @ self.up[g]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -211,8 +212,11 @@ class Attention(nn.Module):
         q, k, v = self.q_norm(q), self.k_norm(k), self.v_norm(v)
         if self.dropout and self.training:
             q, k, v = one_dtype(q, k, v)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout) \
-                if not self.softcap else F.dropout(plain_attention(q, k, v, self.softcap), self.dropout)
+            y = (
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout)
+                if not self.softcap
+                else F.dropout(plain_attention(q, k, v, self.softcap), self.dropout)
+            )
         else:
             y = attend(q, k, v, self.softcap, block_mask)
         y = self.proj(y.transpose(1, 2).reshape(B, T, C))
@@ -298,7 +302,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=acc, device=h.device)
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, n, rows):
-                hc, tc = h[s:s + rows].to(dtype), targets[s:s + rows]
+                hc, tc = h[s : s + rows].to(dtype), targets[s : s + rows]
                 z = (hc @ w.t())[:, :vocab].to(acc)
                 if cap:
                     tanh = torch.tanh(z / cap)
@@ -316,7 +320,7 @@ class LinearCrossEntropy(torch.autograd.Function):
                 if cap:
                     dz = dz * (1 - tanh * tanh)
                 dz = (dz / n).to(dtype)
-                grad_h[s:s + rows] = (dz @ w[:vocab]).to(h.dtype)
+                grad_h[s : s + rows] = (dz @ w[:vocab]).to(h.dtype)
                 grad_w[:vocab] += dz.t() @ hc
         if want:
             ctx.save_for_backward(grad_h, grad_w)
@@ -326,8 +330,16 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad.to(grad_h.dtype), (grad_w * grad).to(ctx.weight_dtype),
-                None, None, None, None, None, None)
+        return (
+            grad_h * grad.to(grad_h.dtype),
+            (grad_w * grad).to(ctx.weight_dtype),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 def linear_cross_entropy(h, weight, targets, vocab: int, z_loss: float = 0.0, cap: float = 0.0):
@@ -423,6 +435,7 @@ class GPT(nn.Module):
         if targets is None:
             logits = self.lm_head(h)[..., : self.vocab_size].float()
             return (cap * torch.tanh(logits / cap) if cap else logits), None
-        loss = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), self.vocab_size,
-                                    self.cfg.z_loss, cap)
+        loss = linear_cross_entropy(
+            h.flatten(0, 1), self.lm_head.weight, targets.reshape(-1), self.vocab_size, self.cfg.z_loss, cap
+        )
         return None, loss

@@ -71,8 +71,10 @@ def objectives(result: Mapping, lr: float) -> dict[str, float]:
     if RANGE_LR in result:
         return {STABLE_LR: float(result[RANGE_LR]), OBJECTIVE: float(l0)}
     stable = is_stable(result)
-    return {STABLE_LR: float(lr) if stable else 0.0,
-            OBJECTIVE: float(result[VAL_LOSS]) if stable and VAL_LOSS in result else float(l0)}
+    return {
+        STABLE_LR: float(lr) if stable else 0.0,
+        OBJECTIVE: float(result[VAL_LOSS]) if stable and VAL_LOSS in result else float(l0),
+    }
 
 
 def dispersion(mean: float, std: float) -> float:
@@ -113,8 +115,12 @@ class TrialKey:
 
     @classmethod
     def of(cls, config: Mapping, default_seed: int = 0) -> "TrialKey":
-        return cls(str(config.get("variant")), config.get(SIZE), float(config.get(LR, 0.0)),
-                   int(config.get("seed", default_seed)))
+        return cls(
+            str(config.get("variant")),
+            config.get(SIZE),
+            float(config.get(LR, 0.0)),
+            int(config.get("seed", default_seed)),
+        )
 
 
 def arm_label(variant: str, size: str | None) -> str:

@@ -24,10 +24,15 @@ def plot_loss_vs_lr(table: pd.DataFrame, path: Path) -> None:
     for v, t in table.groupby("variant"):
         t = t.sort_values("lr")
         ok = stable_mask(t)
-        line, = ax.plot(t[ok]["lr"], t[ok]["val_loss"], "o-", label=v)
+        (line,) = ax.plot(t[ok]["lr"], t[ok]["val_loss"], "o-", label=v)
         bad = t[~ok]
-        ax.plot(bad["lr"], [t[ok]["val_loss"].max() if ok.any() else 0] * len(bad), "x", color=line.get_color(),
-                markersize=9)
+        ax.plot(
+            bad["lr"],
+            [t[ok]["val_loss"].max() if ok.any() else 0] * len(bad),
+            "x",
+            color=line.get_color(),
+            markersize=9,
+        )
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")
     ax.set_ylabel("final validation loss")

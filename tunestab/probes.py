@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-LAYER_METRICS = ("out_norm_qkv", "out_norm_proj", "out_norm_fc1", "out_norm_fc2",
-                 "attn_logit_max", "block_out_var")
+LAYER_METRICS = ("out_norm_qkv", "out_norm_proj", "out_norm_fc1", "out_norm_fc2", "attn_logit_max", "block_out_var")
 
 
 @torch.no_grad()
@@ -35,7 +34,7 @@ def tev_rows(embedding: torch.Tensor) -> torch.Tensor:
     Reported TEV (tev_mean, tev_std) comes from tev(). Returns TEV_i of every row."""
     e = embedding.detach().float()
     d = e.size(1)
-    mean = (e @ torch.full((d,), 1.0 / d, device=e.device, dtype=e.dtype))
+    mean = e @ torch.full((d,), 1.0 / d, device=e.device, dtype=e.dtype)
     square = torch.linalg.vector_norm(e, dim=1).pow(2) / d
     return (square - mean * mean).clamp_min(0).sqrt()
 

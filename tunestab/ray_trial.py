@@ -41,8 +41,16 @@ def quiet_report_logs() -> None:
     logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
-def run_with_ray(cfg: TrialConfig, workers: int, use_gpu: bool, storage: str | None, name: str | None,
-                 max_failures: int = 0, loop=train_loop_per_worker, extra: dict | None = None):
+def run_with_ray(
+    cfg: TrialConfig,
+    workers: int,
+    use_gpu: bool,
+    storage: str | None,
+    name: str | None,
+    max_failures: int = 0,
+    loop=train_loop_per_worker,
+    extra: dict | None = None,
+):
     """One trial through TorchTrainer on `workers` workers (Ray started locally if needed).
 
     A worker failure restarts the worker group up to `max_failures` times; `run` then resumes
@@ -51,16 +59,36 @@ def run_with_ray(cfg: TrialConfig, workers: int, use_gpu: bool, storage: str | N
     import ray
 
     if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": RAY_TRAIN_ENV}, include_dashboard=False,
-                 log_to_driver=True, configure_logging=False)
-    return torch_trainer(loop, {"trial": cfg.to_dict(), "echo": True, **(extra or {})}, workers,
-                         gpus_per_worker=1.0 if use_gpu else 0.0, storage=storage, name=name,
-                         max_failures=max_failures).fit()
+        ray.init(
+            runtime_env={"env_vars": RAY_TRAIN_ENV},
+            include_dashboard=False,
+            log_to_driver=True,
+            configure_logging=False,
+        )
+    return torch_trainer(
+        loop,
+        {"trial": cfg.to_dict(), "echo": True, **(extra or {})},
+        workers,
+        gpus_per_worker=1.0 if use_gpu else 0.0,
+        storage=storage,
+        name=name,
+        max_failures=max_failures,
+    ).fit()
 
 
-def torch_trainer(loop, loop_config: dict, workers: int, cpus_per_worker: float = 1.0,
-                  gpus_per_worker: float = 0.0, storage: str | None = None, name: str | None = None,
-                  max_failures: int = 0, callbacks=(), log_level: str = "INFO", accelerator_type: str = ""):
+def torch_trainer(
+    loop,
+    loop_config: dict,
+    workers: int,
+    cpus_per_worker: float = 1.0,
+    gpus_per_worker: float = 0.0,
+    storage: str | None = None,
+    name: str | None = None,
+    max_failures: int = 0,
+    callbacks=(),
+    log_level: str = "INFO",
+    accelerator_type: str = "",
+):
     """The TorchTrainer of one trial: `workers` ranks (gloo on CPU, NCCL on GPUs), restarted from
     the last checkpoint up to `max_failures` times. `log_level` filters Ray Train's console logs
     (at INFO every worker prints each report with all its metrics). `accelerator_type` (Ray's
@@ -72,14 +100,21 @@ def torch_trainer(loop, loop_config: dict, workers: int, cpus_per_worker: float 
     return trainer_class()(
         loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus > 0,
-                                     resources_per_worker={"CPU": float(cpus_per_worker),
-                                                           **({"GPU": gpus} if gpus else {})},
-                                     accelerator_type=accelerator_type or None),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=gpus > 0,
+            resources_per_worker={"CPU": float(cpus_per_worker), **({"GPU": gpus} if gpus else {})},
+            accelerator_type=accelerator_type or None,
+        ),
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
-        run_config=RunConfig(storage_path=storage, name=name, failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
-                             callbacks=list(callbacks), logging_config=LoggingConfig(log_level=log_level)),
+        run_config=RunConfig(
+            storage_path=storage,
+            name=name,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            callbacks=list(callbacks),
+            logging_config=LoggingConfig(log_level=log_level),
+        ),
     )
 
 
@@ -122,12 +157,18 @@ def trial_driver(config: dict) -> None:
     runner = dict(config.get("runner") or {})
     # `size` names a scale strategy's model size; its fields are in the config already.
     cfg = config_from({k: v for k, v in config.items() if k not in ("runner", SIZE)}, "trial config")
-    torch_trainer(train_loop_per_worker, {"trial": cfg.to_dict(), "quiet": True}, int(runner.get("workers", 1)),
-                  cpus_per_worker=runner.get("cpus_per_worker", 1), gpus_per_worker=runner.get("gpus_per_worker", 0),
-                  storage=runner.get("storage") or ray.tune.get_context().get_trial_dir(),
-                  name=ray.tune.get_context().get_trial_id(),
-                  max_failures=int(runner.get("max_failures", 0)), callbacks=[TuneReportCallback()],
-                  accelerator_type=runner.get("accelerator_type", ""),
-                  # Tune's progress table and MLflow show the metrics; one line per report per
-                  # trial in the console would bury them.
-                  log_level="WARNING").fit()
+    torch_trainer(
+        train_loop_per_worker,
+        {"trial": cfg.to_dict(), "quiet": True},
+        int(runner.get("workers", 1)),
+        cpus_per_worker=runner.get("cpus_per_worker", 1),
+        gpus_per_worker=runner.get("gpus_per_worker", 0),
+        storage=runner.get("storage") or ray.tune.get_context().get_trial_dir(),
+        name=ray.tune.get_context().get_trial_id(),
+        max_failures=int(runner.get("max_failures", 0)),
+        callbacks=[TuneReportCallback()],
+        accelerator_type=runner.get("accelerator_type", ""),
+        # Tune's progress table and MLflow show the metrics; one line per report per
+        # trial in the console would bury them.
+        log_level="WARNING",
+    ).fit()

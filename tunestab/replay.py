@@ -94,8 +94,11 @@ def replay(run_dir: Path, uri: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tunestab.replay", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m tunestab.replay",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("run_dir", help="a search's run folder (printed by the search as 'Results: ...')")
     ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: the one the search used)")
     args = ap.parse_args(argv)
@@ -113,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: tracking_uri: {e}", file=sys.stderr)
         return 2
     done = replay(run_dir, uri)
-    print(f"replayed {done['steps']} reports into {done['trials']} trial runs; {done['ended']} runs marked "
-          f"ended; parent run {'completed' if done['parent'] else 'already complete or search unfinished'}")
+    print(
+        f"replayed {done['steps']} reports into {done['trials']} trial runs; {done['ended']} runs marked "
+        f"ended; parent run {'completed' if done['parent'] else 'already complete or search unfinished'}"
+    )
     if (run_dir / rd.INCOMPLETE_FILE).exists():
         print(f"error: MLflow failed again while replaying; see {run_dir / rd.INCOMPLETE_FILE}", file=sys.stderr)
         return 1

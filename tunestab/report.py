@@ -110,18 +110,26 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path):
     except Exception as e:  # the tracking store went away: the files above hold it all
         with open(run_dir / rd.INCOMPLETE_FILE, "a") as f:
             f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} parent run: {type(e).__name__}: {e}\n")
-        print(f"MLflow at {tracking_uri} failed ({type(e).__name__}: {str(e)[:200]}): the parent run is not "
-              f"complete. When it is back:\n  python -m tunestab.replay {run_dir}")
+        print(
+            f"MLflow at {tracking_uri} failed ({type(e).__name__}: {str(e)[:200]}): the parent run is not "
+            f"complete. When it is back:\n  python -m tunestab.replay {run_dir}"
+        )
         return summary
     if tracking_uri.startswith(("http://", "https://")):
         where = f"  {runs_url(tracking_uri, exp, parent_run_id)}"
     else:
-        where = (f"  mlflow ui --backend-store-uri {tracking_uri} --port 5000\n"
-                 f"  then open {runs_url('http://127.0.0.1:5000', exp, parent_run_id)}")
-    print(f"MLflow: experiment {space.name!r} (id {exp}), parent run {parent_run_id}; its trials' charts, "
-          f"stability first:\n{where}")
+        where = (
+            f"  mlflow ui --backend-store-uri {tracking_uri} --port 5000\n"
+            f"  then open {runs_url('http://127.0.0.1:5000', exp, parent_run_id)}"
+        )
+    print(
+        f"MLflow: experiment {space.name!r} (id {exp}), parent run {parent_run_id}; its trials' charts, "
+        f"stability first:\n{where}"
+    )
     if (run_dir / rd.INCOMPLETE_FILE).exists():
-        print(f"Some results did not reach MLflow while it was away ({run_dir / rd.INCOMPLETE_FILE}); log them with\n"
-              f"  python -m tunestab.replay {run_dir}")
+        print(
+            f"Some results did not reach MLflow while it was away ({run_dir / rd.INCOMPLETE_FILE}); log them with\n"
+            f"  python -m tunestab.replay {run_dir}"
+        )
     sys.stdout.flush()
     return summary

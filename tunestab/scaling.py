@@ -72,8 +72,9 @@ class Frontier:
     """(median, low, high) at each of the `others` sizes fit_frontier was asked about."""
 
 
-def fit_frontier(ln_n, samples, target_ln_n: float, others=(), rng: np.random.Generator | None = None,
-                 confidence: float = CONFIDENCE) -> Frontier | None:
+def fit_frontier(
+    ln_n, samples, target_ln_n: float, others=(), rng: np.random.Generator | None = None, confidence: float = CONFIDENCE
+) -> Frontier | None:
     """ln_n: each size's ln N; samples: each size's draws of ln(max stable LR) (the posterior of
     boundary.fit); others: more ln N to read the line at (the measured sizes, for the table).
     None with fewer than two distinct sizes."""
@@ -85,7 +86,7 @@ def fit_frontier(ln_n, samples, target_ln_n: float, others=(), rng: np.random.Ge
     # Independent draws per size: each posterior shuffled on its own before pairing by index.
     y = np.stack([rng.permutation(np.asarray(s, dtype=float))[:k] for s in samples])  # sizes x k
     xc = x - x.mean()
-    slope = (xc[:, None] * (y - y.mean(0))).sum(0) / (xc ** 2).sum()
+    slope = (xc[:, None] * (y - y.mean(0))).sum(0) / (xc**2).sum()
     intercept = y.mean(0) - slope * x.mean()
     tail = (1 - confidence) / 2
 
@@ -107,12 +108,19 @@ def fit_frontier(ln_n, samples, target_ln_n: float, others=(), rng: np.random.Ge
     pred, low, high = at(target_ln_n)
     xs = np.linspace(min(x.min(), target_ln_n), max(x.max(), target_ln_n), 40)
     line = tuple((math.exp(p), *at(p)) for p in xs)
-    return Frontier(float(a_mid), float(a_lo), float(a_hi), pred, low, high, birge, len(x), line,
-                    tuple(at(o) for o in others))
+    return Frontier(
+        float(a_mid), float(a_lo), float(a_hi), pred, low, high, birge, len(x), line, tuple(at(o) for o in others)
+    )
 
 
-def logit_predictor(sizes: list[tuple[float, list[float], list[float]]], target_ln_n: float, lo: float, hi: float,
-                    threshold: float, points: int = 400) -> float:
+def logit_predictor(
+    sizes: list[tuple[float, list[float], list[float]]],
+    target_ln_n: float,
+    lo: float,
+    hi: float,
+    threshold: float,
+    points: int = 400,
+) -> float:
     """Wortsman et al.'s logit extrapolation as a max-LR prediction (see the module's doc).
 
     sizes: per size (ln N, LRs of its completed trials, their final max attention logits).

@@ -56,8 +56,9 @@ class TEVScheduler(FIFOScheduler):
     copy of each result, so only a callback can write into the result that Tune keeps.
     """
 
-    def __init__(self, rule: TEVRule | None = None, shadow: bool = False, state_path: str | None = None,
-                 time_attr: str = "step"):
+    def __init__(
+        self, rule: TEVRule | None = None, shadow: bool = False, state_path: str | None = None, time_attr: str = "step"
+    ):
         super().__init__()
         self.rule = rule or TEVRule()
         problems = self.rule.problems()
@@ -90,8 +91,12 @@ class TEVScheduler(FIFOScheduler):
         # A restored trial reports again from its checkpoint: keep the history up to there.
         while hist and hist[-1][0] >= step:
             hist.pop()
-        nonfinite = (result.get("stop_reason") == "nonfinite" or is_sentinel(mean) or is_sentinel(std)
-                     or any(isinstance(v, float) and not math.isfinite(v) for v in result.values()))
+        nonfinite = (
+            result.get("stop_reason") == "nonfinite"
+            or is_sentinel(mean)
+            or is_sentinel(std)
+            or any(isinstance(v, float) and not math.isfinite(v) for v in result.values())
+        )
         if nonfinite:
             self._record(tid, step, "nonfinite report", stopped=True)
             self._save_state()
@@ -102,8 +107,11 @@ class TEVScheduler(FIFOScheduler):
         hist.append([step, value])
         decision = TrialScheduler.CONTINUE
         # None: the trial's warm-up, TrialConfig's default where its config does not set one.
-        min_step = (self.rule.min_step if self.rule.min_step is not None
-                    else config.get("warmup_steps", TrialConfig.warmup_steps))
+        min_step = (
+            self.rule.min_step
+            if self.rule.min_step is not None
+            else config.get("warmup_steps", TrialConfig.warmup_steps)
+        )
         values = self._values(tid) if step >= min_step and tid not in self.verdicts else None
         if values:
             why = self.rule.test(values)
@@ -124,8 +132,11 @@ class TEVScheduler(FIFOScheduler):
         variant, lr = self.trials.get(tid, [None, None])
         if lr is None:
             return None
-        peers = [dict(map(tuple, self.history[p])) for p, (v, other) in self.trials.items()
-                 if p != tid and v == variant and other is not None and other < lr and p in self.history]
+        peers = [
+            dict(map(tuple, self.history[p]))
+            for p, (v, other) in self.trials.items()
+            if p != tid and v == variant and other is not None and other < lr and p in self.history
+        ]
         values = []
         for step, value in hist:
             at = sorted(h[step] for h in peers if step in h)
@@ -164,8 +175,14 @@ class TEVScheduler(FIFOScheduler):
         return f"Using TEVScheduler ({mode}): {len(self.verdicts)} flagged, {stops} stopped"
 
     def state(self) -> dict:
-        return {"rule": dataclasses.asdict(self.rule), "shadow": self.shadow, "history": self.history,
-                "trials": self.trials, "verdicts": self.verdicts, "streak": self._streak}
+        return {
+            "rule": dataclasses.asdict(self.rule),
+            "shadow": self.shadow,
+            "history": self.history,
+            "trials": self.trials,
+            "verdicts": self.verdicts,
+            "streak": self._streak,
+        }
 
     def set_state(self, state: dict) -> None:
         self.rule = TEVRule(**state["rule"])

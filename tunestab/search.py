@@ -30,7 +30,6 @@ from . import spec as spec_mod
 from .config import ConfigError
 from .strategies import of
 
-
 # --------------------------------------------------------------------------------------------
 # what each result carries when Tune keeps it
 
@@ -62,12 +61,17 @@ def make_callbacks(scheduler, tracking):
 def param_space(space: spec_mod.Space, run_dir: Path) -> dict:
     # Train runs (and their checkpoints), one per trial id, where a resumed search finds them
     # (ray_trial.trial_driver): in the run folder, or under train_storage, which every node reaches.
-    train_storage = (f"{space.train_storage.rstrip('/')}/{run_dir.name}" if space.train_storage
-                     else str(run_dir / rd.TRAIN_DIR))
-    runner = {"workers": space.resources.workers, "cpus_per_worker": space.resources.cpus_per_worker,
-              "gpus_per_worker": space.resources.gpus_per_worker, "max_failures": space.resources.max_failures,
-              "accelerator_type": space.resources.accelerator_type,
-              "storage": train_storage}
+    train_storage = (
+        f"{space.train_storage.rstrip('/')}/{run_dir.name}" if space.train_storage else str(run_dir / rd.TRAIN_DIR)
+    )
+    runner = {
+        "workers": space.resources.workers,
+        "cpus_per_worker": space.resources.cpus_per_worker,
+        "gpus_per_worker": space.resources.gpus_per_worker,
+        "max_failures": space.resources.max_failures,
+        "accelerator_type": space.resources.accelerator_type,
+        "storage": train_storage,
+    }
     return {**space.trial, "runner": runner, **of(space).param_space(space)}
 
 
@@ -77,10 +81,14 @@ def progress_reporter(space: spec_mod.Space):
     from ray.tune import CLIReporter
 
     params = ["variant", "lr"] + [p.name for p in space.params if p.name != "lr"] + of(space).progress_params(space)
-    metrics = {"step": "step", "loss": "loss", "val_loss": "val loss", "tev_dispersion": "TEV σ/μ",
-               "stop_reason": "status"}
-    return CLIReporter(parameter_columns=params, metric_columns=metrics, max_report_frequency=30,
-                       max_progress_rows=30)
+    metrics = {
+        "step": "step",
+        "loss": "loss",
+        "val_loss": "val loss",
+        "tev_dispersion": "TEV σ/μ",
+        "stop_reason": "status",
+    }
+    return CLIReporter(parameter_columns=params, metric_columns=metrics, max_report_frequency=30, max_progress_rows=30)
 
 
 def searcher(space: spec_mod.Space, run_dir: Path):
@@ -131,8 +139,10 @@ def prepare(args) -> tuple[spec_mod.Space, str]:
     if "://" in train_storage:
         scheme = train_storage.split("://", 1)[0]
         if scheme not in REMOTE_SCHEMES:
-            problems.append(f"train_storage: {train_storage!r}: unknown scheme {scheme!r} "
-                            f"(known: {', '.join(REMOTE_SCHEMES)}, or a folder)")
+            problems.append(
+                f"train_storage: {train_storage!r}: unknown scheme {scheme!r} "
+                f"(known: {', '.join(REMOTE_SCHEMES)}, or a folder)"
+            )
     elif train_storage:
         train_storage = str(Path(os.path.expanduser(train_storage)).absolute())
         problems += writable("train_storage", Path(train_storage))
@@ -169,8 +179,14 @@ def save_chart_view(client, parent_run_id: str, space: spec_mod.Space, name: str
     from .mlflow_view import save_view
 
     try:
-        save_view(client, client.get_run(parent_run_id).info.experiment_id, parent_run_id, deepest(space), name,
-                  of(space).group_by(space))
+        save_view(
+            client,
+            client.get_run(parent_run_id).info.experiment_id,
+            parent_run_id,
+            deepest(space),
+            name,
+            of(space).group_by(space),
+        )
     except Exception as e:
         print(f"warning: could not save the MLflow chart view ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)
 
@@ -196,9 +212,13 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
         return 2
     if run_dir is None:
         run_dir = rd.new(storage, space.name)
-        parent = start_parent(uri, space.name, run_dir.name, {"strategy": space.strategy, "space": space.source,
-                                                              "run_dir": str(run_dir)},
-                              artifacts=artifact_location(uri, space.storage))
+        parent = start_parent(
+            uri,
+            space.name,
+            run_dir.name,
+            {"strategy": space.strategy, "space": space.source, "run_dir": str(run_dir)},
+            artifacts=artifact_location(uri, space.storage),
+        )
         (run_dir / rd.STATE_FILE).write_text(json.dumps({"parent_run_id": parent, "tracking_uri": uri}))
         from mlflow.tracking import MlflowClient
 
@@ -233,23 +253,32 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
     tune_dir = run_dir / rd.TUNE_DIR
     if resume and tune.Tuner.can_restore(str(tune_dir / space.name)):
         # The scheduler, searcher and callbacks come back from the Tuner's own pickle.
-        tuner = tune.Tuner.restore(str(tune_dir / space.name), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        tuner = tune.Tuner.restore(
+            str(tune_dir / space.name), trainable=trainable, resume_unfinished=True, resume_errored=True
+        )
     else:
         scheduler = None
         if space.scheduler.type == "tev":
-            scheduler = TEVScheduler(space.scheduler.rule, shadow=space.scheduler.shadow,
-                                     state_path=str(run_dir / rd.SCHEDULER_STATE))
+            scheduler = TEVScheduler(
+                space.scheduler.rule, shadow=space.scheduler.shadow, state_path=str(run_dir / rd.SCHEDULER_STATE)
+            )
         tracking = MLflowTracking(uri, space.name, state["parent_run_id"], incomplete=str(run_dir / rd.INCOMPLETE_FILE))
         tuner = tune.Tuner(
             trainable,
             param_space=param_space(space, run_dir),
-            tune_config=tune.TuneConfig(search_alg=searcher(space, run_dir), scheduler=scheduler,
-                                        num_samples=of(space).num_trials(space),
-                                        max_concurrent_trials=max_concurrent(space, live_nodes())),
-            run_config=tune.RunConfig(storage_path=str(tune_dir), name=space.name,
-                                      callbacks=make_callbacks(scheduler, tracking), verbose=1,
-                                      progress_reporter=progress_reporter(space)),
+            tune_config=tune.TuneConfig(
+                search_alg=searcher(space, run_dir),
+                scheduler=scheduler,
+                num_samples=of(space).num_trials(space),
+                max_concurrent_trials=max_concurrent(space, live_nodes()),
+            ),
+            run_config=tune.RunConfig(
+                storage_path=str(tune_dir),
+                name=space.name,
+                callbacks=make_callbacks(scheduler, tracking),
+                verbose=1,
+                progress_reporter=progress_reporter(space),
+            ),
         )
     grid = tuner.fit()
     (run_dir / rd.STATE_FILE).write_text(json.dumps({**state, "finished": True}))
@@ -258,15 +287,22 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tunestab.search", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m tunestab.search",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--space", default="default", help="a file, or a name in search_spaces/ (default: default)")
     ap.add_argument("--resume", action="store_true", help="continue the newest interrupted search of this space")
-    ap.add_argument("--tracking-uri", help="MLflow tracking URI (default: the space's, sqlite:///mlflow.db "
-                                           "in the storage folder)")
+    ap.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: the space's, sqlite:///mlflow.db in the storage folder)"
+    )
     ap.add_argument("--storage", help="folder for Tune results, the Optuna study and MLflow's SQLite file")
-    ap.add_argument("--train-storage", help="where trials' Ray Train checkpoints go (default: the run folder); "
-                                            "on a multi-node cluster a URI every node reaches, e.g. s3://bucket/tunestab")
+    ap.add_argument(
+        "--train-storage",
+        help="where trials' Ray Train checkpoints go (default: the run folder); "
+        "on a multi-node cluster a URI every node reaches, e.g. s3://bucket/tunestab",
+    )
     ap.add_argument("--max-concurrent", type=int, help="trials running at once (default: from the cluster)")
     ap.add_argument("--dry-run", action="store_true", help="check everything and print the plan; run nothing")
     args = ap.parse_args(argv)
@@ -282,10 +318,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {p.name}: {p.kind} {list(p.values)}")
         for line in of(space).dry_run(space):
             print(line)
-        print(f"  trials: {of(space).trials_text(space)}; "
-              f"scheduler: {space.scheduler.type}{' (shadow)' if space.scheduler.shadow else ''}")
-        print(f"  storage: {space.storage}\n  train storage: {space.train_storage or 'the run folder'}\n"
-              f"  tracking: {uri}")
+        print(
+            f"  trials: {of(space).trials_text(space)}; "
+            f"scheduler: {space.scheduler.type}{' (shadow)' if space.scheduler.shadow else ''}"
+        )
+        print(
+            f"  storage: {space.storage}\n  train storage: {space.train_storage or 'the run folder'}\n  tracking: {uri}"
+        )
         return 0
     return run_search(space, uri, args.resume)
 

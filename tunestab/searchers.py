@@ -146,17 +146,31 @@ class BracketSearch(FinalOnlyOptunaSearch):
     each bracketed on its own, and a trial's config gets the arm's fields (its variant and the
     size's d_model, n_layer, ...) in place of the label."""
 
-    def __init__(self, variants: list[str], design: Design, storage=None, study_name: str | None = None,
-                 arms: dict[str, dict] | None = None):
+    def __init__(
+        self,
+        variants: list[str],
+        design: Design,
+        storage=None,
+        study_name: str | None = None,
+        arms: dict[str, dict] | None = None,
+    ):
         self.arms = arms
         self.bracket_sampler = BracketSampler(variants, design)
-        space = {"variant": optuna.distributions.CategoricalDistribution(list(variants)),
-                 "lr": optuna.distributions.FloatDistribution(design.lo, design.hi, log=True),
-                 "seed": optuna.distributions.IntDistribution(design.seed, design.seed + max(design.seeds, 0))}
+        space = {
+            "variant": optuna.distributions.CategoricalDistribution(list(variants)),
+            "lr": optuna.distributions.FloatDistribution(design.lo, design.hi, log=True),
+            "seed": optuna.distributions.IntDistribution(design.seed, design.seed + max(design.seeds, 0)),
+        }
         if design.range_test:
             space["lr_schedule"] = optuna.distributions.CategoricalDistribution(["cosine", RANGE])
-        super().__init__(space=space, metric=STABLE_LR, mode="max", sampler=self.bracket_sampler,
-                         storage=storage, study_name=study_name)
+        super().__init__(
+            space=space,
+            metric=STABLE_LR,
+            mode="max",
+            sampler=self.bracket_sampler,
+            storage=storage,
+            study_name=study_name,
+        )
 
     def suggest(self, trial_id: str):
         study = self._ot_study

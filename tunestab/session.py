@@ -91,8 +91,9 @@ class RaySession:
         try:
             self._train.report(metrics, checkpoint=ckpt)
         except OSError as e:  # the upload to storage: a full disk, a lost mount
-            raise CheckpointError(f"cannot store the checkpoint of step {metrics['step']}: {e}; "
-                                  "the previous checkpoint is untouched") from e
+            raise CheckpointError(
+                f"cannot store the checkpoint of step {metrics['step']}: {e}; the previous checkpoint is untouched"
+            ) from e
 
     def checkpoints_to_resume(self):
         """Ray Train's latest checkpoint, then the older ones of the same run (CheckpointConfig
@@ -126,5 +127,8 @@ def older_checkpoints(latest):
     except OSError:
         return []
     names = sorted((os.path.basename(i.path) for i in infos if i.type == pyarrow.fs.FileType.Directory), reverse=True)
-    return [Checkpoint(f"{parent}/{n}", filesystem=latest.filesystem) for n in names
-            if n.startswith("checkpoint_") and n < name]
+    return [
+        Checkpoint(f"{parent}/{n}", filesystem=latest.filesystem)
+        for n in names
+        if n.startswith("checkpoint_") and n < name
+    ]

@@ -29,8 +29,27 @@ DISTRIBUTIONS = ("loguniform", "uniform", "int", "choice", "grid")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # Ray 2.60's NVIDIA accelerator names (ray.util.accelerators; tests/test_spec.py keeps them in
 # step). The cluster launcher labels each AWS GPU node with its GPU's name.
-ACCELERATOR_TYPES = ("A100", "A100-40G", "A100-80G", "A10G", "B200", "B300", "GB200", "GB300", "H100", "H20",
-                     "H200", "K80", "L4", "L40S", "P100", "P4", "RTX-PRO-6000", "T4", "V100")
+ACCELERATOR_TYPES = (
+    "A100",
+    "A100-40G",
+    "A100-80G",
+    "A10G",
+    "B200",
+    "B300",
+    "GB200",
+    "GB300",
+    "H100",
+    "H20",
+    "H200",
+    "K80",
+    "L4",
+    "L40S",
+    "P100",
+    "P4",
+    "RTX-PRO-6000",
+    "T4",
+    "V100",
+)
 
 
 @dataclass(frozen=True)
@@ -212,8 +231,20 @@ def _first_problem(p: Param, trial: dict, variants: list[str]) -> list[str]:
 
 # Each strategy's own section (max_lr, tune, scale) sits between params and resources.
 SECTIONS = tuple(dict.fromkeys(st.section for st in STRATEGIES.values() if st.section))
-TOP_KEYS = ("name", "description", "strategy", "variants", "trial", "params", *SECTIONS, "resources", "scheduler",
-            "tracking_uri", "storage", "train_storage")
+TOP_KEYS = (
+    "name",
+    "description",
+    "strategy",
+    "variants",
+    "trial",
+    "params",
+    *SECTIONS,
+    "resources",
+    "scheduler",
+    "tracking_uri",
+    "storage",
+    "train_storage",
+)
 
 
 def parse(raw, where: str = "search space", source: str = "") -> Space:
@@ -226,7 +257,13 @@ def parse(raw, where: str = "search space", source: str = "") -> Space:
     variants = _variants(raw, problems)
     trial, trial_ok = _trial(raw, problems)
     params = _params(raw, trial, trial_ok, variants, problems)
-    draft = Draft(strategy if isinstance(strategy, str) and strategy in STRATEGIES else None, tuple(variants), trial, trial_ok, tuple(params))
+    draft = Draft(
+        strategy if isinstance(strategy, str) and strategy in STRATEGIES else None,
+        tuple(variants),
+        trial,
+        trial_ok,
+        tuple(params),
+    )
     sections = {}
     for st in STRATEGIES.values():
         if st.section and st.section not in sections:
@@ -238,9 +275,21 @@ def parse(raw, where: str = "search space", source: str = "") -> Space:
     tracking_uri, storage, train_storage = _locations(raw, problems)
     if problems:
         raise SpecError(problems, where)
-    return Space(name=name, strategy=strategy, variants=tuple(variants), trial=dict(trial), params=tuple(params),
-                 description=description, **sections, resources=resources, scheduler=scheduler,
-                 tracking_uri=tracking_uri, storage=storage, train_storage=train_storage, source=source)
+    return Space(
+        name=name,
+        strategy=strategy,
+        variants=tuple(variants),
+        trial=dict(trial),
+        params=tuple(params),
+        description=description,
+        **sections,
+        resources=resources,
+        scheduler=scheduler,
+        tracking_uri=tracking_uri,
+        storage=storage,
+        train_storage=train_storage,
+        source=source,
+    )
 
 
 def _header(raw: dict, problems: list[str]) -> tuple[str, str, str]:
@@ -315,12 +364,15 @@ def _resources(raw: dict, trial: dict, trial_ok: bool, problems: list[str]) -> R
     if r.gpus_per_worker > 1 and r.gpus_per_worker != int(r.gpus_per_worker):
         problems.append(f"resources.gpus_per_worker: above 1 it must be whole, got {r.gpus_per_worker}")
     if r.workers > 1 and 0 < r.gpus_per_worker < 1:
-        problems.append(f"resources.gpus_per_worker: {r.gpus_per_worker} with {r.workers} workers "
-                        "would put two NCCL ranks on one GPU, which NCCL refuses ('Duplicate GPU detected'); "
-                        "a fraction of a GPU is for one-worker trials")
+        problems.append(
+            f"resources.gpus_per_worker: {r.gpus_per_worker} with {r.workers} workers "
+            "would put two NCCL ranks on one GPU, which NCCL refuses ('Duplicate GPU detected'); "
+            "a fraction of a GPU is for one-worker trials"
+        )
     if r.accelerator_type and r.accelerator_type not in ACCELERATOR_TYPES:
-        problems.append(f"resources.accelerator_type: unknown {r.accelerator_type!r} "
-                        f"(Ray's names: {', '.join(ACCELERATOR_TYPES)})")
+        problems.append(
+            f"resources.accelerator_type: unknown {r.accelerator_type!r} (Ray's names: {', '.join(ACCELERATOR_TYPES)})"
+        )
     if r.accelerator_type and not r.gpus_per_worker:
         problems.append("resources.accelerator_type: names a GPU, but gpus_per_worker is 0")
     for key in ("max_concurrent", "max_failures"):

@@ -22,8 +22,21 @@ from .bracket import bracket
 from .metrics import FINITE_CAP
 from .outcome import STOP_REASON, StopReason, is_stable
 
-COLUMNS = ["trial_id", "variant", "lr", "seed", "stop_reason", "diverged", "tev_stop_step", "step", "loss",
-           "val_loss", "loss_init", "tev_mean", "tev_std"]
+COLUMNS = [
+    "trial_id",
+    "variant",
+    "lr",
+    "seed",
+    "stop_reason",
+    "diverged",
+    "tev_stop_step",
+    "step",
+    "loss",
+    "val_loss",
+    "loss_init",
+    "tev_mean",
+    "tev_std",
+]
 # Fixed after the variant, the LR and the seed: the searched parameters go between them and these.
 FIXED = 4
 
@@ -38,8 +51,12 @@ def trial_table(space, grid, columns: dict | None = None) -> pd.DataFrame:
         if r.metrics is None:
             continue
         m, c = r.metrics, r.config
-        row = {"trial_id": m.get("trial_id"), "variant": c.get("variant"), "lr": c.get("lr"),
-               "seed": c.get("seed", space.trial.get("seed", 0))}
+        row = {
+            "trial_id": m.get("trial_id"),
+            "variant": c.get("variant"),
+            "lr": c.get("lr"),
+            "seed": c.get("seed", space.trial.get("seed", 0)),
+        }
         row.update({name: c.get(name) for name in extra})
         row.update({k: m.get(k) for k in COLUMNS[FIXED:]})
         row.update({name: f(c, m) for name, f in columns.items()})
@@ -75,13 +92,25 @@ def boundaries(table: pd.DataFrame, variants, p: float = boundary.P_DIVERGE) -> 
     for v in variants:
         t = ran(table[table["variant"] == v])
         # Each variant's posterior draws from its own generator, so ratios pair independent draws.
-        out[v] = boundary.fit(t["lr"].astype(float), ~stable_mask(t), t["seed"], p,
-                              rng=np.random.default_rng(zlib.crc32(str(v).encode())))
+        out[v] = boundary.fit(
+            t["lr"].astype(float), ~stable_mask(t), t["seed"], p, rng=np.random.default_rng(zlib.crc32(str(v).encode()))
+        )
     return out
 
 
-SUMMARY_COLUMNS = ["variant", "max_stable_lr", "max_stable_lr_low", "max_stable_lr_high", "seeds", "trials",
-                   "largest_stable_lr", "smallest_divergent_lr", "best_val_loss", "diverged", "tev_stops"]
+SUMMARY_COLUMNS = [
+    "variant",
+    "max_stable_lr",
+    "max_stable_lr_low",
+    "max_stable_lr_high",
+    "seeds",
+    "trials",
+    "largest_stable_lr",
+    "smallest_divergent_lr",
+    "best_val_loss",
+    "diverged",
+    "tev_stops",
+]
 
 
 def summary(table: pd.DataFrame, variants, fits: dict | None = None) -> pd.DataFrame:
@@ -94,13 +123,21 @@ def summary(table: pd.DataFrame, variants, fits: dict | None = None) -> pd.DataF
         stable = stable_mask(done)
         b = bracket(list(zip(done["lr"], stable)))
         f = (fits or {}).get(v)
-        rows.append({"variant": v, "max_stable_lr": f.lr if f else math.nan,
-                     "max_stable_lr_low": f.low if f else math.nan, "max_stable_lr_high": f.high if f else math.nan,
-                     "seeds": int(done["seed"].nunique()), "trials": len(t),
-                     "largest_stable_lr": b.stable, "smallest_divergent_lr": b.divergent,
-                     "best_val_loss": done[stable]["val_loss"].min() if stable.any() else math.nan,
-                     "diverged": int((done["diverged"] == 1).sum()),
-                     "tev_stops": int((done[STOP_REASON] == StopReason.TEV).sum())})
+        rows.append(
+            {
+                "variant": v,
+                "max_stable_lr": f.lr if f else math.nan,
+                "max_stable_lr_low": f.low if f else math.nan,
+                "max_stable_lr_high": f.high if f else math.nan,
+                "seeds": int(done["seed"].nunique()),
+                "trials": len(t),
+                "largest_stable_lr": b.stable,
+                "smallest_divergent_lr": b.divergent,
+                "best_val_loss": done[stable]["val_loss"].min() if stable.any() else math.nan,
+                "diverged": int((done["diverged"] == 1).sum()),
+                "tev_stops": int((done[STOP_REASON] == StopReason.TEV).sum()),
+            }
+        )
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
 
 
@@ -151,20 +188,26 @@ def interval(low, high) -> str:
 
 def summary_markdown(s: pd.DataFrame, p: float = boundary.P_DIVERGE) -> str:
     ranged = "range_test_lr" in s
-    lines = [f"| variant | max stable LR (P(diverge) = {p:g}) | 90% interval | seeds | trials | bracket | "
-             "best val loss | diverged | TEV stops |" + (" range test failed at |" if ranged else ""),
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if ranged else "")]
+    lines = [
+        f"| variant | max stable LR (P(diverge) = {p:g}) | 90% interval | seeds | trials | bracket | "
+        "best val loss | diverged | TEV stops |" + (" range test failed at |" if ranged else ""),
+        "|---|---|---|---|---|---|---|---|---|" + ("---|" if ranged else ""),
+    ]
     for _, r in s.iterrows():
-        lines.append(f"| {r['variant']} | {fmt(r['max_stable_lr'])} | {interval(r['max_stable_lr_low'], r['max_stable_lr_high'])} | "
-                     f"{r['seeds']} | {r['trials']} | [{fmt(r['largest_stable_lr'])}, "
-                     f"{fmt(r['smallest_divergent_lr'])}] | {fmt(r['best_val_loss'], '.4f')} | {r['diverged']} | "
-                     f"{r['tev_stops']} |" + (f" {fmt(r['range_test_lr'])} |" if ranged else ""))
+        lines.append(
+            f"| {r['variant']} | {fmt(r['max_stable_lr'])} | {interval(r['max_stable_lr_low'], r['max_stable_lr_high'])} | "
+            f"{r['seeds']} | {r['trials']} | [{fmt(r['largest_stable_lr'])}, "
+            f"{fmt(r['smallest_divergent_lr'])}] | {fmt(r['best_val_loss'], '.4f')} | {r['diverged']} | "
+            f"{r['tev_stops']} |" + (f" {fmt(r['range_test_lr'])} |" if ranged else "")
+        )
     return "\n".join(lines)
 
 
 def ratios_markdown(r: pd.DataFrame) -> str:
     lines = ["| max stable LR of | over | ratio | 90% interval |", "|---|---|---|---|"]
     for _, row in r.iterrows():
-        lines.append(f"| {row['variant']} | {row['reference']} | {fmt(row['ratio'])} | "
-                     f"{interval(row['ratio_low'], row['ratio_high'])} |")
+        lines.append(
+            f"| {row['variant']} | {row['reference']} | {fmt(row['ratio'])} | "
+            f"{interval(row['ratio_low'], row['ratio_high'])} |"
+        )
     return "\n".join(lines)

@@ -29,8 +29,12 @@ from .outcome import dispersion_of
 
 SIGNALS = ("dispersion", "dispersion_max", "growth", "row_max", "update", "peer")
 # The report key each per-report signal reads (dispersion and peer are computed from two).
-REPORT_KEYS = {"dispersion_max": "tev_dispersion_max", "growth": "tev_growth_max", "row_max": "tev_row_max",
-               "update": "embed_update_max"}
+REPORT_KEYS = {
+    "dispersion_max": "tev_dispersion_max",
+    "growth": "tev_growth_max",
+    "row_max": "tev_row_max",
+    "update": "embed_update_max",
+}
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,18 @@ from .tracking_store import TrackingError, check_reachable
 
 PARENT_TAG = "mlflow.parentRunId"
 # Result keys that are bookkeeping of Tune's, not measurements worth a chart.
-SKIP_METRICS = {"training_iteration", "time_this_iter_s", "time_total_s", "timestamp", "pid", "done",
-                "time_since_restore", "iterations_since_restore", "config", "checkpoint_dir_name"}
+SKIP_METRICS = {
+    "training_iteration",
+    "time_this_iter_s",
+    "time_total_s",
+    "timestamp",
+    "pid",
+    "done",
+    "time_since_restore",
+    "iterations_since_restore",
+    "config",
+    "checkpoint_dir_name",
+}
 TAGS = ("variant", "stop_reason", "tev_stop_reason")
 
 
@@ -40,9 +50,11 @@ def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
 
 
 def numeric(result: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in result.items()
-            if k not in SKIP_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in result.items()
+        if k not in SKIP_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
 
 
 # How long the search waits before asking a tracking server that went away whether it is back.
@@ -95,10 +107,13 @@ class MLflowTracking(Callback):
             if self.incomplete:
                 with open(self.incomplete, "a") as f:
                     f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {what}: {type(e).__name__}: {e}\n")
-            print(f"tunestab: WARNING: MLflow at {self.tracking_uri} failed ({what}: {type(e).__name__}: "
-                  f"{str(e)[:200]}). Training goes on and Tune's result files keep every report; "
-                  f"MLflow is retried every {RETRY_AFTER_S:.0f} s, and `python -m tunestab.replay "
-                  f"{os.path.dirname(self.incomplete or '.')}` logs what it missed.", flush=True)
+            print(
+                f"tunestab: WARNING: MLflow at {self.tracking_uri} failed ({what}: {type(e).__name__}: "
+                f"{str(e)[:200]}). Training goes on and Tune's result files keep every report; "
+                f"MLflow is retried every {RETRY_AFTER_S:.0f} s, and `python -m tunestab.replay "
+                f"{os.path.dirname(self.incomplete or '.')}` logs what it missed.",
+                flush=True,
+            )
 
     def _reachable(self) -> bool:
         try:
@@ -127,8 +142,10 @@ class MLflowTracking(Callback):
     def existing_run(self, trial_id: str) -> str | None:
         """The child run of this trial, when an earlier (killed) driver opened it after Tune's
         last experiment checkpoint: a resumed search continues it instead of opening a second."""
-        found = self.client.search_runs([self.experiment_id], filter_string=f"tags.tune_trial_id = '{trial_id}' and "
-                                                             f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'")
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.tune_trial_id = '{trial_id}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+        )
         if not found:
             return None
         return found[0].info.run_id
@@ -138,8 +155,11 @@ class MLflowTracking(Callback):
             run_id = self.existing_run(trial.trial_id)
             if run_id is None:
                 config = {k: v for k, v in trial.config.items() if k != "runner"}
-                tags = {PARENT_TAG: self.parent_run_id, "tune_trial_id": trial.trial_id,
-                        "variant": str(config.get("variant", ""))}
+                tags = {
+                    PARENT_TAG: self.parent_run_id,
+                    "tune_trial_id": trial.trial_id,
+                    "variant": str(config.get("variant", "")),
+                }
                 # A scale strategy's trial carries its size: tagged and named with it, so that the UI
                 # tells w32's trials from w96's without reading d_model.
                 size = config.get(SIZE)
@@ -158,7 +178,7 @@ class MLflowTracking(Callback):
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in numeric(result).items()]
         for i in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per batch
-            self.client.log_batch(run_id, metrics=metrics[i:i + 900])
+            self.client.log_batch(run_id, metrics=metrics[i : i + 900])
         self.logged[run_id] = max(step, self.logged.get(run_id, -1))
 
     def finish(self, run_id: str, last: dict, status: str) -> None:
@@ -183,16 +203,19 @@ class MLflowTracking(Callback):
         self._safely(f"log step {result.get('step')} of trial {trial.trial_id}", log)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._safely(f"finish trial {trial.trial_id}",
-                     lambda: self.finish(self.run_for(trial), trial.last_result or {}, "FINISHED"))
+        self._safely(
+            f"finish trial {trial.trial_id}",
+            lambda: self.finish(self.run_for(trial), trial.last_result or {}, "FINISHED"),
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._safely(f"finish trial {trial.trial_id}",
-                     lambda: self.finish(self.run_for(trial), trial.last_result or {}, "FAILED"))
+        self._safely(
+            f"finish trial {trial.trial_id}",
+            lambda: self.finish(self.run_for(trial), trial.last_result or {}, "FAILED"),
+        )
 
 
-def start_parent(tracking_uri: str, experiment: str, run_name: str, tags: dict,
-                 artifacts: str | None = None) -> str:
+def start_parent(tracking_uri: str, experiment: str, run_name: str, tags: dict, artifacts: str | None = None) -> str:
     """Create (or find) the experiment and open the search's parent run; returns its id."""
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)

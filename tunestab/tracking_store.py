@@ -16,7 +16,7 @@ class TrackingError(RuntimeError):
 def resolve_uri(uri: str, storage: str) -> str:
     """A relative SQLite path lives in the storage folder, beside the Tune results."""
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + os.path.join(os.path.abspath(os.path.expanduser(storage)), uri[len("sqlite:///"):])
+        return "sqlite:///" + os.path.join(os.path.abspath(os.path.expanduser(storage)), uri[len("sqlite:///") :])
     return uri
 
 
@@ -31,7 +31,7 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         except OSError as e:
             raise TrackingError(f"tracking server {uri} is not reachable: {getattr(e, 'reason', e)}") from None
     elif scheme == "sqlite":
-        folder = os.path.dirname(uri[len("sqlite:///"):]) or "."
+        folder = os.path.dirname(uri[len("sqlite:///") :]) or "."
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as e:
@@ -39,7 +39,9 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         if not os.access(folder, os.W_OK):
             raise TrackingError(f"the folder of the tracking database {uri} is not writable")
     elif scheme in ("", "file"):
-        raise TrackingError(f"tracking URI {uri!r}: MLflow 3 refuses the file store; use sqlite:///PATH or http://HOST:PORT")
+        raise TrackingError(
+            f"tracking URI {uri!r}: MLflow 3 refuses the file store; use sqlite:///PATH or http://HOST:PORT"
+        )
     elif scheme.split("+")[0] in ("postgresql", "mysql", "mssql"):
         # A database store: MLflow's own client connects (and creates its tables if needed).
         try:

@@ -36,14 +36,27 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tunestab.train", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--variant", default=None, help="baseline, qk_norm, softcap, qk_norm_cap, qk_fc_norm, "
-                                                    "qkv_norm, mlra or sigma_reparam (default baseline)")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="any TrialConfig field, e.g. --set lr=3e-2 --set n_layer=8 (repeatable)")
-    ap.add_argument("--workers", type=int, default=0,
-                    help="run through Ray TorchTrainer on N workers (0: in this process, no Ray)")
+    ap = argparse.ArgumentParser(
+        prog="python -m tunestab.train",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ap.add_argument(
+        "--variant",
+        default=None,
+        help="baseline, qk_norm, softcap, qk_norm_cap, qk_fc_norm, qkv_norm, mlra or sigma_reparam (default baseline)",
+    )
+    ap.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any TrialConfig field, e.g. --set lr=3e-2 --set n_layer=8 (repeatable)",
+    )
+    ap.add_argument(
+        "--workers", type=int, default=0, help="run through Ray TorchTrainer on N workers (0: in this process, no Ray)"
+    )
     ap.add_argument("--gpu", action="store_true", help="with --workers: one GPU per worker")
     ap.add_argument("--checkpoint-dir", help="without Ray: copy each checkpoint here (step_NNNNNN/)")
     ap.add_argument("--resume-from", help="without Ray: a step_NNNNNN checkpoint directory to resume from")

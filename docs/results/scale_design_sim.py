@@ -15,6 +15,7 @@ point (median, 10-90%), the share within sqrt(2), and how often the interval cov
 
     python docs/results/scale_design_sim.py    # about 30 s
 """
+
 import math
 
 import numpy as np
@@ -48,9 +49,11 @@ def simulate(seeds: int, points: int, step: float, sd: float, searches: int, rng
         widths.append(max(f.predicted / f.low, f.high / f.predicted))
         covered += f.low <= truth <= f.high
     w = np.array(widths)
-    print(f"seeds {seeds:2d} x {points} LRs, step {step}, seed sd {sd}: wider side {np.median(w):.2f}x "
-          f"[{np.quantile(w, .1):.2f}, {np.quantile(w, .9):.2f}], within sqrt(2) in {np.mean(w <= math.sqrt(2)):.0%}, "
-          f"covered {covered}/{searches}")
+    print(
+        f"seeds {seeds:2d} x {points} LRs, step {step}, seed sd {sd}: wider side {np.median(w):.2f}x "
+        f"[{np.quantile(w, 0.1):.2f}, {np.quantile(w, 0.9):.2f}], within sqrt(2) in {np.mean(w <= math.sqrt(2)):.0%}, "
+        f"covered {covered}/{searches}"
+    )
 
 
 if __name__ == "__main__":

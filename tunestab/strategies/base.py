@@ -108,7 +108,9 @@ def shared_report(strategy: Strategy, space, every, grid, out):
     rat = tables.ratios(fits) if fits and strategy.ratios else None
     out.table(run_dir.TRIALS_CSV, every)
     out.table(run_dir.SUMMARY_CSV, s)
-    out.text(run_dir.SUMMARY_MD, md + "\n" + (f"\n{tables.ratios_markdown(rat)}\n" if rat is not None and len(rat) else ""))
+    out.text(
+        run_dir.SUMMARY_MD, md + "\n" + (f"\n{tables.ratios_markdown(rat)}\n" if rat is not None and len(rat) else "")
+    )
     if rat is not None and len(rat):
         out.table(run_dir.RATIOS_CSV, rat)
     if fits and any(f.found for f in fits.values()):
@@ -117,8 +119,13 @@ def shared_report(strategy: Strategy, space, every, grid, out):
         out.plot(run_dir.LOSS_VS_LR_PNG, plots.plot_loss_vs_lr, table)
         out.plot(run_dir.TEV_CURVES_PNG, plots.plot_tev_curves, grid)
         # Architecture parameters worth a picture: numeric, searched, and not the LR or the seed.
-        arch = [q.name for q in space.params if q.name not in ("lr", "seed")
-                and pd.api.types.is_numeric_dtype(table[q.name]) and table[q.name].nunique() > 1]
+        arch = [
+            q.name
+            for q in space.params
+            if q.name not in ("lr", "seed")
+            and pd.api.types.is_numeric_dtype(table[q.name])
+            and table[q.name].nunique() > 1
+        ]
         if arch:
             out.plot(run_dir.PARAMS_VS_LOSS_PNG, plots.plot_params_vs_loss, table, arch)
     for key in ("max_stable_lr", "max_stable_lr_low", "max_stable_lr_high", "range_test_lr"):
@@ -134,8 +141,10 @@ def shared_report(strategy: Strategy, space, every, grid, out):
     if fits and any(f.found and math.isnan(f.low) for f in fits.values()):
         from ..boundary import MIN_SEEDS
 
-        out.say(f"(An interval needs trials at {MIN_SEEDS} seeds or more, to tell how the boundary varies "
-                f"between seeds: set max_lr.seeds.)\n")
+        out.say(
+            f"(An interval needs trials at {MIN_SEEDS} seeds or more, to tell how the boundary varies "
+            f"between seeds: set max_lr.seeds.)\n"
+        )
     if rat is not None and len(rat):
         out.say(f"Ratios of max stable LRs, with 90% intervals:\n\n{tables.ratios_markdown(rat)}\n")
     return table, grid, fits

@@ -24,11 +24,15 @@ class MaxLR(Strategy):
     def check(self, draft, sections, problems):
         lr = draft.param("lr")
         if lr is None or lr.kind != "loguniform":
-            problems.append(f"params.lr: the {draft.strategy} strategy needs `lr: {{loguniform: [low, high]}}`, "
-                            "the range it brackets")
+            problems.append(
+                f"params.lr: the {draft.strategy} strategy needs `lr: {{loguniform: [low, high]}}`, "
+                "the range it brackets"
+            )
         if any(p.name != "lr" for p in draft.params):
-            problems.append(f"params: the {draft.strategy} strategy searches lr alone; fix the others under `trial`"
-                            + self.other_params_hint)
+            problems.append(
+                f"params: the {draft.strategy} strategy searches lr alone; fix the others under `trial`"
+                + self.other_params_hint
+            )
 
     other_params_hint = ""
 
@@ -47,8 +51,13 @@ class MaxLR(Strategy):
         from ..searchers import BracketSearch
 
         arms = self.arms(space)
-        return BracketSearch(list(arms), self.design(space), storage=storage, study_name=space.name,
-                             arms=arms if self.labels_arms else None)
+        return BracketSearch(
+            list(arms),
+            self.design(space),
+            storage=storage,
+            study_name=space.name,
+            arms=arms if self.labels_arms else None,
+        )
 
     labels_arms = False
     """Whether the searcher's variants are arm labels whose fields it puts in each config."""

@@ -116,8 +116,9 @@ class ScaleStrategy(MaxLR):
                 problems.append(f"scale: sizes {same} and {name} make the same model")
             seen.append((cfg, name))
         if len(scale.sizes) < 2:
-            problems.append(f"scale.sizes: the scale strategy fits a line through two sizes or more, "
-                            f"got {len(scale.sizes)}")
+            problems.append(
+                f"scale.sizes: the scale strategy fits a line through two sizes or more, got {len(scale.sizes)}"
+            )
         if len(scale.target) != 1:
             problems.append(f"scale.target: expected one size to predict, got {len(scale.target)}")
         overlap = set(scale.sizes) & set(scale.target)
@@ -141,16 +142,26 @@ class ScaleStrategy(MaxLR):
         target = next(iter(space.scale.target))
         lines = []
         for name, fields in space.scale.every_size.items():
-            role = "target, measured too" if name == target and space.scale.measure_target else \
-                "target, predicted" if name == target else "measured"
-            lines.append(f"  size {name} ({role}): {fields}, {non_embedding_params(space.trial_config(space.variants[0], **fields)):,} "
-                         f"parameters without embeddings ({space.variants[0]})")
+            role = (
+                "target, measured too"
+                if name == target and space.scale.measure_target
+                else "target, predicted"
+                if name == target
+                else "measured"
+            )
+            lines.append(
+                f"  size {name} ({role}): {fields}, {non_embedding_params(space.trial_config(space.variants[0], **fields)):,} "
+                f"parameters without embeddings ({space.variants[0]})"
+            )
         return lines
 
     def table_columns(self, space):
         # Which size a trial trained, and its final max attention logit (the second predictor's input).
-        return {**super().table_columns(space), SIZE: lambda c, m: c.get(SIZE),
-                ATTN_LOGIT_MAX: lambda c, m: m.get(ATTN_LOGIT_MAX)}
+        return {
+            **super().table_columns(space),
+            SIZE: lambda c, m: c.get(SIZE),
+            ATTN_LOGIT_MAX: lambda c, m: m.get(ATTN_LOGIT_MAX),
+        }
 
     def arm_table(self, space, every):
         """`variant` as the arm, `variant@size`: what max_lr bracketed separately, and what the
@@ -169,8 +180,12 @@ class ScaleStrategy(MaxLR):
         if st["max_stable_lr"].notna().any():
             out.plot(run_dir.FRONTIER_PNG, plot_frontier, st, frontiers)
         for _, r in st[st["role"] == "target"].iterrows():
-            for key, col in (("predicted_max_lr", "predicted"), ("predicted_max_lr_low", "predicted_low"),
-                             ("predicted_max_lr_high", "predicted_high"), ("logit_predicted_max_lr", "logit_predicted")):
+            for key, col in (
+                ("predicted_max_lr", "predicted"),
+                ("predicted_max_lr_low", "predicted_low"),
+                ("predicted_max_lr_high", "predicted_high"),
+                ("logit_predicted_max_lr", "logit_predicted"),
+            ):
                 out.metric(f"{key}/{r['variant']}", r[col])
         for v, fr in frontiers.items():
             if fr is not None:
@@ -178,13 +193,26 @@ class ScaleStrategy(MaxLR):
                     out.metric(f"lr_scaling_exponent{suffix}/{v}", getattr(fr, f"alpha{suffix}"))
         out.say(f"Max stable LR against model size, and at {next(iter(space.scale.target))}:\n\n{md}\n")
         for v, verdict in verdicts.items():
-            out.say(f"{v}: the target's measured max stable LR lies inside the prediction interval: "
-                    f"{'yes' if verdict['inside'] else 'no'}; the interval is within one sqrt(2) step either side: "
-                    f"{'yes' if verdict['narrow'] else 'no'}")
+            out.say(
+                f"{v}: the target's measured max stable LR lies inside the prediction interval: "
+                f"{'yes' if verdict['inside'] else 'no'}; the interval is within one sqrt(2) step either side: "
+                f"{'yes' if verdict['narrow'] else 'no'}"
+            )
 
 
-SCALE_TABLE_COLUMNS = ["variant", "size", "role", "n_params", "max_stable_lr", "max_stable_lr_low",
-                       "max_stable_lr_high", "predicted", "predicted_low", "predicted_high", "logit_predicted"]
+SCALE_TABLE_COLUMNS = [
+    "variant",
+    "size",
+    "role",
+    "n_params",
+    "max_stable_lr",
+    "max_stable_lr_low",
+    "max_stable_lr_high",
+    "predicted",
+    "predicted_low",
+    "predicted_high",
+    "logit_predicted",
+]
 
 
 def scale_table(space, table, fits: dict):
@@ -203,28 +231,45 @@ def scale_table(space, table, fits: dict):
     lo, hi = space.param("lr").values
     rows, frontiers = [], {}
     for v in space.variants:
-        n = {name: scaling.non_embedding_params(space.trial_config(v, **fields))
-             for name, fields in space.scale.every_size.items()}
+        n = {
+            name: scaling.non_embedding_params(space.trial_config(v, **fields))
+            for name, fields in space.scale.every_size.items()
+        }
         used = [name for name in sizes if fits.get(arm_label(v, name)) is not None and fits[arm_label(v, name)].samples]
-        fr = scaling.fit_frontier([math.log(n[x]) for x in used], [fits[arm_label(v, x)].samples for x in used],
-                                  math.log(n[target]), others=[math.log(n[x]) for x in sizes],
-                                  rng=np.random.default_rng(zlib.crc32(str(v).encode())))
+        fr = scaling.fit_frontier(
+            [math.log(n[x]) for x in used],
+            [fits[arm_label(v, x)].samples for x in used],
+            math.log(n[target]),
+            others=[math.log(n[x]) for x in sizes],
+            rng=np.random.default_rng(zlib.crc32(str(v).encode())),
+        )
         frontiers[v] = fr
         completed = []
         for name in sizes:
             t = ran(table[table["variant"] == arm_label(v, name)])
             t = t[stable_mask(t)]
-            completed.append((math.log(n[name]), t["lr"].astype(float).tolist(),
-                              t["attn_logit_max"].astype(float).tolist()))
+            completed.append(
+                (math.log(n[name]), t["lr"].astype(float).tolist(), t["attn_logit_max"].astype(float).tolist())
+            )
         logit = scaling.logit_predictor(completed, math.log(n[target]), lo, hi, space.scale.logit_threshold)
         for i, name in enumerate([*sizes, target]):
             f = fits.get(arm_label(v, name))
             pred = (fr.at[i] if name != target else (fr.predicted, fr.low, fr.high)) if fr else (math.nan,) * 3
-            rows.append({"variant": v, "size": name, "role": "target" if name == target else "fit",
-                         "n_params": n[name], "max_stable_lr": f.lr if f else math.nan,
-                         "max_stable_lr_low": f.low if f else math.nan, "max_stable_lr_high": f.high if f else math.nan,
-                         "predicted": pred[0], "predicted_low": pred[1], "predicted_high": pred[2],
-                         "logit_predicted": logit if name == target else math.nan})
+            rows.append(
+                {
+                    "variant": v,
+                    "size": name,
+                    "role": "target" if name == target else "fit",
+                    "n_params": n[name],
+                    "max_stable_lr": f.lr if f else math.nan,
+                    "max_stable_lr_low": f.low if f else math.nan,
+                    "max_stable_lr_high": f.high if f else math.nan,
+                    "predicted": pred[0],
+                    "predicted_low": pred[1],
+                    "predicted_high": pred[2],
+                    "logit_predicted": logit if name == target else math.nan,
+                }
+            )
     return pd.DataFrame(rows, columns=SCALE_TABLE_COLUMNS), frontiers
 
 
@@ -237,33 +282,50 @@ def scale_verdicts(t) -> dict[str, dict]:
     interval, and is the interval within one sqrt(2) step either side of the prediction?"""
     out = {}
     for _, r in t[(t["role"] == "target") & t["max_stable_lr"].notna() & t["predicted"].notna()].iterrows():
-        out[r["variant"]] = {"inside": bool(r["predicted_low"] <= r["max_stable_lr"] <= r["predicted_high"]),
-                             "narrow": bool(r["predicted_high"] / r["predicted"] <= SQRT2_STEP * (1 + 1e-9)
-                                            and r["predicted"] / r["predicted_low"] <= SQRT2_STEP * (1 + 1e-9))}
+        out[r["variant"]] = {
+            "inside": bool(r["predicted_low"] <= r["max_stable_lr"] <= r["predicted_high"]),
+            "narrow": bool(
+                r["predicted_high"] / r["predicted"] <= SQRT2_STEP * (1 + 1e-9)
+                and r["predicted"] / r["predicted_low"] <= SQRT2_STEP * (1 + 1e-9)
+            ),
+        }
     return out
 
 
 def scale_markdown(t, frontiers: dict, threshold: float) -> str:
     from ..tables import fmt, interval
 
-    lines = ["| variant | size | parameters (no embeddings) | measured max stable LR | 90% interval | "
-             "line through the fitted sizes | 90% interval | logit predictor |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | size | parameters (no embeddings) | measured max stable LR | 90% interval | "
+        "line through the fitted sizes | 90% interval | logit predictor |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for _, r in t.iterrows():
         size = f"**{r['size']}** (target)" if r["role"] == "target" else r["size"]
-        lines.append(f"| {r['variant']} | {size} | {r['n_params']:,} | {fmt(r['max_stable_lr'])} | "
-                     f"{interval(r['max_stable_lr_low'], r['max_stable_lr_high'])} | {fmt(r['predicted'])} | "
-                     f"{interval(r['predicted_low'], r['predicted_high'])} | "
-                     f"{fmt(r['logit_predicted']) if r['role'] == 'target' else ''} |")
+        lines.append(
+            f"| {r['variant']} | {size} | {r['n_params']:,} | {fmt(r['max_stable_lr'])} | "
+            f"{interval(r['max_stable_lr_low'], r['max_stable_lr_high'])} | {fmt(r['predicted'])} | "
+            f"{interval(r['predicted_low'], r['predicted_high'])} | "
+            f"{fmt(r['logit_predicted']) if r['role'] == 'target' else ''} |"
+        )
     lines.append("")
     for v, fr in frontiers.items():
         if fr is None:
             lines.append(f"- {v}: no fit (fewer than two sizes have a max stable LR with an interval)")
             continue
-        fit = f"chi^2/dof about the line {fr.birge ** 2:.2f}" if not math.isnan(fr.birge) else "two sizes: no check of the line"
-        lines.append(f"- {v}: max stable LR ~ N^{fr.alpha:.2f} [{fr.alpha_low:.2f}, {fr.alpha_high:.2f}] from "
-                     f"{fr.sizes} sizes; {fit}" + (" (interval widened by its square root)" if fr.birge > 1 else ""))
-    lines.append(f"- logit predictor: the lowest LR at which the max attention logit, extrapolated to the target "
-                 f"size, reaches {threshold:g} ('-': it does not within the searched range)")
+        fit = (
+            f"chi^2/dof about the line {fr.birge**2:.2f}"
+            if not math.isnan(fr.birge)
+            else "two sizes: no check of the line"
+        )
+        lines.append(
+            f"- {v}: max stable LR ~ N^{fr.alpha:.2f} [{fr.alpha_low:.2f}, {fr.alpha_high:.2f}] from "
+            f"{fr.sizes} sizes; {fit}" + (" (interval widened by its square root)" if fr.birge > 1 else "")
+        )
+    lines.append(
+        f"- logit predictor: the lowest LR at which the max attention logit, extrapolated to the target "
+        f"size, reaches {threshold:g} ('-': it does not within the searched range)"
+    )
     return "\n".join(lines)
 
 
@@ -282,25 +344,55 @@ def plot_frontier(t, frontiers: dict, path: Path) -> None:
     for i, (v, g) in enumerate(t.groupby("variant", sort=False)):
         c = f"C{i}"
         fit, target = g[g["role"] == "fit"], g[g["role"] == "target"]
-        ax.errorbar(fit["n_params"], fit["max_stable_lr"],
-                    yerr=[fit["max_stable_lr"] - fit["max_stable_lr_low"], fit["max_stable_lr_high"] - fit["max_stable_lr"]],
-                    fmt="o", color=c, capsize=3, label=f"{v}: measured")
+        ax.errorbar(
+            fit["n_params"],
+            fit["max_stable_lr"],
+            yerr=[fit["max_stable_lr"] - fit["max_stable_lr_low"], fit["max_stable_lr_high"] - fit["max_stable_lr"]],
+            fmt="o",
+            color=c,
+            capsize=3,
+            label=f"{v}: measured",
+        )
         if target["max_stable_lr"].notna().any():
-            ax.errorbar(target["n_params"], target["max_stable_lr"],
-                        yerr=[target["max_stable_lr"] - target["max_stable_lr_low"],
-                              target["max_stable_lr_high"] - target["max_stable_lr"]],
-                        fmt="s", mfc="none", color=c, capsize=3, label=f"{v}: measured at the target (not fitted)")
+            ax.errorbar(
+                target["n_params"],
+                target["max_stable_lr"],
+                yerr=[
+                    target["max_stable_lr"] - target["max_stable_lr_low"],
+                    target["max_stable_lr_high"] - target["max_stable_lr"],
+                ],
+                fmt="s",
+                mfc="none",
+                color=c,
+                capsize=3,
+                label=f"{v}: measured at the target (not fitted)",
+            )
         fr = frontiers.get(v)
         if fr is not None:
             n, mid, low, high = (np.array(a) for a in zip(*fr.line))
             ax.plot(n, mid, color=c, lw=1.2)
             ax.fill_between(n, low, high, color=c, alpha=0.18)
             ax.fill_between(n, mid, top, color=c, alpha=0.06)  # above the frontier: divergent
-            ax.errorbar(target["n_params"], [fr.predicted], yerr=[[fr.predicted - fr.low], [fr.high - fr.predicted]],
-                        fmt="*", ms=12, color=c, capsize=4, label=f"{v}: predicted {fr.predicted:.3g}")
+            ax.errorbar(
+                target["n_params"],
+                [fr.predicted],
+                yerr=[[fr.predicted - fr.low], [fr.high - fr.predicted]],
+                fmt="*",
+                ms=12,
+                color=c,
+                capsize=4,
+                label=f"{v}: predicted {fr.predicted:.3g}",
+            )
         if target["logit_predicted"].notna().any():
-            ax.plot(target["n_params"], target["logit_predicted"], "D", mfc="none", color=c, ms=8,
-                    label=f"{v}: attention-logit predictor")
+            ax.plot(
+                target["n_params"],
+                target["logit_predicted"],
+                "D",
+                mfc="none",
+                color=c,
+                ms=8,
+                label=f"{v}: attention-logit predictor",
+            )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_ylim(top=top)

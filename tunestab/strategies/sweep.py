@@ -42,8 +42,10 @@ class Sweep(Strategy):
         if len(sens):
             out.say(f"LR sensitivity (Wortsman et al.; lower is more stable):\n{sens.to_string(index=False)}\n")
         if len(cells) and space.param("seed") is not None:
-            out.say(f"Per cell over seeds (diverged: by the loss rule or stopped by TEV; the rest: runs that "
-                    f"did not diverge):\n{cells.to_string(index=False)}\n")
+            out.say(
+                f"Per cell over seeds (diverged: by the loss rule or stopped by TEV; the rest: runs that "
+                f"did not diverge):\n{cells.to_string(index=False)}\n"
+            )
 
 
 # What lr_sensitivity measures per group; its other columns name the group.
@@ -73,15 +75,29 @@ def lr_sensitivity(table, space):
     rows = []
     for key, g in t.groupby(keys, dropna=False):
         per_lr = g.groupby("lr")["clipped"].mean()
-        rows.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))),
-                     "lr_sensitivity": per_lr.mean() - per_lr.min(), "best_lr": per_lr.idxmin(),
-                     "best_val_loss": per_lr.min(), "lrs": len(per_lr)})
+        rows.append(
+            {
+                **dict(zip(keys, key if isinstance(key, tuple) else (key,))),
+                "lr_sensitivity": per_lr.mean() - per_lr.min(),
+                "best_lr": per_lr.idxmin(),
+                "best_val_loss": per_lr.min(),
+                "lrs": len(per_lr),
+            }
+        )
     return pd.DataFrame(rows)
 
 
 # What sweep_cells measures per cell; its other columns name the cell.
-CELL_COLUMNS = ["seeds", "diverged", "tev_flagged", "tev_mean", "tev_std", "val_ppl", "val_ppl_sd",
-                "spearman_tev_gradvar"]
+CELL_COLUMNS = [
+    "seeds",
+    "diverged",
+    "tev_flagged",
+    "tev_mean",
+    "tev_std",
+    "val_ppl",
+    "val_ppl_sd",
+    "spearman_tev_gradvar",
+]
 
 
 def sweep_cells(table, space, rho: dict | None = None):
@@ -103,9 +119,17 @@ def sweep_cells(table, space, rho: dict | None = None):
     for key, g in t.groupby(keys, dropna=False, sort=True):
         ok = g[stable_mask(g)]
         ppl = ok["val_loss"].astype(float).map(math.exp)
-        rows.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))),
-                     "seeds": len(g), "diverged": int((g["diverged"] == 1).sum() + (g[STOP_REASON] == StopReason.TEV).sum()),
-                     "tev_flagged": int(g["tev_stop_step"].notna().sum()),
-                     "tev_mean": ok["tev_mean"].mean(), "tev_std": ok["tev_std"].mean(),
-                     "val_ppl": ppl.mean(), "val_ppl_sd": ppl.std(), "spearman_tev_gradvar": g["rho"].mean()})
+        rows.append(
+            {
+                **dict(zip(keys, key if isinstance(key, tuple) else (key,))),
+                "seeds": len(g),
+                "diverged": int((g["diverged"] == 1).sum() + (g[STOP_REASON] == StopReason.TEV).sum()),
+                "tev_flagged": int(g["tev_stop_step"].notna().sum()),
+                "tev_mean": ok["tev_mean"].mean(),
+                "tev_std": ok["tev_std"].mean(),
+                "val_ppl": ppl.mean(),
+                "val_ppl_sd": ppl.std(),
+                "spearman_tev_gradvar": g["rho"].mean(),
+            }
+        )
     return pd.DataFrame(rows)

@@ -33,8 +33,9 @@ class TuneStrategy(Strategy):
 
     def parse_section(self, raw, draft, problems):
         t = super().parse_section(raw, draft, problems)
-        problems += [f"tune.{k}: must be >= 1, got {getattr(t, k)}" for k in ("num_samples", "seeds")
-                     if getattr(t, k) < 1]
+        problems += [
+            f"tune.{k}: must be >= 1, got {getattr(t, k)}" for k in ("num_samples", "seeds") if getattr(t, k) < 1
+        ]
         if t.sampler not in SAMPLERS:
             problems.append(f"tune.sampler: expected one of {', '.join(SAMPLERS)}, got {t.sampler!r}")
         return t
@@ -51,18 +52,24 @@ class TuneStrategy(Strategy):
         from ray import tune
 
         variants = list(space.variants)
-        return {"variant": tune.choice(variants) if len(variants) > 1 else variants[0],
-                **{p.name: p.tune_domain() for p in space.params}}
+        return {
+            "variant": tune.choice(variants) if len(variants) > 1 else variants[0],
+            **{p.name: p.tune_domain() for p in space.params},
+        }
 
     def searcher(self, space, storage):
         import optuna
 
         from ..searchers import FinalOnlyOptunaSearch, SeedRepeater
 
-        sampler = {"tpe": optuna.samplers.TPESampler, "gp": optuna.samplers.GPSampler,
-                   "cmaes": optuna.samplers.CmaEsSampler}[space.tune.sampler](seed=space.tune.seed)
-        search = FinalOnlyOptunaSearch(metric=OBJECTIVE, mode="min", sampler=sampler, storage=storage,
-                                       study_name=space.name)
+        sampler = {
+            "tpe": optuna.samplers.TPESampler,
+            "gp": optuna.samplers.GPSampler,
+            "cmaes": optuna.samplers.CmaEsSampler,
+        }[space.tune.sampler](seed=space.tune.seed)
+        search = FinalOnlyOptunaSearch(
+            metric=OBJECTIVE, mode="min", sampler=sampler, storage=storage, study_name=space.name
+        )
         if space.tune.seeds > 1:
             return SeedRepeater(search, space.tune.seeds, space.trial_config(space.variants[0]).seed)
         return search
@@ -93,10 +100,12 @@ class TuneStrategy(Strategy):
                 out.tag("best_config_separated", str(verdict))
         out.say(f"Best configuration: {best}\nLargest stable LR per configuration:\n{per.to_string(index=False)}\n")
         if scores is not None:
-            out.say(f"Configurations over {space.tune.seeds} seeds, best mean objective first:\n"
-                    f"{scores.head(10).to_string(index=False)}\n"
-                    f"The best stands outside the runner-up's seed spread (mean +- sd): "
-                    f"{'yes' if verdict else 'no' if verdict is not None else 'not enough configurations'}\n")
+            out.say(
+                f"Configurations over {space.tune.seeds} seeds, best mean objective first:\n"
+                f"{scores.head(10).to_string(index=False)}\n"
+                f"The best stands outside the runner-up's seed spread (mean +- sd): "
+                f"{'yes' if verdict else 'no' if verdict is not None else 'not enough configurations'}\n"
+            )
 
 
 def best_configs(table, space):
@@ -128,9 +137,15 @@ def config_scores(table, space):
     t["objective"] = [objectives(r, r["lr"])[OBJECTIVE] for r in t.to_dict("records")]
     rows = []
     for key, g in t.groupby(keys, dropna=False):
-        rows.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))), "seeds": len(g),
-                     "objective_mean": g["objective"].mean(), "objective_sd": g["objective"].std(),
-                     "diverged": int((~stable_mask(g)).sum())})
+        rows.append(
+            {
+                **dict(zip(keys, key if isinstance(key, tuple) else (key,))),
+                "seeds": len(g),
+                "objective_mean": g["objective"].mean(),
+                "objective_sd": g["objective"].std(),
+                "diverged": int((~stable_mask(g)).sum()),
+            }
+        )
     out = pd.DataFrame(rows, columns=keys + ["seeds", "objective_mean", "objective_sd", "diverged"])
     return out.sort_values("objective_mean").reset_index(drop=True)
 
