@@ -137,6 +137,19 @@ def test_yaml_tags_that_build_objects_are_refused(tmp_path):
     assert not marker.exists()
 
 
+def test_a_file_that_is_not_utf8_is_one_message_and_exit_2(tmp_path, capsys):
+    from tunestab import search
+
+    path = tmp_path / "latin.yaml"
+    path.write_bytes(b"name: \xff\xfe\xfa\nstrategy: max_lr\n")
+    with pytest.raises(SpecError) as e:
+        spec.load(str(path))
+    assert e.value.problems == ["not UTF-8 text: byte 0xff at offset 6"] and str(path) in str(e.value)
+    assert search.main(["--space", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "not UTF-8 text" in err and "Traceback" not in err
+
+
 def test_missing_file_and_names_resolve():
     assert spec.resolve_path("default") == spec.SPACES_DIR / "default.yaml"
     with pytest.raises(SpecError) as e:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .outcome import is_stable
+from .outcome import TEV_DISPERSION, TEV_MEAN, TEV_STD, dispersion, is_stable
 from .tables import ran, stable_mask
 
 
@@ -114,7 +114,13 @@ def plot_tev_curves(grid, path: Path) -> None:
         stable = is_stable(r.metrics)
         style = {"color": "tab:blue" if stable else "tab:red", "alpha": 0.7, "lw": 1}
         axes[0].plot(df["step"], df["tev_mean"], **style)
-        axes[1].plot(df["step"], df["tev_std"] / df["tev_mean"], **style)
+        # The worker's own sigma/mu; runs recorded before it reported one, from its parts.
+        spread = (
+            df[TEV_DISPERSION]
+            if TEV_DISPERSION in df
+            else [dispersion(m, s) for m, s in zip(df[TEV_MEAN], df[TEV_STD])]
+        )
+        axes[1].plot(df["step"], spread, **style)
     axes[0].set_ylabel("μ_TEV")
     axes[1].set_ylabel("σ_TEV / μ_TEV")
     for ax in axes:

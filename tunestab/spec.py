@@ -165,9 +165,11 @@ def load(name_or_path: str) -> Space:
     path = resolve_path(name_or_path)
     where = f"search space {path}"
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise SpecError([f"cannot read the file: {e.strerror or e}"], where) from None
+    except UnicodeDecodeError as e:
+        raise SpecError([f"not UTF-8 text: byte {e.object[e.start]:#04x} at offset {e.start}"], where) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
