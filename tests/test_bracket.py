@@ -96,7 +96,7 @@ def test_as_an_optuna_sampler_each_variant_gets_its_own_bracket(tmp_path, thresh
     reread = BracketSampler(list(thresholds), design)
     state = reread.state(optuna.load_study(study_name="s", storage=storage, sampler=reread))
     for variant, threshold in thresholds.items():
-        s, d = bracket([(lr, ok) for lr, _, ok in state[variant][0]]).bounds(LO, HI)
+        s, d = bracket([(lr, ok) for lr, _, ok in state[variant]]).bounds(LO, HI)
         assert s < threshold <= d and d / s <= RATIO, (variant, s, d)
 
 
@@ -108,19 +108,21 @@ def drive(outcome, design: Design, parallel: int = 4, seed: int = 0):
     """Run one variant's max_lr to the end with `parallel` trials in flight, finishing in a
     random order; outcome(lr, seed) -> stable?"""
     rng = random.Random(seed)
-    done, running = [], []
+    trials = []  # (lr, seed, stable or None while running), in the order proposed
     while True:
-        while len(running) < parallel:
-            nxt = next_trial(done, running, design)
+        while sum(ok is None for *_, ok in trials) < parallel:
+            nxt = next_trial(trials, design)
             if not isinstance(nxt, tuple):
                 break
-            assert nxt not in running and design.lo <= nxt[0] <= design.hi
-            running.append(nxt)
+            assert nxt not in [(lr, s) for lr, s, _ in trials] and design.lo <= nxt[0] <= design.hi
+            trials.append((*nxt, None))
+        running = [i for i, (*_, ok) in enumerate(trials) if ok is None]
         if not running:
-            assert next_trial(done, running, design) == DONE
-            return done
-        lr, s = running.pop(rng.randrange(len(running)))
-        done.append((lr, s, outcome(lr, s)))
+            assert next_trial(trials, design) == DONE
+            return trials
+        i = running[rng.randrange(len(running))]
+        lr, s, _ = trials[i]
+        trials[i] = (lr, s, outcome(lr, s))
 
 
 def test_boundary_seeds_sample_a_staggered_grid_around_the_bracket():
@@ -161,8 +163,8 @@ def test_the_grid_grows_until_both_sides_of_the_boundary_are_seen():
 def test_nothing_starts_while_the_bracket_may_still_move():
     d = Design(LO, HI, ratio=1.41, seeds=2, step=math.sqrt(2))
     done = [(0.07, 0, True), (0.095, 0, False)]  # narrow enough: 0.095 / 0.07 = 1.36
-    assert next_trial(done, [(0.08, 0)], d) == WAIT  # but a bracketing trial is still in flight
-    lr, seed = next_trial(done, [], d)
+    assert next_trial(done + [(0.08, 0, None)], d) == WAIT  # but a bracketing trial is still in flight
+    lr, seed = next_trial(done, d)
     assert seed in (1, 2)  # a boundary seed's grid trial
 
 
@@ -172,6 +174,53 @@ def test_no_boundary_seeds_when_the_boundary_is_outside_the_range(outcome, why):
     assert {s for _, s, _ in done} == {0}, why
 
 
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_the_trials_a_variant_runs_do_not_depend_on_concurrency_or_finishing_order(slots):
+    """The bracket proposes in rounds chosen from earlier rounds' outcomes alone, and the grid
+    grows only once its levels have all finished: 1, 2 or 4 trials at once, finishing in any
+    order, run the same (lr, seed) set. Boundaries differ by seed, so the grid grows."""
+    boundary = {0: 0.1, 1: 0.03, 2: 0.1, 3: 0.12, 4: 0.4}
+    d = Design(LO, HI, ratio=1.25, slots=slots, max_trials=12, seeds=4, points=3, step=math.sqrt(2))
+    runs = {
+        (parallel, order): sorted((lr, s) for lr, s, _ in drive(lambda lr, s: lr < boundary[s], d, parallel, order))
+        for parallel in (1, 2, 4)
+        for order in range(3)
+    }
+    first = runs[(1, 0)]
+    assert len(first) > 12 and {s for _, s in first} == {0, 1, 2, 3, 4}
+    assert all(r == first for r in runs.values()), {k: len(r) for k, r in runs.items()}
+
+
+def sampler_run(thresholds: dict, design: Design, parallel: int, order: int) -> list:
+    """BracketSampler driven as Tune drives it, `parallel` trials in flight finishing in a
+    random order; returns every (variant, lr, seed) it proposed."""
+    rng = random.Random(order)
+    sampler = BracketSampler(list(thresholds), design)
+    study = optuna.create_study(sampler=sampler, direction="maximize")
+    space = {
+        "variant": optuna.distributions.CategoricalDistribution(list(thresholds)),
+        "lr": optuna.distributions.FloatDistribution(LO, HI, log=True),
+        "seed": optuna.distributions.IntDistribution(0, design.seeds),
+    }
+    in_flight = []
+    while not sampler.finished(study):
+        while len(in_flight) < parallel and sampler.can_propose(study):
+            in_flight.append(study.ask(fixed_distributions=space))
+        t = in_flight.pop(rng.randrange(len(in_flight)))
+        lr, variant = t.params["lr"], t.params["variant"]
+        study.tell(t, lr if lr < thresholds[variant] * (1.1 if t.params["seed"] % 2 else 0.9) else 0.0)
+    return sorted((t.params["variant"], t.params["lr"], t.params["seed"]) for t in study.trials)
+
+
+def test_the_sampler_proposes_the_same_trials_at_concurrency_1_and_4():
+    thresholds = {"baseline": 0.05, "qk_norm": 0.4}
+    d = Design(LO, HI, ratio=1.41, slots=2, max_trials=12, seeds=2, points=2, step=math.sqrt(2))
+    one = sampler_run(thresholds, d, parallel=1, order=0)
+    assert len(one) > 2 * 6
+    for parallel, order in ((4, 0), (4, 1), (2, 2)):
+        assert sampler_run(thresholds, d, parallel, order) == one, (parallel, order)
+
+
 # --------------------------------------------------------------------------------------------
 # the LR range test before the bracket
 
@@ -179,13 +228,15 @@ def test_no_boundary_seeds_when_the_boundary_is_outside_the_range(outcome, why):
 def test_after_a_range_test_the_bracket_starts_just_below_where_it_failed():
     d = Design(LO, HI, ratio=1.41, slots=2, range_margin=4.0, seeds=0, range_test=True)
     assert first_lrs(d, 0.8) == pytest.approx([0.4, 0.2])
-    assert next_trial([], [], d, 0.8) == (pytest.approx(0.4), 0)
-    assert next_trial([], [(0.4, 0)], d, 0.8) == (pytest.approx(0.2), 0)
-    # 0.4 diverged, 0.2 is still inside the bracket: it comes next.
-    assert next_trial([(0.4, 0, False)], [], d, 0.8) == (pytest.approx(0.2), 0)
-    # 0.4 was stable: 0.2 says nothing more, the bracket [0.4, 3] is split as usual.
-    lr, _ = next_trial([(0.4, 0, True)], [], d, 0.8)
-    assert 0.4 < lr < HI and lr != pytest.approx(0.2)
+    assert next_trial([], d, 0.8) == (pytest.approx(0.4), 0)
+    assert next_trial([(0.4, 0, None)], d, 0.8) == (pytest.approx(0.2), 0)
+    # The two make the first round: 0.2 comes second whatever 0.4's outcome, known or not.
+    assert next_trial([(0.4, 0, False)], d, 0.8) == (pytest.approx(0.2), 0)
+    assert next_trial([(0.4, 0, True)], d, 0.8) == (pytest.approx(0.2), 0)
+    # The next round waits for both, then splits the bracket they left ([0.4, 3] here).
+    assert next_trial([(0.4, 0, True), (0.2, 0, None)], d, 0.8) == WAIT
+    lr, _ = next_trial([(0.4, 0, True), (0.2, 0, True)], d, 0.8)
+    assert 0.4 < lr < HI
 
 
 def range_search(thresholds: dict, range_lr: dict, design: Design, tmp_path):
@@ -223,9 +274,9 @@ def test_max_lr_starts_with_one_range_test_per_variant_and_brackets_from_it(tmp_
     for v, threshold in thresholds.items():
         mine = [schedule for variant, schedule in order if variant == v]
         assert mine[0] == "range" and mine.count("range") == 1, mine  # first, and once
-        s, d = bracket([(lr, ok) for lr, _, ok in sampler.state(study)[v][0]]).bounds(LO, HI)
+        s, d = bracket([(lr, ok) for lr, _, ok in sampler.state(study)[v]]).bounds(LO, HI)
         assert s < threshold <= d and d / s <= RATIO, (v, s, d)  # wherever the estimate was
-        assert len(sampler.state(study)[v][0]) <= design.max_trials
+        assert len(sampler.state(study)[v]) <= design.max_trials
         assert sampler.ranges(study)[v] == pytest.approx(estimate[v])
     if factor == 3.0:
         # A good estimate saves trials, its own included: the same search without it brackets
@@ -284,3 +335,37 @@ def test_bracket_search_runs_its_range_tests_and_boundary_seeds_under_tune(tmp_p
         assert len(grid) >= 2 * 2  # both boundary seeds, at two LRs or more each
         assert min(c["lr"] for c in grid) < edge < max(c["lr"] for c in grid)
     assert all(r.error is None for r in results)
+
+
+@pytest.mark.slow
+def test_under_tune_a_search_at_concurrency_1_and_4_runs_the_same_trials(tmp_path):
+    """BracketSearch in real Tune runs of a trainable with a known boundary per variant and seed:
+    one trial at a time and four at once propose the same (variant, lr, seed) set."""
+    import ray
+    from ray import tune
+
+    from tunestab.searchers import BracketSearch
+
+    edges = {"baseline": 0.05, "qk_norm": 0.4}
+
+    def trial(config):
+        stable = config["lr"] < edges[config["variant"]] * (1.1 if config["seed"] % 2 else 0.9)
+        tune.report({"stable_lr": config["lr"] if stable else 0.0})
+
+    design = Design(LO, HI, ratio=1.41, slots=2, max_trials=10, seeds=2, points=2, step=math.sqrt(2))
+    ran = {}
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        for concurrency in (1, 4):
+            storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / f'optuna{concurrency}.db'}")
+            searcher = BracketSearch(list(edges), design, storage=storage, study_name="c")
+            results = tune.Tuner(
+                tune.with_resources(trial, {"cpu": 0.25}),
+                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=200, max_concurrent_trials=concurrency),
+                run_config=tune.RunConfig(storage_path=str(tmp_path / f"tune{concurrency}"), verbose=0),
+            ).fit()
+            assert all(r.error is None for r in results)
+            ran[concurrency] = sorted((r.config["variant"], r.config["lr"], r.config["seed"]) for r in results)
+    finally:
+        ray.shutdown()
+    assert len(ran[1]) > 2 * 6 and ran[1] == ran[4]

@@ -2,9 +2,10 @@
 
 **1. Bracket** (one seed, the space's `trial.seed`). Each variant keeps a bracket [largest
 stable LR, smallest divergent LR] in log-LR. Until it is narrow enough (divergent / stable <=
-`ratio`), the next LR is one of the `slots` points that split the bracket evenly in log space,
-the one farthest from any trial still running, so that `slots` trials of a variant run side by
-side and each still halves-or-better the bracket. Before any outcome is known, the ends of the
+`ratio`), it runs rounds of `slots` trials at the points that split the bracket the earlier
+rounds left evenly in log space, side by side; the next round starts when the whole round has
+finished. A round's LRs never depend on when its own trials finish, so a search proposes the same
+trials at any concurrency and in any finishing order. Before any outcome is known, the ends of the
 searched range stand in for the bracket: a trial at the top of the range is not spent to learn
 that it diverges, nor one at the bottom to learn that it does not. The bracket is taken
 conservatively: the smallest divergent LR bounds it from above, and only stable LRs below that
@@ -99,7 +100,8 @@ class Design:
     ratio: float = 1.41
     """Bracketing ends when smallest divergent / largest stable LR is at most this."""
     slots: int = 2
-    """Bracketing trials per variant proposed in parallel inside the current bracket."""
+    """Bracketing trials per round: each round splits the bracket the earlier rounds left into
+    slots + 1 parts, and runs side by side."""
     max_trials: int = 12
     """Bracketing trials per variant at most, bracket or not."""
     seed: int = 0
@@ -164,27 +166,46 @@ def first_lrs(d: Design, range_lr: float) -> list[float]:
     return [range_lr / d.range_margin ** ((i + 1) / d.slots) for i in range(d.slots)]
 
 
-def next_trial(
-    outcomes: list[tuple[float, int, bool]], pending: list[tuple[float, int]], d: Design, range_lr: float | None = None
-):
+def next_bracket_lr(first: list[tuple[float, bool | None]], d: Design, range_lr: float | None = None):
+    """The bracketing seed's next LR, WAIT, or None once the bracket is done.
+
+    first: the bracketing seed's trials in the order they were proposed, (lr, stable?), stable
+    None while a trial runs. Trials are proposed in rounds of `slots`: a round's LRs are chosen
+    from the outcomes of the rounds before it alone, and the next round starts when all of them
+    have finished. So the LRs a bracket tries do not depend on which trial finished first, or on
+    how many run at once (a round's later trials are not told its earlier ones' outcomes, even when
+    they are known: at concurrency 1 that costs up to `slots` - 1 trials a variant)."""
+    n = len(first)
+    start = n - n % d.slots  # where the round the next trial would join starts
+    earlier, current = first[:start], first[start:]
+    if any(ok is None for _, ok in earlier):
+        return WAIT  # a round starts when the one before it has finished
+    known = [(lr, ok) for lr, ok in earlier]
+    if n >= d.max_trials or is_done(known, d.lo, d.hi, d.ratio, d.max_trials):
+        return WAIT if any(ok is None for _, ok in current) else None
+    taken = [lr for lr, _ in current]
+    if range_lr is not None and start == 0:
+        # The round after the range test: its points first (the range's ends are never tried:
+        # see the module's doc).
+        for lr in first_lrs(d, range_lr):
+            if d.lo < lr < d.hi and not any(same(lr, t) for t in taken):
+                return lr
+    return next_lr(known, taken, d.lo, d.hi, d.slots)
+
+
+def next_trial(trials: list[tuple[float, int, bool | None]], d: Design, range_lr: float | None = None):
     """One variant's next trial as (lr, seed), or WAIT, or DONE.
 
-    outcomes: (lr, seed, stable?) of its finished trials; pending: (lr, seed) of those running;
-    range_lr: where its LR range test failed, when the design has one (the bracket starts there)."""
-    first = [(lr, ok) for lr, seed, ok in outcomes if seed == d.seed]
-    running = [lr for lr, seed in pending if seed == d.seed]
-    if not is_done(first, d.lo, d.hi, d.ratio, d.max_trials - len(running)):
-        if range_lr is not None:
-            # The range test's points first, while they still lie inside the bracket and untried
-            # (the range's ends are never tried: see the module's doc).
-            s, top = bracket(first).bounds(d.lo, d.hi)
-            tried = [lr for lr, _ in first] + running
-            for lr in first_lrs(d, range_lr):
-                if s < lr < top and not any(same(lr, t) for t in tried):
-                    return lr, d.seed
-        return next_lr(first, running, d.lo, d.hi, d.slots), d.seed
-    if running:
-        return WAIT  # the bracket may still move
+    trials: its trials in the order they were proposed, (lr, seed, stable?), stable None while a
+    trial runs; range_lr: where its LR range test failed, when the design has one (the bracket
+    starts there)."""
+    first = [(lr, ok) for lr, seed, ok in trials if seed == d.seed]
+    nxt = next_bracket_lr(first, d, range_lr)
+    if nxt is not None:
+        return nxt if isinstance(nxt, str) else (nxt, d.seed)
+    outcomes = [(lr, seed, ok) for lr, seed, ok in trials if ok is not None]
+    pending = [(lr, seed) for lr, seed, ok in trials if ok is None]
+    first = [(lr, ok) for lr, ok in first if ok is not None]
     b = bracket(first)
     if d.seeds < 1 or b.stable is None or b.divergent is None:
         # One seed only, or the boundary lies outside the searched range: nothing to place.

@@ -31,20 +31,20 @@ class BracketSampler(optuna.samplers.BaseSampler):
         self.variants, self.design = list(variants), design
         self._chosen: dict[int, tuple[float, int, str]] = {}  # trial number -> its (lr, seed, schedule)
 
-    def state(self, study: optuna.Study, exclude: int | None = None) -> dict[str, tuple[list, list]]:
-        """variant -> (finished outcomes [(lr, seed, stable)], pending [(lr, seed)]), range tests
-        left out."""
-        out = {v: ([], []) for v in self.variants}
-        for t in study.get_trials(deepcopy=False):
+    def state(self, study: optuna.Study, exclude: int | None = None) -> dict[str, list]:
+        """variant -> its trials in the order they were proposed, (lr, seed, stable?), stable None
+        while a trial runs; range tests left out."""
+        out = {v: [] for v in self.variants}
+        for t in study.get_trials(deepcopy=False):  # in trial-number order: the order proposed
             v, lr = t.params.get("variant"), t.params.get("lr")
             if v not in out or lr is None or t.number == exclude or t.params.get("lr_schedule") == RANGE:
                 continue
             seed = int(t.params.get("seed", self.design.seed))
             if t.state == optuna.trial.TrialState.COMPLETE:
                 # stable_lr > 0: outcome.is_stable's verdict, as the study stored it.
-                out[v][0].append((lr, seed, t.values[0] > 0))
+                out[v].append((lr, seed, t.values[0] > 0))
             elif t.state == optuna.trial.TrialState.RUNNING:
-                out[v][1].append((lr, seed))
+                out[v].append((lr, seed, None))
         return out
 
     def ranges(self, study: optuna.Study, exclude: int | None = None) -> dict[str, float | str | None]:
@@ -65,14 +65,14 @@ class BracketSampler(optuna.samplers.BaseSampler):
         """variant -> its next trial: an (lr, seed, schedule), WAIT or DONE."""
         ranges = self.ranges(study, exclude) if self.design.range_test else {}
         out = {}
-        for v, (done, pending) in self.state(study, exclude).items():
+        for v, trials in self.state(study, exclude).items():
             r = ranges.get(v)
             if self.design.range_test and r is None:
                 out[v] = (self.design.hi, self.design.seed, RANGE)  # the ramp ends at the range's top
             elif r == RUNNING:
                 out[v] = WAIT
             else:
-                nxt = next_trial(done, pending, self.design, r)
+                nxt = next_trial(trials, self.design, r)
                 out[v] = (*nxt, "cosine") if isinstance(nxt, tuple) else nxt
         return out
 
@@ -88,7 +88,7 @@ class BracketSampler(optuna.samplers.BaseSampler):
         ready = {v: p for v, p in self.proposals(study, exclude=trial.number).items() if isinstance(p, tuple)}
         choices = list(ready) or self.variants
         # The variant with the fewest trials so far, finished or running.
-        variant = min(choices, key=lambda v: (len(state[v][0]) + len(state[v][1]), self.variants.index(v)))
+        variant = min(choices, key=lambda v: (len(state[v]), self.variants.index(v)))
         self._chosen[trial.number] = ready.get(variant) or (self.design.lo, self.design.seed, "cosine")
         return variant
 
