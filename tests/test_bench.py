@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
+@pytest.mark.slow
 def test_the_gpu_check_runs_every_part_at_a_tiny_shape_on_the_cpu():
     done = subprocess.run(
         [sys.executable, str(BENCH / "gpu_check.py"), "--tiny"], capture_output=True, text=True, timeout=600

@@ -144,6 +144,7 @@ def one_case(cfg: TrialConfig, folder) -> dict:
     return {"loss1": loss1.item(), "val": val.item(), "loss2": loss2.item()}
 
 
+@pytest.mark.slow  # 5-18 s a case on 2 cores: inductor compiles every variant twice
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("variant", list(VARIANTS))
 # dynamo's config keeps its keys in its own table, not in the module's __dict__: monkeypatch's
