@@ -19,25 +19,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
-from test_layers import strategy_branches  # noqa: E402  (the one definition of a strategy branch)
+import test_layers  # noqa: E402  (the one definition of a strategy branch and of the worker)
+from test_layers import strategy_branches  # noqa: E402
 
-WORKER = {
-    "config",
-    "model",
-    "data",
-    "probes",
-    "checkpoint",
-    "session",
-    "compute",
-    "loop",
-    "trainer",
-    "ray_trial",
-    "train",
-    "metrics",
-    "outcome",
-    "cluster",
-    "__init__",
-}
+# The worker's modules (test_layers.WORKER), with the old name of ray_trial and the package file.
+WORKER = test_layers.WORKER | {"trainer", "__init__"}
 HEAVY = ("torch", "ray", "optuna", "mlflow", "pandas", "matplotlib")
 
 

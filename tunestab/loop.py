@@ -28,8 +28,16 @@ from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from .compute import Setup, peak_flops, setup, training_flops_per_token
 from .config import ConfigError, TrialConfig, batch_split_problem
 from .metrics import finite
-from .outcome import TEV_DISPERSION, TEV_MEAN, TEV_STD, dispersion
+from .outcome import TEV_DISPERSION, TEV_MEAN, TEV_STD, StopReason, dispersion
 from .probes import model_probes, tev_rows
+
+# How the divergence rule ends a trial (plain str values: they travel in every report).
+NONFINITE, BLOWUP, NO_PROGRESS, RANGE_END = (
+    StopReason.NONFINITE.value,
+    StopReason.BLOWUP.value,
+    StopReason.NO_PROGRESS.value,
+    StopReason.RANGE_END.value,
+)
 
 
 def lr_at(step: int, cfg: TrialConfig) -> float:
@@ -78,23 +86,23 @@ class Divergence:
 
     def after_report(self, step: int, loss: float, nonfinite: bool) -> str | None:
         if nonfinite:
-            return "nonfinite"
+            return NONFINITE
         if self.cfg.lr_schedule == "range":
             self.best = min(self.best, loss)
             if self.best < self.loss0 < loss:
-                return "range_end"
+                return RANGE_END
         if step <= self.cfg.warmup_steps:
             return None  # early spikes while the LR ramps up are not a verdict
         self.recent = (self.recent + [loss])[-self.cfg.blowup_window :]
         smoothed = sum(self.recent) / len(self.recent)
         if len(self.recent) == self.cfg.blowup_window and smoothed > self.loss0 + self.cfg.blowup_margin:
-            return "blowup"
+            return BLOWUP
         return None
 
     def at_end(self, val_loss: float) -> str | None:
         if self.cfg.lr_schedule == "range":
             return None  # a range test that reached its top LR ends as `completed`
-        return "no_progress" if not val_loss < self.floor else None
+        return NO_PROGRESS if not val_loss < self.floor else None
 
 
 def all_reduce(values: dict[str, torch.Tensor], op, world_size: int) -> dict[str, float]:
@@ -333,7 +341,7 @@ def run(cfg: TrialConfig, session) -> dict:
         if reason is None and ((step + 1) % cfg.eval_every == 0 or is_last):
             val_loss = all_reduce({"v": evaluate(s, val, micro)}, dist.ReduceOp.SUM, world)["v"]
             if not math.isfinite(val_loss):
-                reason = "nonfinite"
+                reason = NONFINITE
             elif is_last:
                 reason = divergence.at_end(val_loss)
 
@@ -351,7 +359,7 @@ def run(cfg: TrialConfig, session) -> dict:
             # search's wall time.
             loop_s=time.perf_counter() - began,
             diverged=int(reason is not None),
-            stop_reason=reason or ("completed" if is_last else "running"),
+            stop_reason=reason or (StopReason.COMPLETED.value if is_last else StopReason.RUNNING.value),
         )
         if timed_steps:  # a window of compiling steps only has no throughput to report
             metrics["tokens_per_s"] = timed_steps * tokens_per_step / max(timed_s, 1e-9)
@@ -360,14 +368,14 @@ def run(cfg: TrialConfig, session) -> dict:
         if metrics.get(TEV_MEAN):  # the scheduler's and the charts' sigma/mu, computed once, here
             metrics[TEV_DISPERSION] = dispersion(metrics[TEV_MEAN], metrics[TEV_STD])
         if val_loss is not None:
-            metrics["val_loss"] = finite(val_loss) if reason != "nonfinite" else divergence.loss0
+            metrics["val_loss"] = finite(val_loss) if reason != NONFINITE else divergence.loss0
         elif reason is not None:
             # A diverged trial's validation loss is l0 (Wortsman et al.'s clip), never NaN.
             metrics["val_loss"] = divergence.loss0
         if cfg.lr_schedule == "range" and (reason is not None or is_last):
             # Where the range test ended: the LR of this report's last step.
             metrics["range_lr"] = metrics["lr"]
-        ends = reason in ("nonfinite", "blowup", "range_end") or is_last
+        ends = reason in (NONFINITE, BLOWUP, RANGE_END) or is_last
 
         with tempfile.TemporaryDirectory(prefix="tunestab-ckpt-") as tmp:
             ckpt_dir = None

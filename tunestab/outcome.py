@@ -105,7 +105,8 @@ class TrialKey:
 
     variant: str
     size: str | None
-    lr: float
+    lr: float | None
+    """None where the space fixes no LR (the trial takes TrialConfig's default)."""
     seed: int
 
     @property
@@ -115,10 +116,11 @@ class TrialKey:
 
     @classmethod
     def of(cls, config: Mapping, default_seed: int = 0) -> "TrialKey":
+        lr = config.get(LR)
         return cls(
             str(config.get("variant")),
             config.get(SIZE),
-            float(config.get(LR, 0.0)),
+            None if lr is None else float(lr),
             int(config.get("seed", default_seed)),
         )
 

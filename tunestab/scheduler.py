@@ -22,6 +22,7 @@ from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from .config import TrialConfig
 from .metrics import is_sentinel
+from .outcome import STOP_REASON, TEV_STOP_REASON, TEV_STOP_STEP, StopReason
 from .tev_rule import TEVRule, signal_of
 
 
@@ -92,7 +93,7 @@ class TEVScheduler(FIFOScheduler):
         while hist and hist[-1][0] >= step:
             hist.pop()
         nonfinite = (
-            result.get("stop_reason") == "nonfinite"
+            result.get(STOP_REASON) == StopReason.NONFINITE
             or is_sentinel(mean)
             or is_sentinel(std)
             or any(isinstance(v, float) and not math.isfinite(v) for v in result.values())
@@ -157,10 +158,10 @@ class TEVScheduler(FIFOScheduler):
         verdict = self.verdicts.get(trial_id)
         if not verdict or result.get(self.time_attr, 0) < verdict["step"]:
             return
-        result["tev_stop_step"] = verdict["step"]
-        result["tev_stop_reason"] = verdict["reason"]
-        if verdict["stopped"] and result.get("stop_reason") in (None, "running"):
-            result["stop_reason"] = "tev"
+        result[TEV_STOP_STEP] = verdict["step"]
+        result[TEV_STOP_REASON] = verdict["reason"]
+        if verdict["stopped"] and result.get(STOP_REASON) in (None, StopReason.RUNNING):
+            result[STOP_REASON] = StopReason.TEV.value
 
     def callback(self) -> "TEVAnnotator":
         return TEVAnnotator(self)

@@ -20,22 +20,37 @@ import pandas as pd
 from . import boundary
 from .bracket import bracket
 from .metrics import FINITE_CAP
-from .outcome import STOP_REASON, StopReason, is_stable
+from .outcome import (
+    DIVERGED,
+    LOSS,
+    LOSS_INIT,
+    LR,
+    STEP,
+    STOP_REASON,
+    TEV_MEAN,
+    TEV_STD,
+    TEV_STOP_STEP,
+    TRIAL_ID,
+    VAL_LOSS,
+    StopReason,
+    TrialKey,
+    is_stable,
+)
 
 COLUMNS = [
-    "trial_id",
+    TRIAL_ID,
     "variant",
-    "lr",
+    LR,
     "seed",
-    "stop_reason",
-    "diverged",
-    "tev_stop_step",
-    "step",
-    "loss",
-    "val_loss",
-    "loss_init",
-    "tev_mean",
-    "tev_std",
+    STOP_REASON,
+    DIVERGED,
+    TEV_STOP_STEP,
+    STEP,
+    LOSS,
+    VAL_LOSS,
+    LOSS_INIT,
+    TEV_MEAN,
+    TEV_STD,
 ]
 # Fixed after the variant, the LR and the seed: the searched parameters go between them and these.
 FIXED = 4
@@ -51,12 +66,8 @@ def trial_table(space, grid, columns: dict | None = None) -> pd.DataFrame:
         if r.metrics is None:
             continue
         m, c = r.metrics, r.config
-        row = {
-            "trial_id": m.get("trial_id"),
-            "variant": c.get("variant"),
-            "lr": c.get("lr"),
-            "seed": c.get("seed", space.trial.get("seed", 0)),
-        }
+        key = TrialKey.of(c, space.trial.get("seed", 0))
+        row = {TRIAL_ID: m.get(TRIAL_ID), "variant": key.variant, LR: key.lr, "seed": key.seed}
         row.update({name: c.get(name) for name in extra})
         row.update({k: m.get(k) for k in COLUMNS[FIXED:]})
         row.update({name: f(c, m) for name, f in columns.items()})

@@ -89,7 +89,8 @@ class Strategy:
 
 
 def shared_report(strategy: Strategy, space, every, grid, out):
-    """The common report; returns (the arm table without range tests, the fits or None)."""
+    """The common report, into `out`. Returns what a strategy's own part builds on: the arm table
+    without range tests, Tune's results without range tests, and the fits per arm (or None)."""
     import pandas as pd
 
     from .. import plots, run_dir, tables
