@@ -192,6 +192,6 @@ def test_a_fifth_strategy_is_one_module_and_one_registry_line(monkeypatch, tmp_p
         for v, edge in (("baseline", 0.05), ("qk_norm", 0.5))
         for lr in (0.01, 0.1, 1.0)
     ]
-    out, _ = report.build(space, grid)
+    out = report.build(space, grid)
     s = out.files["summary.csv"].set_index("variant")
     assert s.loc["baseline", "largest_stable_lr"] == 0.01 and s.loc["qk_norm", "smallest_divergent_lr"] == 1.0

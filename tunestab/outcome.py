@@ -109,11 +109,6 @@ class TrialKey:
     """None where the space fixes no LR (the trial takes TrialConfig's default)."""
     seed: int
 
-    @property
-    def arm(self) -> str:
-        """What max_lr brackets and fits on its own: the variant, or `variant@size`."""
-        return arm_label(self.variant, self.size)
-
     @classmethod
     def of(cls, config: Mapping, default_seed: int = 0) -> "TrialKey":
         lr = config.get(LR)

@@ -68,13 +68,13 @@ class Report:
         return out
 
 
-def build(space, grid) -> tuple[Report, object]:
-    """The report of a search's results (grid: Tune's results); returns it and the trial table."""
+def build(space, grid) -> Report:
+    """The report of a search's results (grid: Tune's results)."""
     strategy = of(space)
     every = trial_table(space, grid, strategy.table_columns(space))
     out = Report()
     strategy.report(space, every, list(grid), out)
-    return out, every
+    return out
 
 
 def log_parent(out: Report, files: list[Path], tracking_uri: str, parent_run_id: str) -> str:
@@ -99,7 +99,7 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path):
     Returns the summary table."""
     from .mlflow_view import runs_url
 
-    out, _ = build(space, grid)
+    out = build(space, grid)
     files = out.write(run_dir)
     summary = out.files[rd.SUMMARY_CSV]
     for line in out.lines:
