@@ -24,7 +24,9 @@ def test_a_checkpoint_resumes_onto_another_device(tmp_path):
     (Untied embeddings: moving a model to meta unties them, which moving it to CUDA does not.)"""
     cfg = tiny(checkpoint_every=10, steps=20, variant="sigma_reparam", tie_embeddings=False)
     run(cfg, LocalSession(checkpoint_dir=str(tmp_path / "ckpt"), out=io.StringIO()))
-    state, _ = checkpoint.load_checkpoint([str(tmp_path / "ckpt" / "step_000010")])
+    saved, _ = checkpoint.load_checkpoint([str(tmp_path / "ckpt" / "step_000010")])
+    assert saved["step"] == 10 and list(saved["members"]) == ["0"]  # a lone trial: a population of one
+    state = saved["members"]["0"]
     assert state["rng_cpu"].device.type == "cpu" and state["rng_cpu"].dtype == torch.uint8
     assert all(t.device.type == "cpu" for t in state["model"].values())
 

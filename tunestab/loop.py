@@ -234,13 +234,14 @@ def model_config(cfg: TrialConfig) -> TrialConfig:
     return dataclasses.replace(cfg, vocab_size=vocab).resolved()
 
 
-def checkpoint_state(s: Setup, step: int, batches, divergence: Divergence, cfg: TrialConfig) -> dict:
+def checkpoint_state(s: Setup, step: int, batches, divergence: Divergence, cfg: TrialConfig, rng=None) -> dict:
+    """One member's part of a checkpoint: everything its next step depends on."""
     return {
         "model": s.model.state_dict(),
         "optimizer": s.optimizer.state_dict(),
         "step": step,
         "data": batches.state_dict(),
-        "rng_cpu": torch.get_rng_state(),
+        "rng_cpu": torch.get_rng_state() if rng is None else rng,
         "rng_cuda": torch.cuda.get_rng_state_all() if s.device.type == "cuda" else [],
         "loss0": divergence.loss0,
         "recent_losses": divergence.recent,
@@ -249,97 +250,88 @@ def checkpoint_state(s: Setup, step: int, batches, divergence: Divergence, cfg: 
     }
 
 
-def restore(
-    session, s: Setup, batches, cfg: TrialConfig, unigram: float | None = None
-) -> tuple[int, Divergence | None]:
-    """Resume from the newest readable checkpoint the session offers: (its step, the divergence
-    rule's state), or (0, None) on a fresh start. The checkpoint is read to the CPU and each
-    tensor copied to its parameter's device by load_state_dict."""
-    state, _ = load_checkpoint(session.checkpoints_to_resume())
-    if state is None:
-        return 0, None
+def member_states(state: dict) -> dict[str, dict]:
+    """A checkpoint's members by id: a population's, or a one-trial checkpoint of an earlier
+    version as member "0"."""
+    return state["members"] if "members" in state else {"0": state}
+
+
+def load_member(state: dict, s: Setup, batches, cfg: TrialConfig, unigram: float | None = None) -> Divergence:
+    """Load one member's part of a checkpoint into its model, optimizer, data position and the
+    global RNG; returns its divergence rule's state."""
     s.model.load_state_dict(state["model"])
     s.optimizer.load_state_dict(state["optimizer"])
     batches.load_state_dict(state["data"])
     torch.set_rng_state(state["rng_cpu"])
     if s.device.type == "cuda" and state["rng_cuda"]:
         torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return state["step"], Divergence(
-        cfg, state["loss0"], state["recent_losses"], unigram, state.get("best_loss", math.inf)
-    )
+    return Divergence(cfg, state["loss0"], state["recent_losses"], unigram, state.get("best_loss", math.inf))
 
 
-def run(cfg: TrialConfig, session) -> dict:
-    """Train one trial on this worker. Returns the last report (rank 0's view)."""
-    began = time.perf_counter()  # for loop_s: the trial's own time, without the Ray start-up before it
-    rank, world = session.rank, session.world_size
-    device = session.device(cfg)
-    cuda = device.type == "cuda"
-    cfg = model_config(cfg)
-    micro = micro_batch(cfg, world)
-    train_tokens, val_tokens = data_mod.load_splits(
-        cfg.data, cfg.tokenizer, data_mod.cache_dir(cfg), cfg.val_fraction, cfg.max_tokens or None
-    )
-    batches = data_mod.Batches(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
-    val = data_mod.eval_batches(val_tokens, cfg.batch_size, cfg.seq_len, cfg.eval_batches, rank, world)
+def restore(
+    session, s: Setup, batches, cfg: TrialConfig, unigram: float | None = None
+) -> tuple[int, Divergence | None]:
+    """Resume a one-member run from the newest readable checkpoint the session offers: (its step,
+    the divergence rule's state), or (0, None) on a fresh start. The checkpoint is read to the
+    CPU and each tensor copied to its parameter's device by load_state_dict."""
+    state, _ = load_checkpoint(session.checkpoints_to_resume())
+    if state is None:
+        return 0, None
+    (member,) = member_states(state).values()
+    return state["step"], load_member(member, s, batches, cfg, unigram)
 
-    s = setup(cfg, device, session.wrap_ddp)
-    unigram = data_mod.unigram_entropy(train_tokens) if cfg.progress_floor == "unigram" else None
-    start, divergence = restore(session, s, batches, cfg, unigram)
-    if divergence is None:
-        loss0 = all_reduce({"l": evaluate(s, val, micro)}, dist.ReduceOp.SUM, world)["l"]
-        divergence = Divergence(cfg, loss0, unigram=unigram)
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
+class Member:
+    """One model of a population: its config, model and optimizer, data order, divergence rule,
+    report window and random state. Members of a population share the data and the step count,
+    and nothing else: each steps, reports and ends on its own numbers."""
 
-    peak = peak_flops(device)
-    flops_per_token = training_flops_per_token(s.model)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    window = Window(device)
-    timed_steps, timed_s, last = 0, 0.0, None
-    # The first step of each kind (with probes or without) builds its compiled graph, and on a
-    # GPU initialises its kernels: it is left out of tokens_per_s and mfu.
-    warm: set[bool] = set()
-    tick = time.perf_counter()
+    def __init__(self, mid: str, cfg: TrialConfig, session, device, data, unigram):
+        train_tokens, self.val = data
+        rank, world = session.rank, session.world_size
+        self.id, self.cfg = mid, cfg
+        self.micro = micro_batch(cfg, world)
+        self.batches = data_mod.Batches(train_tokens, cfg.batch_size, cfg.seq_len, cfg.seed, rank, world)
+        self.s = setup(cfg, device, session.wrap_ddp)  # seeds the global RNG with cfg.seed
+        self.unigram = unigram
+        self.divergence: Divergence | None = None
+        self.window = Window(device)
+        self.flops_per_token = training_flops_per_token(self.s.model)
+        self.rng = torch.get_rng_state()  # this member's random state (dropout) between its steps
 
-    for step in range(start, cfg.steps):
-        for group in s.optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
-        is_last = step + 1 == cfg.steps
-        is_ckpt = cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0
-        is_report = (step + 1) % cfg.report_every == 0 or is_last or is_ckpt
-        cold = is_report not in warm
-        if cold:
-            sync()
-            timed_s += time.perf_counter() - tick
-        x, y = batches.next()
-        loss, grad_norm, probes = train_step(
-            s, x.to(device, non_blocking=True), y.to(device, non_blocking=True), cfg, is_report, micro
+    def resume(self, state: dict) -> None:
+        self.divergence = load_member(state, self.s, self.batches, self.cfg, self.unigram)
+        self.rng = torch.get_rng_state()
+
+    def state(self, step: int) -> dict:
+        return checkpoint_state(self.s, step, self.batches, self.divergence, self.cfg, self.rng)
+
+    def step(self, step: int, probe: bool) -> torch.Tensor | None:
+        """One optimizer step; returns the probes on a report step. Everything stays on the device."""
+        torch.set_rng_state(self.rng)
+        for group in self.s.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.cfg)
+        x, y = self.batches.next()
+        device = self.s.device
+        loss, self.grad_norm, probes = train_step(
+            self.s, x.to(device, non_blocking=True), y.to(device, non_blocking=True), self.cfg, probe, self.micro
         )
-        if cold:
-            sync()
-            warm.add(is_report)
-            tick = time.perf_counter()
-        else:
-            timed_steps += 1
         # Accumulated without a host sync: checked once per report, so a GPU never waits per step.
-        window.add(loss, grad_norm, s.model, lr_at(step, cfg))
-        if not is_report:
-            continue
+        self.window.add(loss, self.grad_norm, self.s.model, lr_at(step, self.cfg))
+        self.rng = torch.get_rng_state()
+        return probes
 
-        # ---- report step: everything below is per report, not per step ----
-        sync()
-        timed_s += time.perf_counter() - tick
+    def report(self, step: int, probes: dict, is_last: bool, world: int) -> tuple[dict, str | None]:
+        """The member's report at `step` (1-based) and the reason it ends there, if it does."""
+        cfg, divergence, window = self.cfg, self.divergence, self.window
         mean = all_reduce({"loss": window.loss_sum / window.steps, "bad": window.bad.float()}, dist.ReduceOp.SUM, world)
         # Per step summaries: TEV is the same on every rank; loss_max is the largest of any rank's.
-        maxed = all_reduce({**probes, **window.maxima(), "grad_norm": grad_norm}, dist.ReduceOp.MAX, world)
+        maxed = all_reduce({**probes, **window.maxima(), "grad_norm": self.grad_norm}, dist.ReduceOp.MAX, world)
         nonfinite = mean["bad"] > 0 or not math.isfinite(mean["loss"])
-        reason = divergence.after_report(step + 1, mean["loss"], nonfinite)
+        reason = divergence.after_report(step, mean["loss"], nonfinite)
         val_loss = None
-        if reason is None and ((step + 1) % cfg.eval_every == 0 or is_last):
-            val_loss = all_reduce({"v": evaluate(s, val, micro)}, dist.ReduceOp.SUM, world)["v"]
+        if reason is None and (step % cfg.eval_every == 0 or is_last):
+            val_loss = all_reduce({"v": evaluate(self.s, self.val, self.micro)}, dist.ReduceOp.SUM, world)["v"]
             if not math.isfinite(val_loss):
                 reason = NONFINITE
             elif is_last:
@@ -350,21 +342,12 @@ def run(cfg: TrialConfig, session) -> dict:
             loss=mean["loss"] if math.isfinite(mean["loss"]) else divergence.loss0,
             loss_init=divergence.loss0,
             loss_floor=divergence.floor,
-            step=step + 1,
-            tokens=(step + 1) * tokens_per_step,
-            lr=lr_at(step, cfg),
-            resumed_from=start,  # the checkpoint step this run continued from; 0 on a fresh start
-            # Seconds since this process entered the loop: data, model, steps, evals, checkpoints.
-            # What the trial would cost without Ray; bench/search_overhead.py sets it against the
-            # search's wall time.
-            loop_s=time.perf_counter() - began,
+            step=step,
+            tokens=step * cfg.batch_size * cfg.seq_len,
+            lr=lr_at(step - 1, cfg),
             diverged=int(reason is not None),
             stop_reason=reason or (StopReason.COMPLETED.value if is_last else StopReason.RUNNING.value),
         )
-        if timed_steps:  # a window of compiling steps only has no throughput to report
-            metrics["tokens_per_s"] = timed_steps * tokens_per_step / max(timed_s, 1e-9)
-            if peak:
-                metrics["mfu"] = flops_per_token * metrics["tokens_per_s"] / world / peak
         if metrics.get(TEV_MEAN):  # the scheduler's and the charts' sigma/mu, computed once, here
             metrics[TEV_DISPERSION] = dispersion(metrics[TEV_MEAN], metrics[TEV_STD])
         if val_loss is not None:
@@ -375,20 +358,141 @@ def run(cfg: TrialConfig, session) -> dict:
         if cfg.lr_schedule == "range" and (reason is not None or is_last):
             # Where the range test ended: the LR of this report's last step.
             metrics["range_lr"] = metrics["lr"]
+        window.reset()
         ends = reason in (NONFINITE, BLOWUP, RANGE_END) or is_last
+        return metrics, reason if ends else None
+
+
+def check_population(cfgs: dict[str, TrialConfig]) -> None:
+    """Members share the data and advance in lockstep: the same data, batch shape and steps."""
+    shared = ("data", "tokenizer", "max_tokens", "val_fraction", "batch_size", "seq_len", "steps", "eval_batches")
+    first = next(iter(cfgs.values()))
+    bad = [
+        f"member {mid}: {k} = {getattr(c, k)!r}, not {getattr(first, k)!r} as the first member"
+        for mid, c in cfgs.items()
+        for k in shared
+        if getattr(c, k) != getattr(first, k)
+    ]
+    if bad or not cfgs:
+        raise ConfigError(bad or ["a population needs at least one member"], "population")
+
+
+def run(cfg: TrialConfig, session) -> dict:
+    """Train one trial on this worker: a population of one whose reports are its own (flat).
+    Returns the last report (rank 0's view)."""
+    return run_population({"0": cfg}, session, nested=False)["0"]
+
+
+def run_population(cfgs: dict[str, TrialConfig], session, nested: bool = True) -> dict[str, dict]:
+    """Train a population on this worker: members advance in lockstep, each on its own numbers,
+    and one report per report step carries every member still training (`nested`:
+    {"step", "members": {id: metrics}, ...}; else the one member's metrics). A member ends when
+    it diverges, completes, or the session says it was stopped (`session.stopped`); a member that
+    ended costs nothing more. Returns each member's last report."""
+    began = time.perf_counter()  # for loop_s: the trial's own time, without the Ray start-up before it
+    rank, world = session.rank, session.world_size
+    cfgs = {mid: model_config(c) for mid, c in cfgs.items()}
+    check_population(cfgs)
+    first = next(iter(cfgs.values()))
+    device = session.device(first)
+    cuda = device.type == "cuda"
+    train_tokens, val_tokens = data_mod.load_splits(
+        first.data, first.tokenizer, data_mod.cache_dir(first), first.val_fraction, first.max_tokens or None
+    )
+    val = data_mod.eval_batches(val_tokens, first.batch_size, first.seq_len, first.eval_batches, rank, world)
+    unigram = data_mod.unigram_entropy(train_tokens) if first.progress_floor == "unigram" else None
+    members = {mid: Member(mid, c, session, device, (train_tokens, val), unigram) for mid, c in cfgs.items()}
+
+    start = 0
+    state, _ = load_checkpoint(session.checkpoints_to_resume())
+    if state is not None:
+        start, saved = state["step"], member_states(state)
+        # A member missing from the checkpoint had ended before it: it is not trained again.
+        members = {mid: m for mid, m in members.items() if mid in saved}
+        for mid, m in members.items():
+            m.resume(saved[mid])
+    for m in members.values():
+        if m.divergence is None:
+            loss0 = all_reduce({"l": evaluate(m.s, val, m.micro)}, dist.ReduceOp.SUM, world)["l"]
+            m.divergence = Divergence(m.cfg, loss0, unigram=unigram)
+    active = dict(members)
+    active = {mid: m for mid, m in active.items() if mid not in session.stopped(list(active))}
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    peak = peak_flops(device)
+    tokens_per_step = first.batch_size * first.seq_len
+    timed_steps, timed_s, last = 0, 0.0, {}
+    # The first step of each kind (with probes or without) builds its compiled graph, and on a
+    # GPU initialises its kernels: it is left out of tokens_per_s and mfu.
+    warm: set[bool] = set()
+    tick = time.perf_counter()
+
+    for step in range(start, first.steps):
+        if not active:
+            break
+        is_last = step + 1 == first.steps
+        is_ckpt = first.checkpoint_every and (step + 1) % first.checkpoint_every == 0
+        is_report = (step + 1) % first.report_every == 0 or is_last or is_ckpt
+        cold = is_report not in warm
+        if cold:
+            sync()
+            timed_s += time.perf_counter() - tick
+        probes = {mid: m.step(step, is_report) for mid, m in active.items()}
+        if cold:
+            sync()
+            warm.add(is_report)
+            tick = time.perf_counter()
+        else:
+            timed_steps += 1
+        if not is_report:
+            continue
+
+        # ---- report step: everything below is per report, not per step ----
+        sync()
+        timed_s += time.perf_counter() - tick
+        reports, ended = {}, []
+        for mid, m in active.items():
+            metrics, reason = m.report(step + 1, probes[mid], is_last, world)
+            if timed_steps:  # a window of compiling steps only has no throughput to report
+                # How fast this member advanced: the population's steps, each carrying every member.
+                metrics["tokens_per_s"] = timed_steps * tokens_per_step / max(timed_s, 1e-9)
+                if peak:
+                    metrics["mfu"] = m.flops_per_token * metrics["tokens_per_s"] * len(active) / world / peak
+            reports[mid] = metrics
+            if reason is not None:
+                ended.append(mid)
+        if nested:
+            out = {
+                "step": step + 1,
+                "members": reports,
+                "active": len(active) - len(ended),
+                "population": len(members),
+                # Seconds since this process entered the loop: data, models, steps, evals,
+                # checkpoints. What the trial would cost without Ray; bench/search_overhead.py
+                # sets it against the search's wall time.
+                "loop_s": time.perf_counter() - began,
+                "resumed_from": start,  # the checkpoint step this run continued from; 0 on a fresh start
+            }
+        else:
+            (out,) = reports.values()
+            out.update(loop_s=time.perf_counter() - began, resumed_from=start)
+        for mid in ended:
+            del active[mid]
+        last.update(reports)
 
         with tempfile.TemporaryDirectory(prefix="tunestab-ckpt-") as tmp:
             ckpt_dir = None
-            if is_ckpt and rank == 0 and not ends:
-                save_checkpoint(
-                    Path(tmp) / CHECKPOINT_FILE, checkpoint_state(s, step + 1, batches, divergence, cfg), step + 1
-                )
+            if is_ckpt and rank == 0 and active:
+                state = {"step": step + 1, "members": {mid: m.state(step + 1) for mid, m in active.items()}}
+                save_checkpoint(Path(tmp) / CHECKPOINT_FILE, state, step + 1)
                 ckpt_dir = tmp
-            session.report(metrics, ckpt_dir)
-        last = metrics
-        if ends:
-            break
-        window.reset()
+            session.report(out, ckpt_dir)
+        # Members the driver stopped (the TEV scheduler) since the last report end here.
+        for mid in session.stopped(list(active)):
+            del active[mid]
         timed_steps, timed_s = 0, 0.0
         tick = time.perf_counter()
     return last

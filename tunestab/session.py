@@ -3,8 +3,10 @@
 `LocalSession`: one process, no Ray; reports are JSON lines, checkpoints are copied to a folder.
 `RaySession`: inside a Ray Train worker; `ray.train.report` and `ray.train.get_checkpoint`, and
 DDP across the trial's workers. The loop (tunestab/loop.py) sees only this interface:
-`rank`, `world_size`, `device(cfg)`, `wrap_ddp`, `report(metrics, checkpoint_dir)` and
-`checkpoints_to_resume()`. Ray is imported only by RaySession.
+`rank`, `world_size`, `device(cfg)`, `wrap_ddp`, `report(metrics, checkpoint_dir)`,
+`checkpoints_to_resume()` and `stopped(member_ids)`, the members of a population the driver has
+stopped since (the TEV scheduler's verdicts, through tunestab/stop_board.py). Ray is imported
+only by RaySession.
 """
 
 from __future__ import annotations
@@ -34,10 +36,17 @@ class LocalSession:
     rank, world_size = 0, 1
     wrap_ddp = None  # one process: nothing to synchronise
 
-    def __init__(self, checkpoint_dir: str | None = None, resume_from: str | None = None, out=None):
+    def __init__(self, checkpoint_dir: str | None = None, resume_from: str | None = None, out=None, stop=None):
         self.checkpoint_dir, self.resume_from = checkpoint_dir, resume_from
         self.out = out or sys.stdout
         self.reports: list[dict] = []
+        # {member id: step}: stop that member once a report at or after that step has been made,
+        # as a driver that saw that report would (tests stand in for the TEV scheduler with it).
+        self.stop = dict(stop or {})
+
+    def stopped(self, members: list[str]) -> set[str]:
+        step = self.reports[-1]["step"] if self.reports else 0
+        return {m for m in members if m in self.stop and step >= self.stop[m]}
 
     def device(self, cfg: TrialConfig) -> torch.device:
         return local_device(cfg)
@@ -62,7 +71,7 @@ class LocalSession:
 class RaySession:
     """Inside a Ray Train worker: ray.train.report, ray.train.get_checkpoint, DDP."""
 
-    def __init__(self, echo: bool = False):
+    def __init__(self, echo: bool = False, board: str | None = None, trial_id: str | None = None):
         import ray.train
 
         self._train, self.echo = ray.train, echo
@@ -70,6 +79,23 @@ class RaySession:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self._tmp = []
         self.wrap_ddp = self._wrap_ddp if self.world_size > 1 else None
+        self.board, self.trial_id = board, trial_id
+
+    def stopped(self, members: list[str]) -> set[str]:
+        """The members the search's stop board lists for this trial. Every rank drops the same
+        members at the same step (rank 0 asks and broadcasts), or DDP would wait forever."""
+        if not self.board or not members:
+            return set()
+        from .stop_board import ask
+
+        found = ask(self.board, self.trial_id) if self.rank == 0 else None
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            box = [found]
+            dist.broadcast_object_list(box, src=0)
+            found = box[0]
+        return set(members) & set(found or ())
 
     def device(self, cfg: TrialConfig) -> torch.device:
         import ray.train.torch
