@@ -14,9 +14,9 @@ session is still up afterwards to be asked what it started) and prints, all from
   starting the trial's TorchTrainer cost;
 - the actors Ray started, per class: how many, and the mean seconds to start their process and to
   run their constructor (Ray's task events);
-- alone: every trial run again after the search, one at a time in this process without Ray
-  (`tunestab.loop.run`, the same configuration and seed, to the step it reached, on as many torch
-  threads as its worker had CPUs), divided by the number of trials run at once. `loop_s` inside
+- alone: every trial's every member run again after the search, one at a time in this process
+  without Ray (`tunestab.loop.run`, the same configuration and seed, to the step it reached, on as
+  many torch threads as its worker had CPUs), divided by the number of trials run at once. `loop_s` inside
   the search is inflated by whatever else ran on the cores meanwhile (other trials' start-up);
   this is what the trials cost on their own;
 - the CPU seconds every process used while the search ran, summed by what the process is (Ray
@@ -58,7 +58,22 @@ def trial_results(run_dir: Path) -> list[list[dict]]:
 
 
 def alone_seconds(rows: list[dict]) -> float:
-    """One trial again, without Ray, one process: seconds from entering the loop to its end."""
+    """One trial's models again, each alone, without Ray, one process: the seconds from entering
+    the loop to its end, summed over the trial's population (tunestab/members.py)."""
+    from tunestab.members import MEMBERS, member_configs
+
+    config = dict(rows[-1]["config"])
+    runner = config.pop("runner", {}) or {}
+    if MEMBERS not in config:  # a trial of one model (a search from before populations)
+        return lone_seconds(config, int(rows[-1]["step"]), runner)
+    finals = rows[-1].get(MEMBERS) or {}
+    return sum(
+        lone_seconds(c, int(finals[mid]["step"]), runner) for mid, c in member_configs(config).items() if mid in finals
+    )
+
+
+def lone_seconds(config: dict, steps: int, runner: dict) -> float:
+    """One model, alone, to the step it reached (a stopped one: as far as it went)."""
     import dataclasses
     import io
 
@@ -66,12 +81,10 @@ def alone_seconds(rows: list[dict]) -> float:
 
     from tunestab.config import config_from
     from tunestab.loop import run
+    from tunestab.outcome import SIZE
     from tunestab.session import LocalSession
 
-    config = dict(rows[-1]["config"])
-    runner = config.pop("runner", {}) or {}
-    cfg = config_from(config, "trial config")
-    steps = int(rows[-1]["step"])  # a stopped trial: as far as it went
+    cfg = config_from({k: v for k, v in config.items() if k != SIZE}, "trial config")
     cfg = dataclasses.replace(
         cfg, steps=steps, warmup_steps=min(cfg.warmup_steps, steps), eval_every=min(cfg.eval_every, steps)
     )

@@ -27,10 +27,13 @@ WORKER = {
     "metrics",
     "outcome",
     "cluster",
+    "members",  # a trial's config and reports as its members': pure, shared with the driver
+    "stop_board",  # the one channel from the driver's scheduler to a population's worker
 }
 # Pure design code: decisions and tables a reader can run without a cluster or a tracking store.
 PURE = [
     "tunestab.outcome",
+    "tunestab.members",
     "tunestab.bracket",
     "tunestab.boundary",
     "tunestab.scaling",
@@ -147,9 +150,10 @@ def test_a_dry_run_loads_no_torch_and_no_ray(tmp_path):
 
 
 def test_a_fifth_strategy_is_one_module_and_one_registry_line(monkeypatch, tmp_path):
-    """A toy strategy (every variant at a fixed list of LRs, which Tune grids): its class is all it
-    writes, its registration the one line. The space checker, the command's Tune wiring and the
-    report then take it like the others."""
+    """A toy strategy (every variant at a fixed list of LRs, the default grid searcher): its class
+    is all it writes, its registration the one line. The space checker, the command's Tune wiring
+    (its members grouped into populations, a variant's LRs one trial) and the report then take it
+    like the others."""
     from tunestab import report, search, spec, strategies
     from tunestab.strategies.base import Strategy
 
@@ -159,11 +163,6 @@ def test_a_fifth_strategy_is_one_module_and_one_registry_line(monkeypatch, tmp_p
         def check(self, draft, sections, problems):
             if draft.param("lr") is None or draft.param("lr").kind != "grid":
                 problems.append("params.lr: the fixed_lrs strategy needs `lr: {grid: [...]}`")
-
-        def param_space(self, space):
-            from ray import tune
-
-            return {"variant": tune.grid_search(list(space.variants)), "lr": space.param("lr").tune_domain()}
 
     monkeypatch.setitem(strategies.STRATEGIES, "fixed_lrs", FixedLRs())  # the registry line
     raw = {
@@ -175,7 +174,10 @@ def test_a_fifth_strategy_is_one_module_and_one_registry_line(monkeypatch, tmp_p
     space = spec.parse(raw)
     with pytest.raises(spec.SpecError, match="fixed_lrs strategy needs"):
         spec.parse({**raw, "params": {"lr": {"loguniform": [0.01, 1.0]}}})
-    assert search.param_space(space, tmp_path)["lr"] == {"grid_search": [0.01, 0.1, 1.0]}
+    searcher, populations = search.searcher(space, tmp_path), []
+    while (config := searcher.suggest(f"t{len(populations)}")) not in (None, "FINISHED"):
+        populations.append((config["variant"], [m["lr"] for m in config["members"].values()]))
+    assert populations == [("baseline", [0.01, 0.1, 1.0]), ("qk_norm", [0.01, 0.1, 1.0])]
     grid = [
         SimpleNamespace(
             config={"variant": v, "lr": lr, "seed": 0},

@@ -50,7 +50,6 @@ def test_the_link_opens_the_runs_in_the_model_training_view_with_the_saved_view(
 
 
 def test_a_scale_searchs_runs_carry_their_size_and_its_view_groups_by_variant_and_size(tmp_path):
-    from types import SimpleNamespace
 
     from tunestab import search, spec, tracking
 
@@ -81,11 +80,7 @@ def test_a_scale_searchs_runs_carry_their_size_and_its_view_groups_by_variant_an
     # arm's variant and fields, and its size.
     runs = {
         size: client.get_run(
-            t.run_for(
-                SimpleNamespace(
-                    trial_id=f"t{i}", config={"variant": "qk_norm", "lr": 0.1, "n_layer": 2, "size": size, **fields}
-                )
-            )
+            t.run_for(f"t{i}-0", f"t{i}", {"variant": "qk_norm", "lr": 0.1, "n_layer": 2, "size": size, **fields})
         )
         for i, (size, fields) in enumerate(space.scale.every_size.items())
     }
@@ -96,10 +91,10 @@ def test_a_scale_searchs_runs_carry_their_size_and_its_view_groups_by_variant_an
     # Another strategy's runs are named by variant alone, with no size tag.
     plain = client.get_run(
         tracking.MLflowTracking(uri, "e", parent).run_for(
-            SimpleNamespace(trial_id="t9", config={"variant": "baseline", "lr": 0.1, "d_model": 32})
+            "t9-0", "t9", {"variant": "baseline", "lr": 0.1, "d_model": 32}
         )
     )
-    assert "size" not in plain.data.tags and plain.info.run_name == "baseline-t9"
+    assert "size" not in plain.data.tags and plain.info.run_name == "baseline-t9-0"
 
     search.save_chart_view(client, parent, space, "s-1")
     state = mlflow_view.read_state(client.get_experiment(exp).tags[f"mlflow.sharedViewState.tunestab-{parent}"])

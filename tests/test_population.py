@@ -59,7 +59,8 @@ def test_a_member_that_goes_nonfinite_changes_no_other_members_numbers():
     last = run_population(cfgs, session)
     got = by_member(session)
     assert last["nan"]["stop_reason"] == "nonfinite" and len(got["nan"]) < len(got["calm"])
-    assert all(r["active"] == 1 for r in session.reports[len(got["nan"]) :])  # it costs nothing more
+    # From then on it costs nothing more: no step, no report.
+    assert all(list(r["members"]) == ["calm"] for r in session.reports[len(got["nan"]) :])
     same_numbers(got["calm"], alone(cfgs["calm"]))
     same_numbers(got["nan"], alone(cfgs["nan"]))
 
@@ -102,3 +103,127 @@ def test_a_population_resumes_every_member_with_identical_losses(tmp_path):
 def test_members_must_share_the_data_and_the_steps():
     with pytest.raises(ConfigError, match="member b: steps = 30, not 20"):
         run_population({"a": tiny(steps=20), "b": tiny(steps=30)}, LocalSession(out=io.StringIO()))
+
+
+# --------------------------------------------------------------------------------------------
+# the driver: searchers propose populations, members are the results
+
+
+def drain(searcher, prefix="t"):
+    """Every population the searcher proposes before it waits: [(trial id, config)]."""
+    out = []
+    while True:
+        config = searcher.suggest(f"{prefix}{len(out)}")
+        if config is None or config == "FINISHED":
+            return out, config
+        out.append((f"{prefix}{len(out)}", config))
+
+
+def test_a_bracket_round_is_one_population_per_variant_and_members_complete_the_study(tmp_path):
+    """The max_lr bracket proposes a round of `slots` LRs per variant and waits: each variant's
+    round is one trial; completing the trial completes each member's Optuna trial with its own
+    objective, and the next round follows from them, until the bracket is done."""
+    from tunestab.bracket import Design
+    from tunestab.searchers import BracketSearch, PopulationSearch
+
+    thresholds = {"baseline": 0.05, "qk_norm": 0.4}
+    design = Design(1e-3, 1.0, 1.5, slots=3, max_trials=9, seeds=0)
+    import optuna
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 's.db'}")
+    inner = BracketSearch(list(thresholds), design, storage=storage, study_name="s")
+    search = PopulationSearch(inner, size=32, budget=100)
+    rounds = 0
+    while True:
+        populations, end = drain(search, f"r{rounds}-")
+        if end == "FINISHED":
+            break
+        rounds += 1
+        assert sorted(c["variant"] for _, c in populations) == sorted(thresholds)
+        for trial_id, config in populations:
+            assert len(config["members"]) == 3 and config["lr"] is None
+            finals = {}
+            for mid, own in config["members"].items():
+                stable = own["lr"] < thresholds[config["variant"]]
+                finals[mid] = {"step": 300, "stop_reason": "completed" if stable else "blowup"}
+                finals[mid]["stable_lr"] = own["lr"] if stable else 0.0
+            search.on_trial_complete(trial_id, {f"members/{m}/{k}": v for m, r in finals.items() for k, v in r.items()})
+    assert 2 <= rounds <= 3
+    trials = inner._ot_study.get_trials()
+    assert len(trials) == rounds * 3 * 2 and all(t.state.name == "COMPLETE" for t in trials)
+
+
+def test_optuna_configurations_at_several_seeds_are_a_population_each():
+    """The tune strategy: Optuna proposes without waiting, so a population ends at the first
+    member of another configuration, which starts the next; the budget counts members."""
+    from ray.tune.search import Searcher
+
+    from tunestab.searchers import PopulationSearch, SeedRepeater
+
+    class Configs(Searcher):
+        def __init__(self):
+            super().__init__(metric="objective", mode="min")
+            self.n = 0
+
+        def suggest(self, trial_id):
+            self.n += 1
+            return {"variant": "mlra", "mlra_rank": self.n, "lr": 0.01}
+
+    search = PopulationSearch(SeedRepeater(Configs(), 3), size=32, budget=7, member_fields=("seed",), rounds=False)
+    populations, end = drain(search)
+    assert end == "FINISHED"
+    assert [(c["mlra_rank"], [m["seed"] for m in c["members"].values()]) for _, c in populations] == [
+        (1, [0, 1, 2]),
+        (2, [0, 1, 2]),
+        (3, [0]),
+    ]
+    assert all(c["lr"] == 0.01 for _, c in populations)  # not a member field here: shared
+
+
+def test_a_member_stopped_by_tev_keeps_its_verdict_report_as_a_lone_trial_would():
+    """The worker hears of a stop a report or two late; what Tune keeps of the member ends at
+    the verdict step, with stop_reason tev and the failed objectives, while the others go on."""
+    from types import SimpleNamespace
+
+    from tunestab.members import expand
+    from tunestab.scheduler import TEVScheduler
+    from tunestab.search import make_callbacks
+    from tunestab.tev_rule import TEVRule
+
+    sched = TEVScheduler(TEVRule(signal="dispersion", threshold=0.5, patience=1, min_step=0))
+    outcome, _ = make_callbacks(sched, None)
+    config = {"variant": "baseline", "members": {"t-0": {"lr": 0.01, "seed": 0}, "t-1": {"lr": 0.3, "seed": 0}}}
+    trial = SimpleNamespace(trial_id="t", config=config, last_result=None)
+
+    def report(step, spread):
+        return {"step": step, "tev_mean": 1.0, "tev_std": spread, "loss": 3.0, "stop_reason": "running"}
+
+    spreads = {"t-0": [0.1, 0.1, 0.1], "t-1": [0.1, 0.9, 0.95]}
+    lone_decisions = []
+    for i, step in enumerate((10, 20, 30)):
+        result = {"step": step, "members": {m: report(step, spreads[m][i]) for m in spreads}}
+        flat = {f"members/{m}/{k}": v for m, r in result["members"].items() for k, v in r.items()}
+        assert sched.on_trial_result(None, trial, {"step": step, **flat}) == "CONTINUE"  # the trial runs on
+        outcome.on_trial_result(0, [], trial, result)
+        trial.last_result = result
+        lone = TEVScheduler(sched.rule)
+        lone_decisions = [
+            lone.on_trial_result(None, SimpleNamespace(trial_id="x", config={}), report(s, v))
+            for s, v in zip((10, 20, 30), spreads["t-1"])
+        ]
+    kept = trial.last_result["members"]
+    assert kept["t-1"]["step"] == 20 and kept["t-1"]["stop_reason"] == "tev" and kept["t-1"]["stable_lr"] == 0.0
+    assert lone_decisions[:2] == ["CONTINUE", "STOP"]  # alone, Tune stops it at step 20 too
+    assert kept["t-0"]["step"] == 30 and kept["t-0"]["stop_reason"] == "running"
+    assert trial.last_result["outcomes"] == "running 1, tev 1"
+    members = expand([SimpleNamespace(config=config, metrics=trial.last_result, error=None, path=None)])
+    assert [(m.member_id, m.config["lr"], m.metrics["step"]) for m in members] == [("t-0", 0.01, 30), ("t-1", 0.3, 20)]
+
+
+def test_the_last_report_ends_every_member_and_writes_no_checkpoint(tmp_path):
+    session = LocalSession(checkpoint_dir=str(tmp_path), out=io.StringIO())
+    run_population(
+        {"a": tiny(steps=20, checkpoint_every=10), "b": tiny(steps=20, checkpoint_every=10, seed=1)}, session
+    )
+    assert [r["active"] for r in session.reports] == [2, 0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000010"]  # none at the end, as for a lone trial

@@ -265,19 +265,24 @@ def test_tracking_skips_mlflow_while_it_is_down_and_records_what_it_missed(tmp_p
     marker = tmp_path / run_dir_mod.INCOMPLETE_FILE
     t = tracking.MLflowTracking("http://127.0.0.1:9", "exp", "parent", incomplete=str(marker))
     t._client = Refusing()
-    trial = SimpleNamespace(trial_id="t1", config={"variant": "baseline"}, last_result={"step": 20})
+    config = {"variant": "baseline", "members": {"t1-0": {"lr": 0.01}, "t1-1": {"lr": 0.1}}}
+
+    def result(step):
+        return {"step": step, "members": {m: {"step": step, "loss": 3.0} for m in config["members"]}}
+
+    trial = SimpleNamespace(trial_id="t1", config=config, last_result=result(20))
     t.on_trial_start(0, [], trial)
     for step in (10, 20):
-        t.on_trial_result(0, [], trial, {"step": step, "loss": 3.0})
+        t.on_trial_result(0, [], trial, result(step))
     t.on_trial_complete(0, [], trial)
     # One failed call, then nothing until the retry interval: the search never waits on it.
     assert Refusing.calls == 1
-    assert "open the run of trial t1: ConnectionError" in marker.read_text()
+    assert "open the run of member t1-0: ConnectionError" in marker.read_text()
     out = capsys.readouterr().out
     assert out.count("WARNING: MLflow") == 1 and f"python -m tunestab.replay {tmp_path}" in out
     # After the interval a health check decides: still down, so still no call.
     monkeypatch.setattr(tracking, "RETRY_AFTER_S", 0.0)
-    t.on_trial_result(0, [], trial, {"step": 30, "loss": 3.0})
+    t.on_trial_result(0, [], trial, result(30))
     assert Refusing.calls == 1
 
 

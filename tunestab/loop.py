@@ -321,8 +321,9 @@ class Member:
         self.rng = torch.get_rng_state()
         return probes
 
-    def report(self, step: int, probes: dict, is_last: bool, world: int) -> tuple[dict, str | None]:
-        """The member's report at `step` (1-based) and the reason it ends there, if it does."""
+    def report(self, step: int, probes: dict, is_last: bool, world: int) -> tuple[dict, bool]:
+        """The member's report at `step` (1-based), and whether it ends there (diverged, or its
+        last step)."""
         cfg, divergence, window = self.cfg, self.divergence, self.window
         mean = all_reduce({"loss": window.loss_sum / window.steps, "bad": window.bad.float()}, dist.ReduceOp.SUM, world)
         # Per step summaries: TEV is the same on every rank; loss_max is the largest of any rank's.
@@ -359,8 +360,7 @@ class Member:
             # Where the range test ended: the LR of this report's last step.
             metrics["range_lr"] = metrics["lr"]
         window.reset()
-        ends = reason in (NONFINITE, BLOWUP, RANGE_END) or is_last
-        return metrics, reason if ends else None
+        return metrics, reason in (NONFINITE, BLOWUP, RANGE_END) or is_last
 
 
 def check_population(cfgs: dict[str, TrialConfig]) -> None:
@@ -455,14 +455,14 @@ def run_population(cfgs: dict[str, TrialConfig], session, nested: bool = True) -
         timed_s += time.perf_counter() - tick
         reports, ended = {}, []
         for mid, m in active.items():
-            metrics, reason = m.report(step + 1, probes[mid], is_last, world)
+            metrics, ends = m.report(step + 1, probes[mid], is_last, world)
             if timed_steps:  # a window of compiling steps only has no throughput to report
                 # How fast this member advanced: the population's steps, each carrying every member.
                 metrics["tokens_per_s"] = timed_steps * tokens_per_step / max(timed_s, 1e-9)
                 if peak:
                     metrics["mfu"] = m.flops_per_token * metrics["tokens_per_s"] * len(active) / world / peak
             reports[mid] = metrics
-            if reason is not None:
+            if ends:
                 ended.append(mid)
         if nested:
             out = {

@@ -2,8 +2,8 @@
 
 Every worker of a trial runs `train_loop_per_worker`, which is the loop of tunestab/loop.py with
 a RaySession (reports through `ray.train.report`, DDP across the trial's workers). A Tune trial
-is `trial_driver`: a small function that builds the trial's TorchTrainer (Ray Train V2) and
-relays rank 0's reports to Tune.
+is `trial_driver`: a small function that builds the trial's TorchTrainer (Ray Train V2) for its
+population (tunestab/members.py) and relays rank 0's reports to Tune.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import logging
 
 from .cluster import RAY_TRAIN_ENV
 from .config import TrialConfig, config_from
-from .loop import run
+from .loop import run, run_population
+from .members import member_configs
 from .outcome import SIZE
 from .session import RaySession
 
@@ -23,11 +24,16 @@ KEEP_CHECKPOINTS = 2
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Entry point of every Ray Train worker: config = {"trial": TrialConfig fields, "echo": bool,
-    "quiet": bool}."""
+    """Entry point of every Ray Train worker: config = {"trial": TrialConfig fields} for one
+    model reporting on its own, or {"members": {member id: TrialConfig fields}, "board": the
+    search's stop board, "trial_id"} for a population; and "echo", "quiet": bool."""
     if config.get("quiet"):
         quiet_report_logs()
-    run(TrialConfig(**config["trial"]), RaySession(echo=config.get("echo", False)))
+    session = RaySession(echo=config.get("echo", False), board=config.get("board"), trial_id=config.get("trial_id"))
+    if "members" in config:
+        run_population({mid: TrialConfig(**c) for mid, c in config["members"].items()}, session)
+    else:
+        run(TrialConfig(**config["trial"]), session)
 
 
 def quiet_report_logs() -> None:
@@ -142,9 +148,10 @@ def trainer_class():
 def trial_driver(config: dict) -> None:
     """One Ray Tune trial: a small driver that runs the trial's TorchTrainer (Ray Train V2).
 
-    `config` holds TrialConfig fields (what the search samples, flat, so that Optuna and MLflow
-    see plain names) and `runner`: {"workers", "cpus_per_worker", "gpus_per_worker",
-    "max_failures", "storage", "accelerator_type"}. Rank 0's reports reach Tune through TuneReportCallback.
+    `config` holds the population's shared TrialConfig fields, each member's own under `members`
+    (tunestab/members.py), and `runner`: {"workers", "cpus_per_worker", "gpus_per_worker",
+    "max_failures", "storage", "accelerator_type", "board"}. Rank 0's reports reach Tune through
+    TuneReportCallback.
 
     The Train run lives at `<runner.storage>/<trial id>`, a path that outlives this process: Tune
     hands a function trial a staging directory under the Ray session (`get_trial_dir()`), which
@@ -155,16 +162,20 @@ def trial_driver(config: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     runner = dict(config.get("runner") or {})
+    trial_id = ray.tune.get_context().get_trial_id()
     # `size` names a scale strategy's model size; its fields are in the config already.
-    cfg = config_from({k: v for k, v in config.items() if k not in ("runner", SIZE)}, "trial config")
+    members = {
+        mid: config_from({k: v for k, v in c.items() if k != SIZE}, f"member {mid}").to_dict()
+        for mid, c in member_configs(config).items()
+    }
     torch_trainer(
         train_loop_per_worker,
-        {"trial": cfg.to_dict(), "quiet": True},
+        {"members": members, "quiet": True, "board": runner.get("board"), "trial_id": trial_id},
         int(runner.get("workers", 1)),
         cpus_per_worker=runner.get("cpus_per_worker", 1),
         gpus_per_worker=runner.get("gpus_per_worker", 0),
         storage=runner.get("storage") or ray.tune.get_context().get_trial_dir(),
-        name=ray.tune.get_context().get_trial_id(),
+        name=trial_id,
         max_failures=int(runner.get("max_failures", 0)),
         callbacks=[TuneReportCallback()],
         accelerator_type=runner.get("accelerator_type", ""),

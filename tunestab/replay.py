@@ -4,10 +4,10 @@ tracking store was away.
     python -m tunestab.replay ~/tunestab_results/max_lr-20261123-080925
     python -m tunestab.replay RUN_DIR --tracking-uri http://127.0.0.1:5000   # the store moved
 
-Tune's own files in the run folder keep every report of every trial (`result.json`) and how each
-trial ended (the experiment state). For each trial the child run is found by its `tune_trial_id`
-tag, or opened, and only the steps MLflow does not have are logged; a trial that ended gets its
-tags and final status. A finished search whose parent run is not FINISHED gets its summary,
+Tune's own files in the run folder keep every report of every trial (`result.json`, each member
+of its population under `members`: tunestab/members.py) and how each trial ended (the experiment
+state). For each member the child run is found by its `member_id` tag, or opened, and only the
+steps MLflow does not have are logged; a member that ended gets its tags and final status. A finished search whose parent run is not FINISHED gets its summary,
 tables and plots (tunestab.report). Replaying twice logs nothing twice.
 """
 
@@ -17,7 +17,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 from . import run_dir as rd
 
@@ -43,6 +42,20 @@ def reports(trial_path: str) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def member_reports(trial) -> dict[str, tuple[dict, list[dict]]]:
+    """member id -> (its config, its reports in order, each at the step it was made); a trial of
+    one model (a search from before populations) is its one member, under its trial id."""
+    from .members import MEMBERS, RUNNER, is_fresh, member_configs
+
+    results = reports(trial.path)
+    if MEMBERS not in trial.config:
+        return {trial.trial_id: ({k: v for k, v in trial.config.items() if k != RUNNER}, results)}
+    return {
+        mid: (config, [r[MEMBERS][mid] for r in results if mid in r.get(MEMBERS, {}) and is_fresh(r[MEMBERS][mid], r)])
+        for mid, config in member_configs(trial.config).items()
+    }
+
+
 def replay(run_dir: Path, uri: str) -> dict:
     """Log what is missing; returns counts of what was done."""
     from mlflow.entities import Param
@@ -63,26 +76,28 @@ def replay(run_dir: Path, uri: str) -> dict:
     marker = run_dir / rd.INCOMPLETE_FILE
     done = {"trials": 0, "steps": 0, "ended": 0, "parent": False}
 
+    from .members import ended as member_ended
+
     analysis = experiment(run_dir)
     for trial in analysis.trials:
-        results = reports(trial.path)
-        if not results:
-            continue  # never reported: nothing to log
-        run_id = tracking.run_for(SimpleNamespace(trial_id=trial.trial_id, config=trial.config))
-        if not client.get_run(run_id).data.params:  # opened just before the store went away
-            config = {k: v for k, v in trial.config.items() if k != "runner"}
-            client.log_batch(run_id, params=[Param(k, v) for k, v in flat_params(config).items()])
-        have = {int(m.step) for m in client.get_metric_history(run_id, "step")}
-        missing = [r for r in results if int(r.get("step", r.get("training_iteration", 0))) not in have]
-        for r in missing:
-            tracking.log_result(run_id, r)
-        status = ENDED.get(trial.status)
-        ended = status is not None and client.get_run(run_id).info.status == "RUNNING"
-        if ended:
-            tracking.finish(run_id, results[-1], status)
-        done["trials"] += bool(missing or ended)
-        done["steps"] += len(missing)
-        done["ended"] += ended
+        for mid, (config, results) in member_reports(trial).items():
+            if not results:
+                continue  # never reported: nothing to log
+            run_id = tracking.run_for(mid, trial.trial_id, config)
+            if not client.get_run(run_id).data.params:  # opened just before the store went away
+                client.log_batch(run_id, params=[Param(k, v) for k, v in flat_params(config).items()])
+            have = {int(m.step) for m in client.get_metric_history(run_id, "step")}
+            missing = [r for r in results if int(r.get("step", r.get("training_iteration", 0))) not in have]
+            for r in missing:
+                tracking.log_result(run_id, r)
+            # A member ends with its last report, or with its trial.
+            status = "FINISHED" if member_ended(results[-1]) else ENDED.get(trial.status)
+            ended = status is not None and client.get_run(run_id).info.status == "RUNNING"
+            if ended:
+                tracking.finish(run_id, results[-1], status)
+            done["trials"] += bool(missing or ended)
+            done["steps"] += len(missing)
+            done["ended"] += ended
 
     if marker.exists():
         marker.rename(run_dir / (rd.INCOMPLETE_FILE + ".replayed"))
@@ -117,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     done = replay(run_dir, uri)
     print(
-        f"replayed {done['steps']} reports into {done['trials']} trial runs; {done['ended']} runs marked "
+        f"replayed {done['steps']} reports into {done['trials']} member runs; {done['ended']} runs marked "
         f"ended; parent run {'completed' if done['parent'] else 'already complete or search unfinished'}"
     )
     if (run_dir / rd.INCOMPLETE_FILE).exists():

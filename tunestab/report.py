@@ -1,7 +1,8 @@
 """After a search: its report, in three separate steps.
 
 1. The space's strategy computes its tables, plots, parent-run metrics and console text into a
-   `Report` (tunestab/strategies/; the shared summary is strategies/base.py's).
+   `Report` (tunestab/strategies/; the shared summary is strategies/base.py's), from every
+   member of every trial's population, one row and one result each.
 2. The files are written to the run folder (names: tunestab/run_dir.py).
 3. The metrics, tags and files are logged on the MLflow parent run, and the console text is
    printed with where to look. If MLflow fails, the files still hold everything and
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import run_dir as rd
+from .members import expand
 from .strategies import of
 from .tables import trial_table
 
@@ -69,8 +71,10 @@ class Report:
 
 
 def build(space, grid) -> Report:
-    """The report of a search's results (grid: Tune's results)."""
+    """The report of a search's results (grid: Tune's results, whose members are read as the
+    results they are: tunestab/members.py)."""
     strategy = of(space)
+    grid = expand(grid)
     every = trial_table(space, grid, strategy.table_columns(space))
     out = Report()
     strategy.report(space, every, list(grid), out)

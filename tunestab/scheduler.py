@@ -21,13 +21,18 @@ from ray.tune.callback import Callback
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from .config import TrialConfig
+from .members import member_configs, reports_of
 from .metrics import is_sentinel
 from .outcome import STOP_REASON, TEV_STOP_REASON, TEV_STOP_STEP, StopReason
+from .stop_board import post
 from .tev_rule import TEVRule, signal_of
 
 
 class TEVScheduler(FIFOScheduler):
-    """Stops a trial when its TEV says it is going unstable.
+    """Stops a trial when its TEV says it is going unstable. A Tune trial trains a population
+    (tunestab/members.py): every member is a trial here, judged on its own reports under its
+    member id, with its peers across the whole search; a stop is posted to the search's stop
+    board (`board`, tunestab/stop_board.py) and the member's worker drops it at its next report.
 
     The rule (`TEVRule`, tunestab/tev_rule.py; its default and how it compares with loss-based
     rules on held-out runs: docs/scheduler.md) watches one TEV signal of each report and stops a
@@ -51,6 +56,8 @@ class TEVScheduler(FIFOScheduler):
             brings back that pickle, so without this file a resumed search would forget every
             trial's history; `python -m tunestab.search` puts it beside the Tune results.
         time_attr: the result key that counts training steps.
+        board: the name of the search's stop board (None: stops are recorded, and reach the
+            results, but the workers train stopped members on).
 
     The verdict reaches Tune's results and MLflow through `TEVAnnotator` (`self.callback()`),
     which must come before any logger in `RunConfig.callbacks`: Tune hands schedulers a flattened
@@ -58,17 +65,24 @@ class TEVScheduler(FIFOScheduler):
     """
 
     def __init__(
-        self, rule: TEVRule | None = None, shadow: bool = False, state_path: str | None = None, time_attr: str = "step"
+        self,
+        rule: TEVRule | None = None,
+        shadow: bool = False,
+        state_path: str | None = None,
+        time_attr: str = "step",
+        board: str | None = None,
     ):
         super().__init__()
         self.rule = rule or TEVRule()
         problems = self.rule.problems()
         if problems:
             raise ValueError("TEVRule: " + "; ".join(problems))
-        self.shadow, self.state_path, self.time_attr = shadow, state_path, time_attr
-        self.history: dict[str, list[list[float]]] = {}  # trial id -> [[step, signal], ...]
-        self.trials: dict[str, list] = {}  # trial id -> [variant, lr]: the peers of `peer`
-        self.verdicts: dict[str, dict] = {}  # trial id -> {"step", "reason", "stopped"}
+        self.shadow, self.state_path, self.time_attr, self.board = shadow, state_path, time_attr, board
+        # Keyed by member id (tunestab/members.py): each member is judged on its own.
+        self.history: dict[str, list[list[float]]] = {}  # member -> [[step, signal], ...]
+        self.trials: dict[str, list] = {}  # member -> [variant, lr]: the peers of `peer`
+        self.verdicts: dict[str, dict] = {}  # member -> {"step", "reason", "stopped"}
+        self.owner: dict[str, str] = {}  # stopped member -> its trial, to tell its worker again after a restart
         self._streak: dict[str, int] = {}
         self._loaded = False
         # Decide on each result as it arrives, not on a buffer of them: a stop should come early.
@@ -76,13 +90,36 @@ class TEVScheduler(FIFOScheduler):
 
     # -- the decision -----------------------------------------------------------------------
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        """Judge every member in the report (tunestab/members.py) on its own; post the members
+        stopped to the search's stop board, which the trial's worker reads. The trial itself
+        runs on: it ends when its last member has, so a stop never tears a trial down."""
         self._load_once()
-        tid = trial.trial_id
-        if self.time_attr not in result:
+        config = getattr(trial, "config", None) or {}
+        reports = reports_of(result)
+        if not reports:  # a trial of one model, reporting on its own: stopped as a whole
+            decision = self.judge(trial.trial_id, config, result)
+            self._save_state()
+            return decision
+        configs = member_configs(config)
+        stops = [
+            mid
+            for mid, report in reports.items()
+            if self.judge(mid, configs.get(mid, {}), report) == TrialScheduler.STOP
+        ]
+        if stops:
+            for mid in stops:
+                self.owner[mid] = trial.trial_id
+            if self.board:
+                post(self.board, trial.trial_id, stops)
+        self._save_state()
+        return TrialScheduler.CONTINUE
+
+    def judge(self, tid: str, config: dict, result: dict) -> str:
+        """STOP when this report of member `tid` (config: its own) ends it by the rule."""
+        if self.time_attr not in result or (tid in self.verdicts and self.verdicts[tid]["stopped"]):
             return TrialScheduler.CONTINUE
         step = result[self.time_attr]
         mean, std = result.get("tev_mean"), result.get("tev_std")
-        config = getattr(trial, "config", None) or {}
         if config.get("lr_schedule") == "range":
             # An LR range test climbs until it fails, by design: it is not judged, and its TEV
             # (which climbs with it) is no peer of fixed-LR trials. Its reports keep TEV as usual.
@@ -100,7 +137,6 @@ class TEVScheduler(FIFOScheduler):
         )
         if nonfinite:
             self._record(tid, step, "nonfinite report", stopped=True)
-            self._save_state()
             return TrialScheduler.STOP
         value = signal_of(self.rule, result)
         if value is None:  # a result without probes: nothing to judge
@@ -121,7 +157,6 @@ class TEVScheduler(FIFOScheduler):
                 self._record(tid, step, why, stopped=not self.shadow)
                 if not self.shadow:
                     decision = TrialScheduler.STOP
-        self._save_state()
         return decision
 
     def _values(self, tid: str) -> list[float] | None:
@@ -168,7 +203,8 @@ class TEVScheduler(FIFOScheduler):
 
     # -- bookkeeping ------------------------------------------------------------------------
     def on_trial_remove(self, tune_controller, trial) -> None:
-        self._streak.pop(trial.trial_id, None)
+        for mid in member_configs(getattr(trial, "config", None) or {}):
+            self._streak.pop(mid, None)
 
     def debug_string(self) -> str:
         stops = sum(v["stopped"] for v in self.verdicts.values())
@@ -183,6 +219,7 @@ class TEVScheduler(FIFOScheduler):
             "trials": self.trials,
             "verdicts": self.verdicts,
             "streak": self._streak,
+            "owner": self.owner,
         }
 
     def set_state(self, state: dict) -> None:
@@ -190,6 +227,7 @@ class TEVScheduler(FIFOScheduler):
         self.shadow = state["shadow"]
         self.history, self.verdicts, self._streak = state["history"], state["verdicts"], state["streak"]
         self.trials = state.get("trials", {})
+        self.owner = state.get("owner", {})
 
     def save(self, checkpoint_path: str) -> None:
         """Write the whole state as JSON, atomically (a kill mid-write leaves the old file)."""
@@ -213,6 +251,10 @@ class TEVScheduler(FIFOScheduler):
             self._loaded = True
             if self.state_path and os.path.exists(self.state_path):
                 self.restore(self.state_path)
+                # A resumed search has a new stop board: tell it every stop made before.
+                if self.board:
+                    for trial_id in set(self.owner.values()):
+                        post(self.board, trial_id, [m for m, t in self.owner.items() if t == trial_id])
 
     def on_trial_add(self, tune_controller, trial) -> None:
         self._load_once()

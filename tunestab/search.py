@@ -36,22 +36,36 @@ from .strategies import of
 
 def make_callbacks(scheduler, tracking):
     """Tune's callbacks, in the order they must run: `TrialOutcome` completes each result (the
-    TEV verdict, then the objectives decided from it) before MLflow logs it."""
+    TEV verdict, then the objectives decided from it, for every member) before MLflow logs it."""
     from ray.tune.callback import Callback
 
+    from .members import MEMBERS, keep, member_configs, reports_of, tally
     from .outcome import LR, objectives
 
     class TrialOutcome(Callback):
-        """Writes into every result Tune keeps, in one place and in this order: the TEV
-        scheduler's verdict (`tev_stop_step`, `tev_stop_reason`, `stop_reason = tev`), then
-        `stable_lr` and `objective` (outcome.objectives), which depend on how the trial ended."""
+        """Writes into every result Tune keeps, in one place and in this order, for each member
+        in it (tunestab/members.py): the TEV scheduler's verdict (`tev_stop_step`,
+        `tev_stop_reason`, `stop_reason = tev`), then `stable_lr` and `objective`
+        (outcome.objectives), which depend on how the member ended. Then the result's `members`
+        becomes every member's latest kept report (members.keep): a member's reports after its
+        TEV verdict are not kept, so it ends at the verdict step as a lone trial stopped there."""
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
-            if scheduler is not None:
-                scheduler.annotate(trial.trial_id, result)
-            result.update(objectives(result, trial.config.get(LR, 0.0)))
+            configs = member_configs(trial.config)
+            fresh = reports_of(result)
+            for mid, report in fresh.items():
+                if scheduler is not None:
+                    scheduler.annotate(mid, report)
+                report.update(objectives(report, configs.get(mid, {}).get(LR, 0.0)))
+            kept = keep((trial.last_result or {}).get(MEMBERS) or {}, fresh)
+            result[MEMBERS] = kept
+            result[OUTCOMES] = tally(kept)
 
     return [TrialOutcome(), tracking]
+
+
+OUTCOMES = "outcomes"
+"""A trial's members by how they stand, for the console: "running 3, completed 1, tev 1"."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -65,6 +79,7 @@ def param_space(space: spec_mod.Space, run_dir: Path) -> dict:
         f"{space.train_storage.rstrip('/')}/{run_dir.name}" if space.train_storage else str(run_dir / rd.TRAIN_DIR)
     )
     runner = {
+        "board": board_name(run_dir),
         "workers": space.resources.workers,
         "cpus_per_worker": space.resources.cpus_per_worker,
         "gpus_per_worker": space.resources.gpus_per_worker,
@@ -75,26 +90,47 @@ def param_space(space: spec_mod.Space, run_dir: Path) -> dict:
     return {**space.trial, "runner": runner, **of(space).param_space(space)}
 
 
+def board_name(run_dir: Path) -> str:
+    """The search's stop board (tunestab/stop_board.py): one per run folder, so a resumed
+    search opens the same name."""
+    return f"tunestab-stops-{run_dir.name}"
+
+
 def progress_reporter(space: spec_mod.Space):
-    """Tune's status table with the columns a stability search is read by: what each trial
-    tries, how far it got, its loss, its TEV dispersion σ/μ, and how it ended."""
+    """Tune's status table with the columns a stability search is read by: what each trial's
+    population shares, how far it got, and how its members stand (each member's loss, TEV and
+    outcome are in MLflow, a child run each)."""
     from ray.tune import CLIReporter
 
-    params = ["variant", "lr"] + [p.name for p in space.params if p.name != "lr"] + of(space).progress_params(space)
-    metrics = {
-        "step": "step",
-        "loss": "loss",
-        "val_loss": "val loss",
-        "tev_dispersion": "TEV σ/μ",
-        "stop_reason": "status",
-    }
-    return CLIReporter(parameter_columns=params, metric_columns=metrics, max_report_frequency=30, max_progress_rows=30)
+    strategy = of(space)
+    shared = [p.name for p in space.params if p.name not in strategy.member_fields]
+    params = ["variant"] + shared + strategy.progress_params(space)
+    metrics = {"step": "step", "active": "training", "population": "members", OUTCOMES: "how members stand"}
+    return CLIReporter(
+        parameter_columns=params,
+        metric_columns=metrics,
+        max_report_frequency=30,
+        max_progress_rows=30,
+        max_column_length=40,
+    )
 
 
 def searcher(space: spec_mod.Space, run_dir: Path):
+    """The strategy's searcher, its members put into populations of up to
+    `resources.population` (tunestab/members.py)."""
     import optuna
 
-    return of(space).searcher(space, optuna.storages.RDBStorage(f"sqlite:///{run_dir / rd.OPTUNA_DB}"))
+    from .searchers import PopulationSearch
+
+    strategy = of(space)
+    inner = strategy.searcher(space, optuna.storages.RDBStorage(f"sqlite:///{run_dir / rd.OPTUNA_DB}"))
+    return PopulationSearch(
+        inner,
+        space.resources.population_size(),
+        strategy.num_trials(space),
+        member_fields=strategy.member_fields,
+        rounds=strategy.rounds,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,6 +238,7 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
     from .ray_trial import trial_driver
     from .report import report
     from .scheduler import TEVScheduler
+    from .stop_board import open_board
     from .tracking import MLflowTracking, start_parent
     from .tracking_store import artifact_location
 
@@ -241,6 +278,8 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
 
     start_ray()
+    # Held for as long as the search runs: the TEV scheduler posts member stops to it.
+    board = open_board(board_name(run_dir))  # noqa: F841
 
     # A trial driver only starts its TorchTrainer and relays reports, so it reserves no CPU at
     # all, only a sliver of the head node's own resource (Tune refuses an empty bundle). Any CPU
@@ -260,7 +299,10 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
         scheduler = None
         if space.scheduler.type == "tev":
             scheduler = TEVScheduler(
-                space.scheduler.rule, shadow=space.scheduler.shadow, state_path=str(run_dir / rd.SCHEDULER_STATE)
+                space.scheduler.rule,
+                shadow=space.scheduler.shadow,
+                state_path=str(run_dir / rd.SCHEDULER_STATE),
+                board=board_name(run_dir),
             )
         tracking = MLflowTracking(uri, space.name, state["parent_run_id"], incomplete=str(run_dir / rd.INCOMPLETE_FILE))
         tuner = tune.Tuner(

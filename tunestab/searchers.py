@@ -10,9 +10,14 @@ Optuna or Ray.
   variant's next step waits on trials in flight, and finishes when every variant has its
   boundary trials.
 - `FinalOnlyOptunaSearch`, `SeedRepeater`: the `tune` strategy's searchers.
+- `GridSearch`: the `sweep` strategy's grid.
+- `PopulationSearch`: wraps any of them, so that the members they propose train in populations,
+  one Tune trial each (tunestab/members.py).
 """
 
 from __future__ import annotations
+
+import pickle
 
 import optuna
 from ray.tune.search import Repeater, Searcher
@@ -20,6 +25,7 @@ from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.repeater import TRIAL_INDEX
 
 from .bracket import DONE, RANGE, RUNNING, WAIT, Design, next_trial
+from .members import MEMBER_FIELDS, ended, population_config, reports_of, shared_key
 from .outcome import SIZE, STABLE_LR, split_arm
 
 
@@ -185,3 +191,113 @@ class BracketSearch(FinalOnlyOptunaSearch):
             label = config.pop("variant")
             config.update(self.arms[label], **{SIZE: split_arm(label)[1]})
         return config
+
+
+class GridSearch(Searcher):
+    """The `sweep` strategy's grid, in a fixed order, as a searcher (so that PopulationSearch can
+    put a grid row's members in one trial): `configs`, then FINISHED."""
+
+    def __init__(self, configs: list[dict]):
+        super().__init__()
+        self.configs, self.next = list(configs), 0
+
+    def suggest(self, trial_id: str):
+        if self.next >= len(self.configs):
+            return Searcher.FINISHED
+        self.next += 1
+        return dict(self.configs[self.next - 1])
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        pass
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__.copy(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class PopulationSearch(Searcher):
+    """Puts the members another searcher proposes into populations, one Tune trial each.
+
+    The inner searcher proposes members exactly as it proposed trials before (each gets a member
+    id of its own and is completed with that member's final result), so Optuna's study, the
+    bracket and the seed repeats see members. Members whose configs differ only in
+    `member_fields` go into one trial, at most `size` of them. With `rounds` (a searcher that
+    proposes a round and then waits, like the max_lr bracket or a grid), everything it proposes
+    before it waits is taken and grouped; without (Optuna's samplers, which never wait), a
+    population ends at the first member that would not fit, which starts the next one. At most
+    `budget` members are proposed in all.
+    """
+
+    def __init__(self, inner: Searcher, size: int, budget: int, member_fields=MEMBER_FIELDS, rounds: bool = True):
+        super().__init__(metric=inner.metric, mode=inner.mode)
+        self.inner, self.size, self.budget = inner, int(size), int(budget)
+        self.member_fields, self.rounds = tuple(member_fields), rounds
+        self.proposed = 0
+        self.held: list[tuple[str, dict]] = []  # (the inner searcher's id, config), waiting for a trial
+        # trial id -> {member id: the inner searcher's id}. A member is named after the trial it
+        # trains in ("<trial id>-<i>"); the inner searcher knows it by the id it was proposed under.
+        self.members: dict[str, dict[str, str]] = {}
+        self.exhausted = False
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return self.inner.set_search_properties(metric, mode, config, **spec)
+
+    def _key(self, config: dict) -> str:
+        return shared_key(config, self.member_fields)
+
+    def _pull(self, trial_id: str) -> None:
+        """Take members from the inner searcher into `held`, as many as this trial may need."""
+        while not self.exhausted and self.proposed < self.budget:
+            kinds = {self._key(c) for _, c in self.held}
+            first = self._key(self.held[0][1]) if self.held else None
+            if first is not None and sum(self._key(c) == first for _, c in self.held) >= self.size:
+                return  # the first kind's trial is full
+            if not self.rounds and len(kinds) > 1:
+                return  # a member of another kind ends the population
+            mid = f"p{self.proposed}"
+            config = self.inner.suggest(mid)
+            if config is None:
+                return  # the inner searcher waits on members in flight
+            if config == Searcher.FINISHED:
+                self.exhausted = True
+                return
+            self.proposed += 1
+            self.held.append((mid, config))
+
+    def suggest(self, trial_id: str):
+        self._pull(trial_id)
+        if not self.held:
+            return Searcher.FINISHED if self.exhausted or self.proposed >= self.budget else None
+        kind = self._key(self.held[0][1])
+        chosen = [(mid, c) for mid, c in self.held if self._key(c) == kind][: self.size]
+        taken = {mid for mid, _ in chosen}
+        self.held = [(mid, c) for mid, c in self.held if mid not in taken]
+        named = {f"{trial_id}-{i}": (inner_id, c) for i, (inner_id, c) in enumerate(chosen)}
+        self.members[trial_id] = {mid: inner_id for mid, (inner_id, _) in named.items()}
+        return population_config({mid: c for mid, (_, c) in named.items()}, self.member_fields)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        pass  # a member's objective depends on how it ends: the inner searcher sees final results only
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+        finals = reports_of(result or {})
+        for mid, inner_id in self.members.pop(trial_id, {}).items():
+            final = finals.get(mid)
+            if final is None or (error and not ended(final)):
+                self.inner.on_trial_complete(inner_id, None, error=True)  # says nothing of its config
+            else:
+                self.inner.on_trial_complete(inner_id, final)
+
+    def save(self, checkpoint_path: str) -> None:
+        self.inner.save(checkpoint_path)
+        with open(checkpoint_path + ".population", "wb") as f:
+            pickle.dump({k: v for k, v in self.__dict__.items() if k != "inner"}, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.inner.restore(checkpoint_path)
+        with open(checkpoint_path + ".population", "rb") as f:
+            self.__dict__.update(pickle.load(f))

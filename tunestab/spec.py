@@ -96,6 +96,20 @@ class Resources:
     accelerator_type: str = ""
     """The GPU the space was sized for, by Ray's name (H100, A100-80G, L40S, ...): its Train
     workers run only on nodes with that GPU. Empty: any GPU."""
+    population: str = "auto"
+    """Members a trial trains at most (tunestab/members.py): `auto`, or a whole number >= 1. A
+    trial's members share its variant and size and differ in LR and seed; each is a result of
+    its own. Ray's start-up (about 22 CPU-s a trial on 2 cores, docs/overhead.md) is paid once
+    per trial, not once per member. `auto`: `AUTO_POPULATION` members, stepped in turn."""
+
+    def population_size(self) -> int:
+        return AUTO_POPULATION if self.population == "auto" else int(self.population)
+
+
+# What `population: auto` means today: the members a round of the searcher proposes, up to 32,
+# stepped in turn on one worker (the only engine so far). On a 2-core CPU stepping members in
+# turn costs nothing against lone trials but Ray's start-up, saved once per member.
+AUTO_POPULATION = 32
 
 
 @dataclass(frozen=True)
@@ -358,7 +372,13 @@ def _params(raw: dict, trial: dict, trial_ok: bool, variants: list[str], problem
 
 
 def _resources(raw: dict, trial: dict, trial_ok: bool, problems: list[str]) -> Resources:
-    r = section(raw, "resources", Resources, problems)
+    def population(value, key: str):
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return str(value)
+        problems.append(f"{key}: expected auto or a whole number >= 1, got {value!r}")
+        return None
+
+    r = section(raw, "resources", Resources, problems, convert={"population": population})
     if r.workers < 1:
         problems.append(f"resources.workers: must be >= 1, got {r.workers}")
     if r.cpus_per_worker < 0 or r.gpus_per_worker < 0:

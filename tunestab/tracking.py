@@ -1,12 +1,14 @@
 """MLflow as the system of record: one experiment per search space, one parent run per search,
-one child run per trial (docs/design.md, "MLflow layout").
+one child run per member of every trial's population (docs/design.md, "MLflow layout"): a member
+is what users compare, as a lone trial was before populations (tunestab/members.py).
 
 `MLflowTracking` is a Ray Tune callback on the driver. It talks to MLflow through `MlflowClient`
-(no global active run, so trials that run side by side never mix their metrics). Its state maps
-trial ids to run ids and is saved with Tune's experiment checkpoint, so `--resume` continues the
+(no global active run, so members that run side by side never mix their metrics). Its state maps
+member ids to run ids and is saved with Tune's experiment checkpoint, so `--resume` continues the
 same runs instead of opening new ones; a run opened after the last experiment checkpoint is found
-again by its `tune_trial_id` tag, and steps a resumed trial replays are not logged twice. Ray's `MLflowLoggerCallback` keeps no such state across a
-restore and cannot tag a parent run, hence this small class.
+again by its `member_id` tag, and steps a resumed trial replays are not logged twice. Ray's
+`MLflowLoggerCallback` keeps no such state across a restore and cannot tag a parent run, hence
+this small class.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from ray.tune.callback import Callback
 
+from .members import MEMBER_ID, MEMBERS, ended, is_fresh, member_configs
 from .outcome import SIZE, STOP_REASON, StopReason, arm_label
 from .tracking_store import TrackingError, check_reachable
 
@@ -73,7 +76,8 @@ class MLflowTracking(Callback):
     def __init__(self, tracking_uri: str, experiment: str, parent_run_id: str, incomplete: str | None = None):
         self.tracking_uri, self.experiment, self.parent_run_id = tracking_uri, experiment, parent_run_id
         self.incomplete = incomplete  # the marker file to write when something is not logged
-        self.runs: dict[str, str] = {}  # trial id -> MLflow run id
+        self.runs: dict[str, str] = {}  # member id -> MLflow run id
+        self.finished: set[str] = set()  # members whose run has ended
         # MLflow run id -> last training step logged. Not saved with Tune's state: a killed driver
         # may have logged more after the last experiment checkpoint, so MLflow itself is asked.
         self.logged: dict[str, int] = {}
@@ -123,10 +127,11 @@ class MLflowTracking(Callback):
             return False
 
     def get_state(self) -> dict:
-        return {"runs": dict(self.runs)}
+        return {"runs": dict(self.runs), "finished": sorted(self.finished)}
 
     def set_state(self, state: dict) -> None:
         self.runs.update(state.get("runs", {}))
+        self.finished.update(state.get("finished", []))
 
     def last_logged_step(self, run_id: str) -> int:
         if run_id not in self.logged:
@@ -139,39 +144,40 @@ class MLflowTracking(Callback):
             self._experiment_id = self.client.get_run(self.parent_run_id).info.experiment_id
         return self._experiment_id
 
-    def existing_run(self, trial_id: str) -> str | None:
-        """The child run of this trial, when an earlier (killed) driver opened it after Tune's
+    def existing_run(self, member_id: str) -> str | None:
+        """The child run of this member, when an earlier (killed) driver opened it after Tune's
         last experiment checkpoint: a resumed search continues it instead of opening a second."""
         found = self.client.search_runs(
             [self.experiment_id],
-            filter_string=f"tags.tune_trial_id = '{trial_id}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
+            filter_string=f"tags.{MEMBER_ID} = '{member_id}' and tags.`{PARENT_TAG}` = '{self.parent_run_id}'",
         )
         if not found:
             return None
         return found[0].info.run_id
 
-    def run_for(self, trial) -> str:
-        if trial.trial_id not in self.runs:
-            run_id = self.existing_run(trial.trial_id)
+    def run_for(self, member_id: str, trial_id: str, config: dict) -> str:
+        """The member's child run, opened with its params and tags when it has none yet."""
+        if member_id not in self.runs:
+            run_id = self.existing_run(member_id)
             if run_id is None:
-                config = {k: v for k, v in trial.config.items() if k != "runner"}
                 tags = {
                     PARENT_TAG: self.parent_run_id,
-                    "tune_trial_id": trial.trial_id,
+                    "tune_trial_id": trial_id,
+                    MEMBER_ID: member_id,
                     "variant": str(config.get("variant", "")),
                 }
-                # A scale strategy's trial carries its size: tagged and named with it, so that the UI
-                # tells w32's trials from w96's without reading d_model.
+                # A scale strategy's member carries its size: tagged and named with it, so that the
+                # UI tells w32's members from w96's without reading d_model.
                 size = config.get(SIZE)
                 if size is not None:
                     tags[SIZE] = size
                 name = arm_label(config.get("variant", "trial"), size)
-                run = self.client.create_run(self.experiment_id, run_name=f"{name}-{trial.trial_id}", tags=tags)
+                run = self.client.create_run(self.experiment_id, run_name=f"{name}-{member_id}", tags=tags)
                 run_id = run.info.run_id
                 self.logged[run_id] = -1
                 self.client.log_batch(run_id, params=[Param(k, v) for k, v in flat_params(config).items()])
-            self.runs[trial.trial_id] = run_id
-        return self.runs[trial.trial_id]
+            self.runs[member_id] = run_id
+        return self.runs[member_id]
 
     def log_result(self, run_id: str, result: dict) -> None:
         step = int(result.get("step", result.get("training_iteration", 0)))
@@ -190,29 +196,48 @@ class MLflowTracking(Callback):
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(run_id, status)
 
+    def end_member(self, member_id: str, trial, last: dict | None, status: str) -> None:
+        if member_id in self.finished:
+            return
+        config = member_configs(trial.config).get(member_id, {})
+        self.finish(self.run_for(member_id, trial.trial_id, config), last or {}, status)
+        self.finished.add(member_id)
+
     def on_trial_start(self, iteration, trials, trial, **info):
-        self._safely(f"open the run of trial {trial.trial_id}", lambda: self.run_for(trial))
+        for mid, config in member_configs(trial.config).items():
+            self._safely(f"open the run of member {mid}", lambda: self.run_for(mid, trial.trial_id, config))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
-        def log():
-            run_id = self.run_for(trial)
-            # A resumed trial replays steps MLflow already has.
-            if int(result.get("step", result.get("training_iteration", 0))) > self.last_logged_step(run_id):
-                self.log_result(run_id, result)
+        configs = member_configs(trial.config)
+        for mid, report in (result.get(MEMBERS) or {}).items():
+            if not is_fresh(report, result):
+                continue  # carried from an earlier report: logged then
 
-        self._safely(f"log step {result.get('step')} of trial {trial.trial_id}", log)
+            def log(mid=mid, report=report):
+                run_id = self.run_for(mid, trial.trial_id, configs.get(mid, {}))
+                # A resumed trial replays steps MLflow already has.
+                if int(report.get("step", 0)) > self.last_logged_step(run_id):
+                    self.log_result(run_id, report)
+                if ended(report):
+                    self.end_member(mid, trial, report, "FINISHED")
+
+            self._safely(f"log step {report.get('step')} of member {mid}", log)
+
+    def _end_all(self, trial, status: str) -> None:
+        finals = (trial.last_result or {}).get(MEMBERS) or {}
+        for mid in member_configs(trial.config):
+            last = finals.get(mid)
+            # A member that had ended before an error ended as it did; the others failed with the trial.
+            why = "FINISHED" if status == "FINISHED" or ended(last) else status
+            self._safely(
+                f"finish member {mid}", lambda mid=mid, last=last, why=why: self.end_member(mid, trial, last, why)
+            )
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._safely(
-            f"finish trial {trial.trial_id}",
-            lambda: self.finish(self.run_for(trial), trial.last_result or {}, "FINISHED"),
-        )
+        self._end_all(trial, "FINISHED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._safely(
-            f"finish trial {trial.trial_id}",
-            lambda: self.finish(self.run_for(trial), trial.last_result or {}, "FAILED"),
-        )
+        self._end_all(trial, "FAILED")
 
 
 def start_parent(tracking_uri: str, experiment: str, run_name: str, tags: dict, artifacts: str | None = None) -> str:

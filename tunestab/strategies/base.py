@@ -41,14 +41,33 @@ class Strategy:
         """The Tune param_space entries this strategy adds to the space's fixed `trial` fields."""
         return {}
 
+    def grid(self, space) -> list[dict]:
+        """Every combination of the space's grids, for every variant; the LR and the seed vary
+        fastest, so that a grid row (one variant and one value of every other parameter) is one
+        population (tunestab/members.py)."""
+        grids = [p for p in space.params if p.kind == "grid"]
+        grids.sort(key=lambda p: p.name in self.member_fields)
+        combos = [{}]
+        for p in grids:
+            combos = [{**c, p.name: v} for c in combos for v in p.values]
+        return [{"variant": v, **c} for v in space.variants for c in combos]
+
     def searcher(self, space, storage):
-        """The Tune searcher (storage: Optuna's RDB storage), or None for Tune's own grid."""
-        return None
+        """The Tune searcher of the members (storage: Optuna's RDB storage); by default every
+        combination of the space's grids (`grid`)."""
+        from ..searchers import GridSearch
+
+        return GridSearch(self.grid(space))
+
+    member_fields: tuple[str, ...] = ("lr", "seed")
+    """What the members of one population (one Tune trial) may differ in (tunestab/members.py)."""
+    rounds = True
+    """Whether the searcher proposes in rounds it then waits on (all of a round is grouped into
+    populations), or proposes without waiting (a population ends at the first misfit)."""
 
     def num_trials(self, space) -> int:
-        """Tune's num_samples: the most trials the searcher proposes (1 for a grid, which Tune
-        expands itself)."""
-        return 1
+        """The most members the searcher proposes (the populations' budget, tunestab/searchers.py)."""
+        return len(self.grid(space))
 
     def trials_text(self, space) -> str:
         return f"up to {self.num_trials(space)}"

@@ -16,13 +16,8 @@ class Sweep(Strategy):
         if not draft.params or any(p.kind != "grid" for p in draft.params):
             problems.append("params: the sweep strategy needs every parameter as a grid (`{grid: [...]}`)")
 
-    def param_space(self, space):
-        from ray import tune
-
-        return {"variant": tune.grid_search(list(space.variants)), **{p.name: p.tune_domain() for p in space.params}}
-
     def trials_text(self, space):
-        return "grid"
+        return f"grid of {self.num_trials(space)}"
 
     def report(self, space, every, grid, out):
         from .. import run_dir

@@ -74,6 +74,10 @@ class TuneStrategy(Strategy):
             return SeedRepeater(search, space.tune.seeds, space.trial_config(space.variants[0]).seed)
         return search
 
+    # A configuration's seeds are one population; Optuna proposes the next one without waiting.
+    member_fields = ("seed",)
+    rounds = False
+
     def num_trials(self, space):
         return space.tune.num_samples * space.tune.seeds
 
