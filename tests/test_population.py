@@ -5,6 +5,7 @@ configuration trained alone."""
 import io
 
 import pytest
+import torch
 from test_loop import tiny
 
 from tunestab.config import VARIANTS, ConfigError
@@ -227,3 +228,73 @@ def test_the_last_report_ends_every_member_and_writes_no_checkpoint(tmp_path):
     )
     assert [r["active"] for r in session.reports] == [2, 0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000010"]  # none at the end, as for a lone trial
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, "many", True, None])
+def test_a_bad_population_is_one_message_with_its_key_and_exit_2(tmp_path, capsys, value):
+    import ray
+    import yaml
+    from test_search import TINY
+
+    from tunestab import search
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({**TINY, "resources": {"max_concurrent": 2, "population": value}}))
+    assert search.main(["--space", str(space), "--storage", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "resources.population: expected auto or a whole number >= 1" in err
+    assert not ray.is_initialized()
+
+
+def test_the_population_size_caps_a_round_and_the_rest_waits_for_the_next_trial():
+    from tunestab.searchers import GridSearch, PopulationSearch
+
+    grid = [{"variant": v, "lr": lr, "seed": 0} for v in ("baseline", "qk_norm") for lr in (0.01, 0.1, 1.0)]
+    populations, end = drain(PopulationSearch(GridSearch(grid), size=2, budget=len(grid)))
+    assert end == "FINISHED"
+    assert [(c["variant"], [m["lr"] for m in c["members"].values()]) for _, c in populations] == [
+        ("baseline", [0.01, 0.1]),
+        ("baseline", [1.0]),
+        ("qk_norm", [0.01, 0.1]),
+        ("qk_norm", [1.0]),
+    ]
+    assert [list(c["members"]) for t, c in populations][:2] == [["t0-0", "t0-1"], ["t1-0"]]  # named by their trial
+
+
+@pytest.mark.slow  # inductor compiles the step twice (with probes and without): about 30 s on 2 cores
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
+def test_compiled_members_share_one_graph_and_report_what_they_report_alone(bf16):
+    """torch.compile on each member's model: the members are instances of one module class, so
+    dynamo's graphs serve them all (no recompile per member, which a recompile limit would turn
+    into a failure here), and each member's numbers are those of its compiled lone run."""
+    cfgs = {
+        "a": tiny(steps=6, report_every=3, eval_every=6, compile=True, bf16=bf16, variant="qk_norm"),
+        "b": tiny(steps=6, report_every=3, eval_every=6, compile=True, bf16=bf16, variant="qk_norm", seed=1, lr=1e-3),
+        "c": tiny(steps=6, report_every=3, eval_every=6, compile=True, bf16=bf16, variant="qk_norm", seed=2, lr=3e-4),
+    }
+    session = LocalSession(out=io.StringIO())
+    run_population(cfgs, session)
+    got = by_member(session)
+    for mid, cfg in cfgs.items():
+        same_numbers(got[mid], alone(cfg))
+
+
+def test_the_population_searcher_restores_from_the_one_file_tune_keeps(tmp_path):
+    """Tune saves a searcher to a temporary name and renames it: everything must be in that one
+    file. A restored searcher goes on where the saved one stopped."""
+    import os
+
+    from tunestab.searchers import GridSearch, PopulationSearch
+
+    grid = [{"variant": "baseline", "lr": lr, "seed": 0} for lr in (0.01, 0.1, 1.0)]
+    search = PopulationSearch(GridSearch(grid), size=2, budget=3)
+    drain_one = search.suggest("t0")
+    search.save(str(tmp_path / "tmp_ckpt"))
+    os.replace(tmp_path / "tmp_ckpt", tmp_path / "searcher.pkl")
+    assert sorted(os.listdir(tmp_path)) == ["searcher.pkl"]
+    again = PopulationSearch(GridSearch([]), size=2, budget=3)
+    again.restore(str(tmp_path / "searcher.pkl"))
+    assert [m["lr"] for m in drain_one["members"].values()] == [0.01, 0.1]
+    assert [m["lr"] for m in again.suggest("t1")["members"].values()] == [1.0]
+    assert again.suggest("t2") == "FINISHED" and again.members["t0"] == {"t0-0": "p0", "t0-1": "p1"}

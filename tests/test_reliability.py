@@ -171,7 +171,9 @@ def test_a_hundred_tev_stops_in_a_row_leave_no_actor_or_placement_group_behind(t
     from ray.util.state import list_actors, list_placement_groups
 
     # A rule every trial meets at its first report: each of the 100 trials is stopped by the
-    # scheduler at step 10, which is what ends its Train run (controller, workers, group).
+    # scheduler at step 10, which is what ends its Train run (controller, workers, group). One
+    # member a trial (`population: 1`): 100 Train runs start and end, as a search of 100
+    # populations would.
     space = write_space(
         tmp_path,
         {
@@ -188,6 +190,7 @@ def test_a_hundred_tev_stops_in_a_row_leave_no_actor_or_placement_group_behind(t
             },
             "params": {"seed": {"grid": list(range(100))}},
             "scheduler": {"type": "tev", "rule": {"signal": "dispersion", "threshold": 1e-9, "min_step": 0}},
+            "resources": {"population": 1},
         },
     )
     storage = tmp_path / "results"

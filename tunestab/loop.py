@@ -297,18 +297,34 @@ class Member:
         self.divergence: Divergence | None = None
         self.window = Window(device)
         self.flops_per_token = training_flops_per_token(self.s.model)
-        self.rng = torch.get_rng_state()  # this member's random state (dropout) between its steps
+        # This member's random state between its steps (dropout draws from it): on the CPU, and
+        # on a GPU where dropout draws there, so that a member draws what it would draw alone.
+        self.cuda_rng = device.type == "cuda" and cfg.dropout > 0
+        self._save_rng()
+
+    def _save_rng(self) -> None:
+        self.rng = torch.get_rng_state()
+        if self.cuda_rng:
+            self.rng_cuda = torch.cuda.get_rng_state()
+
+    def _load_rng(self) -> None:
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng:
+            torch.cuda.set_rng_state(self.rng_cuda)
 
     def resume(self, state: dict) -> None:
         self.divergence = load_member(state, self.s, self.batches, self.cfg, self.unigram)
-        self.rng = torch.get_rng_state()
+        self._save_rng()
 
     def state(self, step: int) -> dict:
-        return checkpoint_state(self.s, step, self.batches, self.divergence, self.cfg, self.rng)
+        state = checkpoint_state(self.s, step, self.batches, self.divergence, self.cfg, self.rng)
+        if self.cuda_rng:  # this member's, not whichever member stepped last
+            state["rng_cuda"] = [self.rng_cuda]
+        return state
 
     def step(self, step: int, probe: bool) -> torch.Tensor | None:
         """One optimizer step; returns the probes on a report step. Everything stays on the device."""
-        torch.set_rng_state(self.rng)
+        self._load_rng()
         for group in self.s.optimizer.param_groups:
             group["lr"] = lr_at(step, self.cfg)
         x, y = self.batches.next()
@@ -318,7 +334,7 @@ class Member:
         )
         # Accumulated without a host sync: checked once per report, so a GPU never waits per step.
         self.window.add(loss, self.grad_norm, self.s.model, lr_at(step, self.cfg))
-        self.rng = torch.get_rng_state()
+        self._save_rng()
         return probes
 
     def report(self, step: int, probes: dict, is_last: bool, world: int) -> tuple[dict, bool]:

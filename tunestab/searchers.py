@@ -17,7 +17,9 @@ Optuna or Ray.
 
 from __future__ import annotations
 
+import os
 import pickle
+import tempfile
 
 import optuna
 from ray.tune.search import Repeater, Searcher
@@ -293,11 +295,21 @@ class PopulationSearch(Searcher):
                 self.inner.on_trial_complete(inner_id, final)
 
     def save(self, checkpoint_path: str) -> None:
-        self.inner.save(checkpoint_path)
-        with open(checkpoint_path + ".population", "wb") as f:
-            pickle.dump({k: v for k, v in self.__dict__.items() if k != "inner"}, f)
+        """One file, the inner searcher's state inside it: Tune renames the file it asked for,
+        and would leave a second one behind."""
+        with tempfile.TemporaryDirectory(prefix="tunestab-searcher-") as tmp:
+            self.inner.save(os.path.join(tmp, "inner"))
+            with open(os.path.join(tmp, "inner"), "rb") as f:
+                inner = f.read()
+        own = {k: v for k, v in self.__dict__.items() if k != "inner"}
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump({"inner": inner, "own": own}, f)
 
     def restore(self, checkpoint_path: str) -> None:
-        self.inner.restore(checkpoint_path)
-        with open(checkpoint_path + ".population", "rb") as f:
-            self.__dict__.update(pickle.load(f))
+        with open(checkpoint_path, "rb") as f:
+            state = pickle.load(f)
+        with tempfile.TemporaryDirectory(prefix="tunestab-searcher-") as tmp:
+            with open(os.path.join(tmp, "inner"), "wb") as f:
+                f.write(state["inner"])
+            self.inner.restore(os.path.join(tmp, "inner"))
+        self.__dict__.update(state["own"])
