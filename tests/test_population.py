@@ -181,7 +181,7 @@ def test_optuna_configurations_at_several_seeds_are_a_population_each():
     assert all(c["lr"] == 0.01 for _, c in populations)  # not a member field here: shared
 
 
-def test_a_member_stopped_by_tev_keeps_its_verdict_report_as_a_lone_trial_would():
+def test_a_member_stopped_by_tev_keeps_its_verdict_report_as_a_lone_trial_would(capsys):
     """The worker hears of a stop a report or two late; what Tune keeps of the member ends at
     the verdict step, with stop_reason tev and the failed objectives, while the others go on."""
     from types import SimpleNamespace
@@ -217,6 +217,10 @@ def test_a_member_stopped_by_tev_keeps_its_verdict_report_as_a_lone_trial_would(
     assert lone_decisions[:2] == ["CONTINUE", "STOP"]  # alone, Tune stops it at step 20 too
     assert kept["t-0"]["step"] == 30 and kept["t-0"]["stop_reason"] == "running"
     assert trial.last_result["outcomes"] == "running 1, tev 1"
+    # One console line when it ends, and none again for the reports the worker made after it.
+    out = capsys.readouterr().out
+    assert out.count("tunestab: t-1 (baseline, lr 0.3, seed 0) stopped by the TEV scheduler") == 1
+    assert "at step 20" in out and "t-0" not in out and "Traceback" not in out
     members = expand([SimpleNamespace(config=config, metrics=trial.last_result, error=None, path=None)])
     assert [(m.member_id, m.config["lr"], m.metrics["step"]) for m in members] == [("t-0", 0.01, 30), ("t-1", 0.3, 20)]
 

@@ -39,7 +39,7 @@ def make_callbacks(scheduler, tracking):
     TEV verdict, then the objectives decided from it, for every member) before MLflow logs it."""
     from ray.tune.callback import Callback
 
-    from .members import MEMBERS, keep, member_configs, reports_of, tally
+    from .members import MEMBERS, ended, keep, member_configs, reports_of, tally
     from .outcome import LR, objectives
 
     class TrialOutcome(Callback):
@@ -57,11 +57,29 @@ def make_callbacks(scheduler, tracking):
                 if scheduler is not None:
                     scheduler.annotate(mid, report)
                 report.update(objectives(report, configs.get(mid, {}).get(LR, 0.0)))
-            kept = keep((trial.last_result or {}).get(MEMBERS) or {}, fresh)
+            before = (trial.last_result or {}).get(MEMBERS) or {}
+            kept = keep(before, fresh)
             result[MEMBERS] = kept
             result[OUTCOMES] = tally(kept)
+            for mid, report in kept.items():
+                if ended(report) and not ended(before.get(mid)):
+                    print(ending_line(mid, configs.get(mid, {}), report), flush=True)
 
     return [TrialOutcome(), tracking]
+
+
+def ending_line(mid: str, config: dict, report: dict) -> str:
+    """One console line per member that ends, however it ends: a stop is the search working."""
+    from .outcome import TEV_STOP_REASON, StopReason
+
+    reason = report.get("stop_reason")
+    why = {
+        StopReason.TEV: f"stopped by the TEV scheduler ({report.get(TEV_STOP_REASON, 'its rule')})",
+        StopReason.COMPLETED: "completed",
+    }.get(reason, f"failed ({reason})")
+    lr = config.get("lr")
+    what = f"{config.get('variant')}" + (f", lr {lr:.3g}" if isinstance(lr, (int, float)) else "")
+    return f"tunestab: {mid} ({what}, seed {config.get('seed', 0)}) {why} at step {report.get('step')}"
 
 
 OUTCOMES = "outcomes"
