@@ -117,3 +117,24 @@ def test_fewer_than_three_seeds_give_a_point_but_no_interval():
     assert math.isnan(one.low) and math.isnan(one.high) and one.samples == ()
     three = boundary.fit(lrs * 3, [lr > 0.022 for lr in lrs] * 3, seeds=[0] * 6 + [1] * 6 + [2] * 6)
     assert three.low < three.lr < three.high
+
+
+@pytest.mark.parametrize("seeds", [1, 5])
+def test_the_plotted_curve_crosses_p_at_the_reported_point(seeds):
+    """p_diverge.png draws `curve` and marks `lr`: the curve must cross P = p there. It is the
+    pointwise posterior median, which crosses at the median of the crossing point; the posterior
+    mean drawn before crossed near 0.2, not 0.1, for a one-seed bracket."""
+    import numpy as np
+
+    from tunestab.boundary import fit
+
+    rng = np.random.default_rng(seeds)
+    lrs = np.exp(rng.uniform(np.log(1e-3), np.log(1.0), 12 * seeds))
+    diverged = lrs > 0.05 * np.exp(rng.normal(0, 0.3, len(lrs)))
+    f = fit(lrs, diverged, np.repeat(np.arange(seeds), 12), rng=np.random.default_rng(0))
+    xs, ps = np.log([c[0] for c in f.curve]), np.array([c[1] for c in f.curve])
+    i = int(np.argmax(ps >= f.p))  # the first grid point at or above p
+    crossing = xs[i - 1] + (f.p - ps[i - 1]) / (ps[i] - ps[i - 1]) * (xs[i] - xs[i - 1])
+    step = xs[1] - xs[0]
+    assert abs(crossing - np.log(f.lr)) <= step, (np.exp(crossing), f.lr)
+    assert all(lo <= c[1] <= hi for c, (_, lo, hi) in zip(f.curve, f.band))

@@ -54,7 +54,11 @@ class Boundary:
     """Distinct seeds among the trials."""
     p: float = P_DIVERGE
     curve: tuple[tuple[float, float], ...] = ()
-    """(lr, posterior mean of P(diverge | lr)) for plotting."""
+    """(lr, posterior median of P(diverge | lr)) for plotting. P rises with the LR for every
+    (m, s), so P(lr) >= p exactly where q <= lr: the pointwise median crosses p at the median
+    of q, the reported point, which the posterior mean (plotted before) does not."""
+    band: tuple[tuple[float, float, float], ...] = ()
+    """(lr, low, high): the `confidence` pointwise posterior band of P(diverge | lr)."""
     samples: tuple[float, ...] = ()
     """ln q drawn from the posterior (for intervals of ratios between variants)."""
 
@@ -94,13 +98,29 @@ def fit(
     low, mid, high = (float(qs[min(np.searchsorted(cum, t), len(qs) - 1)]) for t in (tail, 0.5, 1 - tail))
     lr_grid = np.exp(np.linspace(x.min() - 0.5, x.max() + 0.5, 60))
     zz = (np.log(lr_grid)[None, None, :] - m[:, None, None]) / s[None, :, None]
-    mean_p = (w[:, :, None] / (1 + np.exp(-zz))).sum((0, 1))
+    logistic = 0.5 * (1 + np.tanh(zz / 2))  # 1 / (1 + e^-z), without overflow far from the boundary
+    pointwise = _weighted_quantiles(logistic.reshape(-1, len(lr_grid)), w.ravel(), (tail, 0.5, 1 - tail))
+    curve = tuple(zip(lr_grid.tolist(), pointwise[1].tolist()))
+    band = tuple(zip(lr_grid.tolist(), pointwise[0].tolist(), pointwise[2].tolist()))
     rng = rng or np.random.default_rng(0)
-    curve = tuple(zip(lr_grid.tolist(), mean_p.tolist()))
     if seeds is not None and n_seeds < MIN_SEEDS:
-        return Boundary(math.exp(mid), math.nan, math.nan, len(x), n_seeds, p, curve)
+        return Boundary(math.exp(mid), math.nan, math.nan, len(x), n_seeds, p, curve, band)
     drawn = rng.choice(qs, size=samples, p=w.ravel()[order])
-    return Boundary(math.exp(mid), math.exp(low), math.exp(high), len(x), n_seeds, p, curve, tuple(drawn.tolist()))
+    return Boundary(
+        math.exp(mid), math.exp(low), math.exp(high), len(x), n_seeds, p, curve, band, tuple(drawn.tolist())
+    )
+
+
+def _weighted_quantiles(values: np.ndarray, weights: np.ndarray, qs) -> list[np.ndarray]:
+    """Per column of values (draws x points), the weighted quantiles qs, as one array each."""
+    order = np.argsort(values, axis=0)
+    ordered = np.take_along_axis(values, order, axis=0)
+    cum = np.cumsum(weights[order], axis=0)
+    out = []
+    for q in qs:
+        idx = np.minimum((cum < q).sum(axis=0), len(values) - 1)
+        out.append(ordered[idx, np.arange(values.shape[1])])
+    return out
 
 
 def ratio(a: Boundary, b: Boundary, confidence: float = CONFIDENCE) -> tuple[float, float, float]:

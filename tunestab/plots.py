@@ -45,7 +45,8 @@ def plot_loss_vs_lr(table: pd.DataFrame, path: Path) -> None:
 
 def plot_p_diverge(table: pd.DataFrame, fits: dict, path: Path) -> None:
     """Per variant: each trial as a point at 1 (diverged or stopped by TEV) or 0 (completed),
-    the fitted P(diverge | LR), and the max stable LR with its interval."""
+    the posterior median of P(diverge | LR) with its 90% band, and the max stable LR with its
+    interval, which the median curve crosses at P = p (boundary.Boundary.curve)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,16 +60,21 @@ def plot_p_diverge(table: pd.DataFrame, fits: dict, path: Path) -> None:
         jitter = np.random.default_rng(0).uniform(-0.04, 0.04, len(t))
         ax.scatter(t["lr"], div + jitter, s=14, c=np.where(div > 0, "tab:red", "tab:blue"), alpha=0.7)
         lrs, ps = zip(*f.curve)
+        if f.band:
+            blrs, lows, highs = zip(*f.band)
+            ax.fill_between(blrs, lows, highs, color="grey", alpha=0.2, lw=0)
         ax.plot(lrs, ps, color="black", lw=1.2)
         if not math.isnan(f.low):
             ax.axvspan(f.low, f.high, color="tab:green", alpha=0.15)
         ax.axvline(f.lr, color="tab:green", lw=1.2)
         ax.axhline(f.p, color="grey", lw=0.6, ls=":")
+        ax.plot([f.lr], [f.p], marker="o", color="tab:green", ms=4)  # where the median curve crosses p
         ax.set_ylabel("P(diverge)")
         interval = f"[{f.low:.3g}, {f.high:.3g}]" if not math.isnan(f.low) else "(no interval: fewer than 3 seeds)"
         ax.set_title(f"{v}: max stable LR {f.lr:.3g} {interval} from {f.trials} trials, {f.seeds} seeds", fontsize=9)
         ax.set_xscale("log")
     axes[-1, 0].set_xlabel("learning rate")
+    fig.suptitle("P(diverge | LR): posterior median (line) and 90% band (grey)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
