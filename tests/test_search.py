@@ -3,6 +3,7 @@ search on CPU read back from a SQLite MLflow store."""
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -53,6 +54,48 @@ def test_summary_fits_each_variant_and_keeps_the_bracket():
     assert a["seeds"] == 3 and a["trials"] == 8
     assert a["best_val_loss"] == 2.8 and a["tev_stops"] == 1 and a["diverged"] == 2
     assert pd.isna(s.loc["b", "max_stable_lr"]) and math.isnan(s.loc["b", "best_val_loss"])  # only an error
+
+
+def test_with_one_seed_the_answer_is_the_bracket_not_a_point_below_a_stable_lr(tmp_path):
+    """One seed cannot say how the boundary varies between seeds: the fitted point is the prior's
+    as much as the data's (in the default search it sat at 0.0202, below the stable 0.0265). The
+    summary, its markdown, the ratios and the parent-run metrics give the bracket instead."""
+    lrs = {"baseline": (0.0094, 0.0132, 0.0187, 0.0265, 0.0375), "qk_norm": (0.1, 0.14, 0.2, 0.28, 0.4)}
+    edge = {"baseline": 0.03, "qk_norm": 0.25}
+    grid = [
+        SimpleNamespace(
+            config={"variant": v, "lr": lr, "seed": 0},
+            error=None,
+            metrics_dataframe=None,
+            metrics={
+                "trial_id": f"{v}{lr}",
+                "stop_reason": "completed" if lr < edge[v] else "blowup",
+                "diverged": int(lr >= edge[v]),
+                "val_loss": 3.0,
+                "loss_init": 5.5,
+            },
+        )
+        for v in lrs
+        for lr in lrs[v]
+    ]
+    fits = tables.boundaries(tables.trial_table(spec.parse(TINY | {"variants": list(lrs)}), grid), list(lrs))
+    assert fits["baseline"].lr < 0.0265  # the point a fit gives: below an LR that trained stably
+    space = spec.parse(TINY | {"variants": list(lrs)})
+    out = report.build(space, grid)
+    s = out.files["summary.csv"].set_index("variant")
+    assert list(s["basis"]) == ["bracket", "bracket"] and s["max_stable_lr"].isna().all()
+    assert (s.loc["baseline", "largest_stable_lr"], s.loc["baseline", "smallest_divergent_lr"]) == (0.0265, 0.0375)
+    assert "| baseline | in [0.0265, 0.0375] (bracket) |" in out.files["summary.md"]
+    r = out.files["ratios.csv"].iloc[0]
+    assert r["basis"] == "bracket" and math.isnan(r["ratio"])
+    assert (r["ratio_low"], r["ratio_high"]) == pytest.approx((0.2 / 0.0375, 0.28 / 0.0265))
+    assert "between [5.33, 10.6] (bounds from the brackets)" in out.files["summary.md"]
+    assert "max_stable_lr/baseline" not in out.metrics and out.metrics["largest_stable_lr/baseline"] == 0.0265
+    assert out.metrics["smallest_divergent_lr/qk_norm"] == 0.28
+    # The p_diverge plot draws the bracket, with no fitted point: it renders.
+    fn, args = out.files["p_diverge.png"]
+    fn(*args, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 10_000
 
 
 TINY = {

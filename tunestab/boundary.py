@@ -66,6 +66,12 @@ class Boundary:
     def found(self) -> bool:
         return not math.isnan(self.lr)
 
+    @property
+    def has_interval(self) -> bool:
+        """Fitted over MIN_SEEDS seeds or more. With fewer, the point is the prior's as much as
+        the data's, and can sit below an LR that trained stably: the answer is then the bracket."""
+        return not math.isnan(self.low)
+
 
 def fit(
     lrs,

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from .bracket import bracket
 from .outcome import TEV_DISPERSION, TEV_MEAN, TEV_STD, dispersion, is_stable
 from .tables import ran, stable_mask
 
@@ -64,14 +65,20 @@ def plot_p_diverge(table: pd.DataFrame, fits: dict, path: Path) -> None:
             blrs, lows, highs = zip(*f.band)
             ax.fill_between(blrs, lows, highs, color="grey", alpha=0.2, lw=0)
         ax.plot(lrs, ps, color="black", lw=1.2)
-        if not math.isnan(f.low):
-            ax.axvspan(f.low, f.high, color="tab:green", alpha=0.15)
-        ax.axvline(f.lr, color="tab:green", lw=1.2)
         ax.axhline(f.p, color="grey", lw=0.6, ls=":")
-        ax.plot([f.lr], [f.p], marker="o", color="tab:green", ms=4)  # where the median curve crosses p
+        if f.has_interval:
+            ax.axvspan(f.low, f.high, color="tab:green", alpha=0.15)
+            ax.axvline(f.lr, color="tab:green", lw=1.2)
+            ax.plot([f.lr], [f.p], marker="o", color="tab:green", ms=4)  # where the median curve crosses p
+            answer = f"max stable LR {f.lr:.3g} [{f.low:.3g}, {f.high:.3g}]"
+        else:
+            # Too few seeds for a fitted point: the answer is the bracket, drawn as it is.
+            b = bracket(list(zip(t["lr"], ~div.astype(bool))))
+            if b.stable is not None and b.divergent is not None:
+                ax.axvspan(b.stable, b.divergent, color="tab:green", alpha=0.3)
+            answer = f"max stable LR in [{b.stable or math.nan:.3g}, {b.divergent or math.nan:.3g}] (bracket)"
         ax.set_ylabel("P(diverge)")
-        interval = f"[{f.low:.3g}, {f.high:.3g}]" if not math.isnan(f.low) else "(no interval: fewer than 3 seeds)"
-        ax.set_title(f"{v}: max stable LR {f.lr:.3g} {interval} from {f.trials} trials, {f.seeds} seeds", fontsize=9)
+        ax.set_title(f"{v}: {answer} from {f.trials} trials, {f.seeds} seeds", fontsize=9)
         ax.set_xscale("log")
     axes[-1, 0].set_xlabel("learning rate")
     fig.suptitle("P(diverge | LR): posterior median (line) and 90% band (grey)", fontsize=9)

@@ -111,6 +111,7 @@ def boundaries(table: pd.DataFrame, variants, p: float = boundary.P_DIVERGE) -> 
 
 SUMMARY_COLUMNS = [
     "variant",
+    "basis",
     "max_stable_lr",
     "max_stable_lr_low",
     "max_stable_lr_high",
@@ -126,7 +127,9 @@ SUMMARY_COLUMNS = [
 
 def summary(table: pd.DataFrame, variants, fits: dict | None = None) -> pd.DataFrame:
     """One row per variant: the fitted max stable LR and its interval (when `fits` has it), the
-    bracket, the best validation loss of a stable trial, and how the trials ended."""
+    bracket, the best validation loss of a stable trial, and how the trials ended. `basis` says
+    what the answer is: `fit` (a point with its interval, over MIN_SEEDS seeds or more), or
+    `bracket` (fewer seeds: [largest stable, smallest divergent] is the answer, no point)."""
     rows = []
     for v in variants:
         t = table[table["variant"] == v]
@@ -134,12 +137,14 @@ def summary(table: pd.DataFrame, variants, fits: dict | None = None) -> pd.DataF
         stable = stable_mask(done)
         b = bracket(list(zip(done["lr"], stable)))
         f = (fits or {}).get(v)
+        fitted = f is not None and f.has_interval
         rows.append(
             {
                 "variant": v,
-                "max_stable_lr": f.lr if f else math.nan,
-                "max_stable_lr_low": f.low if f else math.nan,
-                "max_stable_lr_high": f.high if f else math.nan,
+                "basis": "fit" if fitted else "bracket",
+                "max_stable_lr": f.lr if fitted else math.nan,
+                "max_stable_lr_low": f.low if fitted else math.nan,
+                "max_stable_lr_high": f.high if fitted else math.nan,
                 "seeds": int(done["seed"].nunique()),
                 "trials": len(t),
                 "largest_stable_lr": b.stable,
@@ -157,15 +162,27 @@ def summary(table: pd.DataFrame, variants, fits: dict | None = None) -> pd.DataF
 RYBAKOV_PAIRS = (("qk_norm_cap", "qk_norm"), ("qkv_norm", "qk_norm"), ("qk_fc_norm", "qk_norm"))
 
 
-def ratios(fits: dict[str, boundary.Boundary]) -> pd.DataFrame:
-    """Max stable LR of one variant over another's, with the 90% interval of the ratio."""
+def ratios(fits: dict[str, boundary.Boundary], brackets: dict | None = None) -> pd.DataFrame:
+    """Max stable LR of one variant over another's, with the 90% interval of the ratio (`basis`
+    fit). Where either variant has too few seeds for a fit, its bracket is its answer and the
+    ratio's bounds come from the two brackets (`basis` bracket: [stable_a / divergent_b,
+    divergent_a / stable_b], no point); `brackets`: variant -> (largest stable, smallest
+    divergent)."""
     pairs = [(v, "baseline") for v in fits if v != "baseline" and "baseline" in fits]
     pairs += [(a, b) for a, b in RYBAKOV_PAIRS if a in fits and b in fits]
     rows = []
     for a, b in pairs:
-        r, low, high = boundary.ratio(fits[a], fits[b])
-        rows.append({"variant": a, "reference": b, "ratio": r, "ratio_low": low, "ratio_high": high})
-    return pd.DataFrame(rows, columns=["variant", "reference", "ratio", "ratio_low", "ratio_high"])
+        if fits[a].has_interval and fits[b].has_interval:
+            r, low, high = boundary.ratio(fits[a], fits[b])
+            basis = "fit"
+        else:
+            (sa, da), (sb, db) = (brackets or {}).get(a, (None, None)), (brackets or {}).get(b, (None, None))
+            r = math.nan
+            low = sa / db if sa and db else math.nan
+            high = da / sb if da and sb else math.nan
+            basis = "bracket"
+        rows.append({"variant": a, "reference": b, "basis": basis, "ratio": r, "ratio_low": low, "ratio_high": high})
+    return pd.DataFrame(rows, columns=["variant", "reference", "basis", "ratio", "ratio_low", "ratio_high"])
 
 
 def spearman(x, y) -> float:
@@ -205,8 +222,11 @@ def summary_markdown(s: pd.DataFrame, p: float = boundary.P_DIVERGE) -> str:
         "|---|---|---|---|---|---|---|---|---|" + ("---|" if ranged else ""),
     ]
     for _, r in s.iterrows():
+        answer = fmt(r["max_stable_lr"])
+        if r.get("basis") == "bracket":
+            answer = f"in [{fmt(r['largest_stable_lr'])}, {fmt(r['smallest_divergent_lr'])}] (bracket)"
         lines.append(
-            f"| {r['variant']} | {fmt(r['max_stable_lr'])} | {interval(r['max_stable_lr_low'], r['max_stable_lr_high'])} | "
+            f"| {r['variant']} | {answer} | {interval(r['max_stable_lr_low'], r['max_stable_lr_high'])} | "
             f"{r['seeds']} | {r['trials']} | [{fmt(r['largest_stable_lr'])}, "
             f"{fmt(r['smallest_divergent_lr'])}] | {fmt(r['best_val_loss'], '.4f')} | {r['diverged']} | "
             f"{r['tev_stops']} |" + (f" {fmt(r['range_test_lr'])} |" if ranged else "")
@@ -217,8 +237,8 @@ def summary_markdown(s: pd.DataFrame, p: float = boundary.P_DIVERGE) -> str:
 def ratios_markdown(r: pd.DataFrame) -> str:
     lines = ["| max stable LR of | over | ratio | 90% interval |", "|---|---|---|---|"]
     for _, row in r.iterrows():
-        lines.append(
-            f"| {row['variant']} | {row['reference']} | {fmt(row['ratio'])} | "
-            f"{interval(row['ratio_low'], row['ratio_high'])} |"
-        )
+        bounds = interval(row["ratio_low"], row["ratio_high"])
+        if row.get("basis") == "bracket":
+            bounds = f"between {bounds} (bounds from the brackets)" if bounds != "-" else "-"
+        lines.append(f"| {row['variant']} | {row['reference']} | {fmt(row['ratio'])} | {bounds} |")
     return "\n".join(lines)

@@ -10,8 +10,6 @@ the methods that need them: a space file is checked without them.
 
 from __future__ import annotations
 
-import math
-
 from ..outcome import metric_path
 from ..sections import Draft, section
 
@@ -125,7 +123,8 @@ def shared_report(strategy: Strategy, space, every, grid, out):
         # Where each variant's range test failed, beside the answer it led to.
         s["range_test_lr"] = [ranged[ranged["variant"] == v]["range_lr"].max() for v in s["variant"]]
     md = tables.summary_markdown(s, p)
-    rat = tables.ratios(fits) if fits and strategy.ratios else None
+    brackets = {r["variant"]: (r["largest_stable_lr"], r["smallest_divergent_lr"]) for _, r in s.iterrows()}
+    rat = tables.ratios(fits, brackets) if fits and strategy.ratios else None
     out.table(run_dir.TRIALS_CSV, every)
     out.table(run_dir.SUMMARY_CSV, s)
     out.text(
@@ -148,7 +147,8 @@ def shared_report(strategy: Strategy, space, every, grid, out):
         ]
         if arch:
             out.plot(run_dir.PARAMS_VS_LOSS_PNG, plots.plot_params_vs_loss, table, arch)
-    for key in ("max_stable_lr", "max_stable_lr_low", "max_stable_lr_high", "range_test_lr"):
+    keys = ("max_stable_lr", "max_stable_lr_low", "max_stable_lr_high", "largest_stable_lr", "smallest_divergent_lr")
+    for key in (*keys, "range_test_lr"):
         if key in s:
             for _, r in s.iterrows():
                 out.metric(f"{key}/{metric_path(r['variant'])}", r[key])
@@ -158,12 +158,13 @@ def shared_report(strategy: Strategy, space, every, grid, out):
                 out.metric(f"lr_ratio{suffix}/{r['variant']}_vs_{r['reference']}", r[f"ratio{suffix}"])
 
     out.say(f"\n{space.name} ({space.strategy}): {len(table)} trials\n\n{md}\n")
-    if fits and any(f.found and math.isnan(f.low) for f in fits.values()):
+    if fits and any(not f.has_interval for f in fits.values()):
         from ..boundary import MIN_SEEDS
 
         out.say(
-            f"(An interval needs trials at {MIN_SEEDS} seeds or more, to tell how the boundary varies "
-            f"between seeds: set max_lr.seeds.)\n"
+            f"(With fewer than {MIN_SEEDS} seeds the answer is the bracket [largest stable, smallest "
+            f"divergent]: a fitted point needs {MIN_SEEDS} seeds or more to tell how the boundary varies "
+            f"between seeds, and without them it can sit below an LR that trained stably. Set max_lr.seeds.)\n"
         )
     if rat is not None and len(rat):
         out.say(f"Ratios of max stable LRs, with 90% intervals:\n\n{tables.ratios_markdown(rat)}\n")
