@@ -65,6 +65,8 @@ def finish(proc, tmp_path, timeout_s: float = 600) -> str:
 
 @pytest.mark.slow
 def test_a_killed_train_worker_restarts_from_its_checkpoint_and_the_trial_completes(tmp_path):
+    """A population of two (two seeds, one trial): after a SIGKILL of its worker, each member
+    continues from the checkpoint and reports what it reports never interrupted."""
     trial = {**TRIAL, "lr": 0.01, "steps": 400, "report_every": 20, "eval_every": 400, "checkpoint_every": 100}
     space = write_space(
         tmp_path,
@@ -73,7 +75,7 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint_and_the_trial_comple
             "strategy": "sweep",
             "variants": ["baseline"],
             "trial": trial,
-            "params": {"seed": {"grid": [0]}},
+            "params": {"seed": {"grid": [0, 1]}},
             "scheduler": {"type": "none"},
             "resources": {"max_failures": 1},
         },
@@ -104,25 +106,39 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint_and_the_trial_comple
     finish(proc, tmp_path)
 
     run_dir = next(storage.glob("kill-*"))
-    results = replay.reports(next((run_dir / "tune").glob("kill/trial_driver_*")))
-    assert results[-1]["stop_reason"] == "completed" and results[-1]["step"] == 400
+    (trial_dir,) = (run_dir / "tune").glob("kill/trial_driver_*")  # both seeds: one trial
+    results = replay.reports(trial_dir)
     # The restarted worker group continued from a checkpoint (step 100, 200 or 300), not from 0.
     assert results[-1]["resumed_from"] in (100, 200, 300), [r["resumed_from"] for r in results]
     assert any(r["timestamp"] >= killed_at - 1 for r in results if r["resumed_from"] > 0)
-    # ... and followed, report for report, the run that was never interrupted. A 1-CPU Train
-    # worker computes on one thread; so does the reference, and then CPU results are bitwise equal.
+    members = {
+        config["seed"]: reports
+        for config, reports in replay.member_reports(SimpleNamespace(path=str(trial_dir), **trial_of(trial_dir))).values()
+    }
+    assert sorted(members) == [0, 1]
+    # ... and each member followed, report for report, its run that was never interrupted. A
+    # 1-CPU Train worker computes on one thread; so does the reference, and then CPU results are
+    # bitwise equal.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        uninterrupted = session.LocalSession(out=io.StringIO())
-        loop.run(TrialConfig(**{**trial, "variant": "baseline", "seed": 0}), uninterrupted)
+        for seed, reports in members.items():
+            assert reports[-1]["stop_reason"] == "completed" and reports[-1]["step"] == 400
+            uninterrupted = session.LocalSession(out=io.StringIO())
+            loop.run(TrialConfig(**{**trial, "variant": "baseline", "seed": seed}), uninterrupted)
+            after_restart = {r["step"]: r["loss"] for r in reports}  # the last report of each step
+            assert after_restart == {r["step"]: r["loss"] for r in uninterrupted.reports}
+            assert reports[-1]["val_loss"] == uninterrupted.reports[-1]["val_loss"]
     finally:
         torch.set_num_threads(threads)
-    after_restart = {r["step"]: r["loss"] for r in results}  # the last report of each step
-    assert after_restart == {r["step"]: r["loss"] for r in uninterrupted.reports}
-    assert results[-1]["val_loss"] == uninterrupted.reports[-1]["val_loss"]
     table = pd.read_csv(run_dir / "trials.csv")
-    assert list(table.stop_reason) == ["completed"]
+    assert list(table.stop_reason) == ["completed", "completed"]
+
+
+def trial_of(trial_dir: Path) -> dict:
+    """A trial's id and config as Tune recorded them (its last result)."""
+    last = replay.reports(trial_dir)[-1]
+    return {"trial_id": last["trial_id"], "config": last["config"]}
 
 
 class PendingWatch(threading.Thread):
@@ -346,7 +362,7 @@ def test_mlflow_going_away_mid_search_loses_nothing_and_replay_fills_it_in(tmp_p
         parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
         children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
         histories = {
-            r.data.tags["tune_trial_id"]: [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
+            r.data.tags["member_id"]: [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
             for r in children
         }
         artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
@@ -356,10 +372,13 @@ def test_mlflow_going_away_mid_search_loses_nothing_and_replay_fills_it_in(tmp_p
     assert not (run_dir / run_dir_mod.INCOMPLETE_FILE).exists()
     assert len(parents) == 1 and parents[0].info.status == "FINISHED" and "summary.md" in artifacts
     assert sorted(histories) == sorted(trials.trial_id) and all(r.info.status == "FINISHED" for r in children)
-    # Every report Tune kept is in MLflow exactly once.
+    # Every report Tune kept of every member is in MLflow exactly once.
+    kept = 0
     for path in run_dir.glob("tune/outage/trial_driver_*"):
-        results = replay.reports(path)
-        assert histories[results[0]["trial_id"]] == [r["step"] for r in results]
+        for mid, (_, reports) in replay.member_reports(SimpleNamespace(path=str(path), **trial_of(path))).items():
+            assert histories[mid] == [r["step"] for r in reports]
+            kept += 1
+    assert kept == 4
     for _, row in pd.read_csv(run_dir / "summary.csv").dropna(subset=["max_stable_lr"]).iterrows():
         assert parents[0].data.metrics[f"max_stable_lr/{row.variant}"] == row.max_stable_lr
     assert json.loads((run_dir / run_dir_mod.STATE_FILE).read_text())["finished"] is True

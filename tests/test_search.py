@@ -431,7 +431,7 @@ def test_resume_after_sigkill_finishes_the_search_without_duplicate_mlflow_runs(
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    in_flight = going[0].data.tags["tune_trial_id"]
+    in_flight = going[0].data.tags["member_id"]
 
     try:
         assert search.main(["--space", space, "--storage", str(storage), "--resume"]) == 0
@@ -441,15 +441,15 @@ def test_resume_after_sigkill_finishes_the_search_without_duplicate_mlflow_runs(
     client, parents, children = mlflow_runs(storage, "tiny")
     trials = pd.read_csv(next(storage.glob("tiny-*")) / "trials.csv")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
-    # Every trial once in MLflow, each finished, none opened twice.
-    ids = [r.data.tags["tune_trial_id"] for r in children]
+    # Every member once in MLflow, each finished, none opened twice.
+    ids = [r.data.tags["member_id"] for r in children]
     assert len(ids) == len(set(ids)) == len(trials) == 4
     assert all(r.info.status == "FINISHED" for r in children)
     for r in children:
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
         assert steps == sorted(set(steps)), f"steps logged twice in {r.info.run_id}: {steps}"
     # The trial in flight continued from its checkpoint (step 100 or 200), not from scratch.
-    resumed = next(r for r in children if r.data.tags["tune_trial_id"] == in_flight)
+    resumed = next(r for r in children if r.data.tags["member_id"] == in_flight)
     assert resumed.data.metrics["resumed_from"] in (100, 200)
 
     # The same trials, with the same outcomes, as a search that was never interrupted.

@@ -477,6 +477,7 @@ def run_population(cfgs: dict[str, TrialConfig], session, nested: bool = True) -
                 metrics["tokens_per_s"] = timed_steps * tokens_per_step / max(timed_s, 1e-9)
                 if peak:
                     metrics["mfu"] = m.flops_per_token * metrics["tokens_per_s"] * len(active) / world / peak
+            metrics["resumed_from"] = start  # the checkpoint step this run continued from; 0 on a fresh start
             reports[mid] = metrics
             if ends:
                 ended.append(mid)
@@ -490,11 +491,11 @@ def run_population(cfgs: dict[str, TrialConfig], session, nested: bool = True) -
                 # checkpoints. What the trial would cost without Ray; bench/search_overhead.py
                 # sets it against the search's wall time.
                 "loop_s": time.perf_counter() - began,
-                "resumed_from": start,  # the checkpoint step this run continued from; 0 on a fresh start
+                "resumed_from": start,
             }
         else:
             (out,) = reports.values()
-            out.update(loop_s=time.perf_counter() - began, resumed_from=start)
+            out.update(loop_s=time.perf_counter() - began)
         for mid in ended:
             del active[mid]
         last.update(reports)
