@@ -72,6 +72,7 @@ def test_a_stopped_member_ends_at_its_verdict_step_and_the_others_train_on():
     run_population(cfgs, session)
     got = by_member(session)
     assert [r["step"] for r in got["b"]] == [5, 10]
+    assert [r["active"] for r in session.reports] == [2, 2, 1, 1, 1, 1]
     assert [r["step"] for r in got["a"]] == [5, 10, 15, 20, 25, 30]
     same_numbers(got["a"], alone(cfgs["a"]))
 
@@ -230,7 +231,7 @@ def test_the_last_report_ends_every_member_and_writes_no_checkpoint(tmp_path):
     run_population(
         {"a": tiny(steps=20, checkpoint_every=10), "b": tiny(steps=20, checkpoint_every=10, seed=1)}, session
     )
-    assert [r["active"] for r in session.reports] == [2, 0]
+    assert [r["active"] for r in session.reports] == [2, 2]  # both trained to the end, and ended there
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000010"]  # none at the end, as for a lone trial
 
 

@@ -113,7 +113,9 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint_and_the_trial_comple
     assert any(r["timestamp"] >= killed_at - 1 for r in results if r["resumed_from"] > 0)
     members = {
         config["seed"]: reports
-        for config, reports in replay.member_reports(SimpleNamespace(path=str(trial_dir), **trial_of(trial_dir))).values()
+        for config, reports in replay.member_reports(
+            SimpleNamespace(path=str(trial_dir), **trial_of(trial_dir))
+        ).values()
     }
     assert sorted(members) == [0, 1]
     # ... and each member followed, report for report, its run that was never interrupted. A

@@ -247,28 +247,33 @@ def test_bad_rule_is_refused_with_every_problem():
 
 @pytest.mark.slow
 def test_tune_run_stops_the_divergent_trial_by_tev_and_completes_the_stable_one(tmp_path):
-    """Two real trials through Tune -> TorchTrainer on CPU, on the calibration proxy (12 blocks,
-    width 64, no clipping): LR 2.0 diverges (its loss rule would fire at step 60), LR 0.03 does not."""
+    """One real population through Tune -> TorchTrainer on CPU, on the calibration proxy (12
+    blocks, width 64, no clipping): the member at LR 2.0 diverges, the one at 0.03 does not. The
+    scheduler stops the first through the stop board, the worker drops it, and the trial ends on
+    its own when the second completes."""
     import ray
     from ray import tune
     from ray.util.state import list_actors, list_placement_groups
 
     from tunestab import cluster
     from tunestab.ray_trial import trial_driver
+    from tunestab.search import make_callbacks
+    from tunestab.stop_board import open_board
 
-    sched = TEVScheduler(DISPERSION, state_path=str(tmp_path / "tev_scheduler.json"))
+    sched = TEVScheduler(DISPERSION, state_path=str(tmp_path / "tev_scheduler.json"), board="test-stops")
     base = {
         "n_layer": 12,
         "d_model": 64,
         "n_head": 4,
         "grad_clip": 0.0,
-        "steps": 60,
+        "steps": 100,
         "warmup_steps": 30,
         "report_every": 10,
-        "eval_every": 60,
+        "eval_every": 100,
         "checkpoint_every": 0,
         "data_cache": str(tmp_path / "cache"),
-        "runner": {"workers": 1},
+        "runner": {"workers": 1, "board": "test-stops"},
+        "members": {"div": {"lr": 2.0}, "ok": {"lr": 0.03}},
     }
     # The dashboard serves the State API, which Train V2's PlacementGroupCleaner needs to see
     # that a stopped trial's controller is gone: without it the worker group's placement group
@@ -277,22 +282,27 @@ def test_tune_run_stops_the_divergent_trial_by_tev_and_completes_the_stable_one(
     # on the machine does not leave the cleaner unable to tell which one to ask.
     cluster.start_ray()
     try:
+        board = open_board("test-stops")  # noqa: F841 - held while the search runs
+        outcome, _ = make_callbacks(sched, None)
         tuner = tune.Tuner(
             tune.with_resources(trial_driver, {"cpu": 0.01}),
-            param_space={**base, "lr": tune.grid_search([2.0, 0.03])},
+            param_space=base,
             tune_config=tune.TuneConfig(scheduler=sched, max_concurrent_trials=1),
             run_config=tune.RunConfig(
-                storage_path=str(tmp_path / "results"), name="two", callbacks=[sched.callback()], verbose=0
+                storage_path=str(tmp_path / "results"), name="two", callbacks=[outcome], verbose=0
             ),
         )
         grid = tuner.fit()
-        by_lr = {r.config["lr"]: r.metrics for r in grid}
-        assert not grid.errors
-        divergent, stable = by_lr[2.0], by_lr[0.03]
+        assert not grid.errors and len(grid) == 1
+        members = grid[0].metrics["members"]
+        divergent, stable = members["div"], members["ok"]
         assert divergent["stop_reason"] == "tev" and divergent["diverged"] == 0
-        assert divergent["step"] < 60 and divergent["tev_stop_step"] == divergent["step"]
-        assert stable["stop_reason"] == "completed" and stable["step"] == 60
+        assert divergent["step"] < 70 and divergent["tev_stop_step"] == divergent["step"]
+        assert stable["stop_reason"] == "completed" and stable["step"] == 100
         assert "tev_stop_step" not in stable
+        # The worker heard of the stop and trained the other member alone to the end.
+        rows = [json.loads(line) for line in (Path(grid[0].path) / "result.json").read_text().splitlines()]
+        assert rows[-1]["active"] == 1, [(r["step"], r["active"]) for r in rows]
         # The stopped trial's workers and placement groups are gone, not leaked.
         address = ray.get_runtime_context().gcs_address  # this cluster, whatever else runs here
         assert [pg.state for pg in list_placement_groups(address=address) if pg.state != "REMOVED"] == []

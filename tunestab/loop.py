@@ -485,7 +485,7 @@ def run_population(cfgs: dict[str, TrialConfig], session, nested: bool = True) -
             out = {
                 "step": step + 1,
                 "members": reports,
-                "active": len(active) - len(ended),
+                "active": len(reports),  # members that trained to this step
                 "population": len(members),
                 # Seconds since this process entered the loop: data, models, steps, evals,
                 # checkpoints. What the trial would cost without Ray; bench/search_overhead.py
