@@ -269,10 +269,12 @@ def test_the_population_size_caps_a_round_and_the_rest_waits_for_the_next_trial(
 @pytest.mark.slow  # inductor compiles the step twice (with probes and without): about 30 s on 2 cores
 @pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
 @torch._dynamo.config.patch(fail_on_recompile_limit_hit=True)
-def test_compiled_members_share_one_graph_and_report_what_they_report_alone(bf16):
-    """torch.compile on each member's model: the members are instances of one module class, so
-    dynamo's graphs serve them all (no recompile per member, which a recompile limit would turn
-    into a failure here), and each member's numbers are those of its compiled lone run."""
+def test_compiled_members_report_what_they_report_alone(bf16):
+    """torch.compile on each member's model, three members of one module class: no member hits
+    dynamo's recompile limit (which this test turns into a failure), and each member's numbers
+    are those of its compiled lone run, to float rounding: the members after the first run a
+    graph dynamo built for any instance of the class, whose kernels may round differently
+    (seen: 1e-7 relative in fp32), so this is a tolerance, not the eager engine's equality."""
     cfgs = {
         "a": tiny(steps=6, report_every=3, eval_every=6, compile=True, bf16=bf16, variant="qk_norm"),
         "b": tiny(steps=6, report_every=3, eval_every=6, compile=True, bf16=bf16, variant="qk_norm", seed=1, lr=1e-3),
@@ -281,8 +283,16 @@ def test_compiled_members_share_one_graph_and_report_what_they_report_alone(bf16
     session = LocalSession(out=io.StringIO())
     run_population(cfgs, session)
     got = by_member(session)
+    rel = 2e-2 if bf16 else 1e-5
     for mid, cfg in cfgs.items():
-        same_numbers(got[mid], alone(cfg))
+        lone = alone(cfg)
+        assert [r["step"] for r in got[mid]] == [r["step"] for r in lone]
+        for x, y in zip(got[mid], lone):
+            assert x["stop_reason"] == y["stop_reason"]
+            assert (x.get("val_loss") is None) == (y.get("val_loss") is None)
+            for k in ("loss", "val_loss", "grad_norm", "tev_mean", "tev_std", "attn_logit_max"):
+                if y.get(k) is not None:
+                    assert x[k] == pytest.approx(y[k], rel=rel), (mid, x["step"], k)
 
 
 def test_the_population_searcher_restores_from_the_one_file_tune_keeps(tmp_path):
