@@ -1,11 +1,16 @@
 """The per-worker pre-training loop: what every Ray Train worker of a trial runs
-(tunestab/trainer.py), and what `python -m tunestab.train` runs in this process.
+(tunestab/ray_trial.py), and what `python -m tunestab.train` runs in this process.
+
+A trial trains a population (`run_population`): members of one variant and size, each a `Member`
+with its own model, optimizer, data order, random state and divergence rule, stepped in turn and
+reported together; `run` is a population of one that reports on its own (docs/design.md,
+"Populations").
 
 One step: the worker's share of the global batch, in micro-batches -> forward (+ probes on
 report steps) -> backward (gradients accumulate; DDP all-reduces on the last micro-batch) ->
 probes -> clip -> AdamW. Every `report_every` steps, and on checkpoint steps and the last step,
 the worker reduces its metrics across ranks (mean loss, max of norms) and reports them.
-Divergence ends the trial cleanly, with a finite last report (`Divergence`).
+Divergence ends a member cleanly, with a finite last report (`Divergence`).
 
 The loop needs torch and numpy only: ray, mlflow, optuna, datasets, pandas and matplotlib may
 be absent, as on a bare CUDA image (tests/test_train.py checks it).
