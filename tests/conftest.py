@@ -109,3 +109,26 @@ def process_title(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def edge_results(lrs: dict[str, tuple], edge: dict[str, float]) -> list:
+    """Tune-like results of one-model trials at seed 0: variant v at each of lrs[v] completes
+    below edge[v] and blows up from it (the report reads them as it reads Tune's `Result`)."""
+    from types import SimpleNamespace
+
+    return [
+        SimpleNamespace(
+            config={"variant": v, "lr": lr, "seed": 0},
+            error=None,
+            metrics_dataframe=None,
+            metrics={
+                "trial_id": f"{v}{lr}",
+                "stop_reason": "completed" if lr < edge[v] else "blowup",
+                "diverged": int(lr >= edge[v]),
+                "val_loss": 3.0,
+                "loss_init": 5.5,
+            },
+        )
+        for v in lrs
+        for lr in lrs[v]
+    ]

@@ -6,9 +6,9 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+from conftest import edge_results
 
 PKG = Path(__file__).resolve().parent.parent / "tunestab"
 
@@ -178,22 +178,7 @@ def test_a_fifth_strategy_is_one_module_and_one_registry_line(monkeypatch, tmp_p
     while (config := searcher.suggest(f"t{len(populations)}")) not in (None, "FINISHED"):
         populations.append((config["variant"], [m["lr"] for m in config["members"].values()]))
     assert populations == [("baseline", [0.01, 0.1, 1.0]), ("qk_norm", [0.01, 0.1, 1.0])]
-    grid = [
-        SimpleNamespace(
-            config={"variant": v, "lr": lr, "seed": 0},
-            error=None,
-            metrics_dataframe=None,
-            metrics={
-                "trial_id": f"{v}{lr}",
-                "stop_reason": "completed" if lr < edge else "blowup",
-                "diverged": int(lr >= edge),
-                "val_loss": 3.0,
-                "loss_init": 5.5,
-            },
-        )
-        for v, edge in (("baseline", 0.05), ("qk_norm", 0.5))
-        for lr in (0.01, 0.1, 1.0)
-    ]
+    grid = edge_results({v: (0.01, 0.1, 1.0) for v in ("baseline", "qk_norm")}, {"baseline": 0.05, "qk_norm": 0.5})
     out = report.build(space, grid)
     s = out.files["summary.csv"].set_index("variant")
     assert s.loc["baseline", "largest_stable_lr"] == 0.01 and s.loc["qk_norm", "smallest_divergent_lr"] == 1.0

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 import yaml
+from conftest import edge_results
 
 from tunestab import mlflow_view, report, run_dir, search, spec, tables
 from tunestab.outcome import objectives
@@ -62,25 +63,10 @@ def test_with_one_seed_the_answer_is_the_bracket_not_a_point_below_a_stable_lr(t
     summary, its markdown, the ratios and the parent-run metrics give the bracket instead."""
     lrs = {"baseline": (0.0094, 0.0132, 0.0187, 0.0265, 0.0375), "qk_norm": (0.1, 0.14, 0.2, 0.28, 0.4)}
     edge = {"baseline": 0.03, "qk_norm": 0.25}
-    grid = [
-        SimpleNamespace(
-            config={"variant": v, "lr": lr, "seed": 0},
-            error=None,
-            metrics_dataframe=None,
-            metrics={
-                "trial_id": f"{v}{lr}",
-                "stop_reason": "completed" if lr < edge[v] else "blowup",
-                "diverged": int(lr >= edge[v]),
-                "val_loss": 3.0,
-                "loss_init": 5.5,
-            },
-        )
-        for v in lrs
-        for lr in lrs[v]
-    ]
-    fits = tables.boundaries(tables.trial_table(spec.parse(TINY | {"variants": list(lrs)}), grid), list(lrs))
-    assert fits["baseline"].lr < 0.0265  # the point a fit gives: below an LR that trained stably
+    grid = edge_results(lrs, edge)
     space = spec.parse(TINY | {"variants": list(lrs)})
+    fits = tables.boundaries(tables.trial_table(space, grid), list(lrs))
+    assert fits["baseline"].lr < 0.0265  # the point a fit gives: below an LR that trained stably
     out = report.build(space, grid)
     s = out.files["summary.csv"].set_index("variant")
     assert list(s["basis"]) == ["bracket", "bracket"] and s["max_stable_lr"].isna().all()
@@ -244,7 +230,6 @@ def test_end_to_end_search_writes_parent_and_child_runs_to_mlflow(tmp_path, caps
 
 
 def test_tune_reports_the_best_configuration_and_stable_lr_per_configuration():
-    from types import SimpleNamespace
 
     from tunestab.strategies.tune import best_configs
 
@@ -263,7 +248,6 @@ def test_tune_reports_the_best_configuration_and_stable_lr_per_configuration():
 
 
 def test_lr_sensitivity_follows_wortsman_with_the_l0_clip_and_seed_mean():
-    from types import SimpleNamespace
 
     from tunestab.strategies.sweep import lr_sensitivity
 
@@ -313,7 +297,6 @@ def test_lr_sensitivity_follows_wortsman_with_the_l0_clip_and_seed_mean():
 
 
 def test_sweep_cells_average_seeds_and_count_divergences_per_cell():
-    from types import SimpleNamespace
 
     from tunestab.strategies.sweep import sweep_cells
     from tunestab.tables import spearman
@@ -590,7 +573,6 @@ def test_scale_report_fits_each_variant_predicts_the_target_and_logs_it_on_the_p
     """report.report on a scale search's results (Tune's Result objects stood in for, the MLflow
     store real): each variant's max stable LR falls as N^-0.5 for baseline and stays flat for
     qk_norm, whose attention logits do not grow with the LR; the target is measured too."""
-    from types import SimpleNamespace
 
     from tunestab import scaling
     from tunestab.tracking import start_parent

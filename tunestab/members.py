@@ -102,13 +102,22 @@ def is_fresh(report: Mapping, result: Mapping) -> bool:
     return report.get(STEP) == result.get(STEP)
 
 
+def fresh_reports(results: list[dict], member_id: str) -> list[dict]:
+    """A member's reports in order from its trial's results (result.json), each at the step it
+    was made: not the copies of an ended member's last report that later results carry."""
+    return [
+        r[MEMBERS][member_id]
+        for r in results
+        if member_id in (r.get(MEMBERS) or {}) and is_fresh(r[MEMBERS][member_id], r)
+    ]
+
+
 @dataclass
 class MemberResult:
     """One member as the report reads it, shaped like Tune's `Result`: its config, its final
     metrics, the trial's error if the member was still training when it came, and its reports."""
 
     member_id: str
-    trial_id: str
     config: dict
     metrics: dict | None
     error: object = None
@@ -119,15 +128,8 @@ class MemberResult:
         file = Path(self.path) / "result.json" if self.path else None
         if file is None or not file.is_file():
             return []
-        out = []
-        for line in file.read_text().splitlines():
-            if not line.strip():
-                continue
-            result = json.loads(line)
-            report = (result.get(MEMBERS) or {}).get(self.member_id)
-            if report is not None and is_fresh(report, result):
-                out.append(report)
-        return out
+        results = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+        return fresh_reports(results, self.member_id)
 
     @property
     def metrics_dataframe(self):
@@ -147,11 +149,10 @@ def expand(grid) -> list:
             out.append(r)
             continue
         finals = (r.metrics or {}).get(MEMBERS) or {}
-        trial_id = (r.metrics or {}).get(TRIAL_ID) or Path(str(getattr(r, "path", "") or "")).name
         for mid, config in member_configs(r.config).items():
             metrics = finals.get(mid)
             if metrics is not None:
                 metrics = {**metrics, TRIAL_ID: mid}
             error = r.error if r.error is not None and not ended(metrics) else None
-            out.append(MemberResult(mid, trial_id, config, metrics, error, getattr(r, "path", None)))
+            out.append(MemberResult(mid, config, metrics, error, getattr(r, "path", None)))
     return out

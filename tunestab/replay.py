@@ -45,15 +45,12 @@ def reports(trial_path: str) -> list[dict]:
 def member_reports(trial) -> dict[str, tuple[dict, list[dict]]]:
     """member id -> (its config, its reports in order, each at the step it was made); a trial of
     one model (a search from before populations) is its one member, under its trial id."""
-    from .members import MEMBERS, RUNNER, is_fresh, member_configs
+    from .members import MEMBERS, RUNNER, fresh_reports, member_configs
 
     results = reports(trial.path)
     if MEMBERS not in trial.config:
         return {trial.trial_id: ({k: v for k, v in trial.config.items() if k != RUNNER}, results)}
-    return {
-        mid: (config, [r[MEMBERS][mid] for r in results if mid in r.get(MEMBERS, {}) and is_fresh(r[MEMBERS][mid], r)])
-        for mid, config in member_configs(trial.config).items()
-    }
+    return {mid: (config, fresh_reports(results, mid)) for mid, config in member_configs(trial.config).items()}
 
 
 def replay(run_dir: Path, uri: str) -> dict:
