@@ -7,24 +7,49 @@ import random
 import optuna
 import pytest
 
-from tunestab.bracket import DONE, EXTEND, WAIT, Bracket, Design, bracket, first_lrs, is_done, next_lr, next_trial
+from tunestab.bracket import (
+    DONE,
+    EXTEND,
+    WAIT,
+    Bracket,
+    Design,
+    bracket,
+    first_lrs,
+    is_done,
+    next_bracket_lr,
+    next_trial,
+    split,
+)
 from tunestab.searchers import BracketSampler
 
 LO, HI, RATIO = 1e-3, 3.0, 1.25
 
 
 def search(threshold, slots=1, max_trials=30, seed=0):
-    """Run the bracketing with `slots` trials in flight, finishing in a random order."""
+    """Run the bracketing with up to `slots` trials in flight, finishing in a random order."""
     rng = random.Random(seed)
-    outcomes, running = [], []
-    while not is_done(outcomes, LO, HI, RATIO, max_trials - len(running)):
-        while len(running) < slots and not is_done(outcomes, LO, HI, RATIO, max_trials - len(running)):
-            lr = next_lr(outcomes, running, LO, HI, slots)
-            assert LO <= lr <= HI and lr not in running
-            running.append(lr)
-        lr = running.pop(rng.randrange(len(running)))
-        outcomes.append((lr, lr < threshold))
-    return outcomes, bracket(outcomes)
+    design = Design(LO, HI, RATIO, slots=slots, max_trials=max_trials, seeds=0)
+    trials = []  # (lr, stable?) in the order proposed; stable None while running
+    while (lr := next_bracket_lr(trials, design)) is not None:
+        if lr == WAIT:
+            running = [i for i, (_, ok) in enumerate(trials) if ok is None]
+            i = rng.choice(running)
+            trials[i] = (trials[i][0], trials[i][0] < threshold)
+            continue
+        assert LO <= lr <= HI and not any(lr == t for t, ok in trials if ok is None)
+        trials.append((lr, None))
+    assert all(ok is not None for _, ok in trials)
+    return trials, bracket(trials)
+
+
+def test_a_round_splits_the_bracket_evenly_in_log_lr():
+    # Nothing known: the searched range is the bracket. Then the bracket the outcomes leave.
+    assert split([], 1e-3, 1.0, 2) == pytest.approx([1e-2, 1e-1])
+    assert split([(0.01, True), (0.1, False)], 1e-3, 1.0, 1) == pytest.approx([math.sqrt(1e-3)])
+    first = [(lr, lr < 0.05) for lr in split([], 1e-3, 1.0, 5)]
+    nxt = next_bracket_lr(first, Design(1e-3, 1.0, 1.25, slots=5, seeds=0))
+    assert nxt == pytest.approx(split(first, 1e-3, 1.0, 5)[0])  # the next round starts at its lowest
+    assert split(first, 1e-3, 1.0, 5)[0] > max(lr for lr, ok in first if ok)
 
 
 @pytest.mark.parametrize("threshold", [2e-3, 0.01, 0.137, 0.5, 2.9])

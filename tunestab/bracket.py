@@ -70,22 +70,13 @@ def is_done(outcomes, lo: float, hi: float, ratio: float, max_trials: int) -> bo
     return d / s <= ratio or (b.divergent is None and b.stable is not None and b.stable >= hi / ratio)
 
 
-def next_lr(outcomes, pending: list[float], lo: float, hi: float, slots: int) -> float:
-    """The next LR to try for one variant, given finished outcomes and LRs still running."""
+def split(outcomes, lo: float, hi: float, slots: int) -> list[float]:
+    """A round's LRs: `slots` points that split the bracket these outcomes leave into slots + 1
+    equal parts in log-LR, lowest first. With populations a round is one trial per variant, so
+    an even grid is what a round of any size should be (one point splits it in the middle: a
+    bisection)."""
     s, d = bracket(outcomes).bounds(lo, hi)
-    a, b = math.log(s), math.log(d)
-    # The bracket's ends count as taken even when they are the range's ends, so that the
-    # middle of the bracket, not a point near an untried end, is the farthest from everything.
-    taken = [a, b] + [math.log(x) for x in pending] + [math.log(lr) for lr, _ in outcomes]
-    # The slots-section points, then finer ones in case they are all taken already.
-    candidates = [a + (b - a) * i / (n + 1) for n in (slots, 2 * slots + 1) for i in range(1, n + 1)]
-
-    def room(x: float) -> float:
-        return min((abs(x - t) for t in taken), default=math.inf)
-
-    # Farthest from anything running or tried; on ties the lower LR (cheaper to learn from it
-    # when it is stable, no worse when it is not).
-    return math.exp(max(candidates, key=lambda x: (round(room(x), 9), -x)))
+    return [s * (d / s) ** (i / (slots + 1)) for i in range(1, slots + 1)]
 
 
 @dataclass(frozen=True)
@@ -183,14 +174,13 @@ def next_bracket_lr(first: list[tuple[float, bool | None]], d: Design, range_lr:
     known = [(lr, ok) for lr, ok in earlier]
     if n >= d.max_trials or is_done(known, d.lo, d.hi, d.ratio, d.max_trials):
         return WAIT if any(ok is None for _, ok in current) else None
-    taken = [lr for lr, _ in current]
+    points = split(known, d.lo, d.hi, d.slots)
     if range_lr is not None and start == 0:
         # The round after the range test: its points first (the range's ends are never tried:
         # see the module's doc).
-        for lr in first_lrs(d, range_lr):
-            if d.lo < lr < d.hi and not any(same(lr, t) for t in taken):
-                return lr
-    return next_lr(known, taken, d.lo, d.hi, d.slots)
+        points = [lr for lr in first_lrs(d, range_lr) if d.lo < lr < d.hi] + points
+    # A round has fewer than `slots` trials so far, and `split` gives `slots` distinct points.
+    return next(lr for lr in points if not any(same(lr, t) for t, _ in current))
 
 
 def next_trial(trials: list[tuple[float, int, bool | None]], d: Design, range_lr: float | None = None):
