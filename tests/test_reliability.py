@@ -66,7 +66,8 @@ def finish(proc, tmp_path, timeout_s: float = 600) -> str:
 @pytest.mark.slow
 def test_a_killed_train_worker_restarts_from_its_checkpoint_and_the_trial_completes(tmp_path):
     """A population of two (two seeds, one trial): after a SIGKILL of its worker, each member
-    continues from the checkpoint and reports what it reports never interrupted."""
+    continues from the checkpoint and reports what it reports never interrupted, and the console
+    shows what happened."""
     trial = {**TRIAL, "lr": 0.01, "steps": 400, "report_every": 20, "eval_every": 400, "checkpoint_every": 100}
     space = write_space(
         tmp_path,
@@ -103,7 +104,10 @@ def test_a_killed_train_worker_restarts_from_its_checkpoint_and_the_trial_comple
     except BaseException:
         proc.kill()
         raise
-    finish(proc, tmp_path)
+    console = finish(proc, tmp_path)
+    # A real failure still prints Ray's own account of it, in full: a worker that died, and the
+    # Train controller's error with its traceback.
+    assert "A worker died or was killed" in console and "ray.exceptions.ActorDiedError" in console, console[-4000:]
 
     run_dir = next(storage.glob("kill-*"))
     (trial_dir,) = (run_dir / "tune").glob("kill/trial_driver_*")  # both seeds: one trial
