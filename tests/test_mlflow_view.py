@@ -47,6 +47,8 @@ def test_the_link_opens_the_runs_in_the_model_training_view_with_the_saved_view(
         "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
         "&compareRunsMode=CHART&viewStateShareKey=tunestab-0a1b"
     )
+    run = mlflow_view.run_url("http://127.0.0.1:5000/", "7", "0a1b")
+    assert run == "http://127.0.0.1:5000/#/experiments/7/runs/0a1b?workflowType=machine_learning"
 
 
 def test_a_scale_searchs_runs_carry_their_size_and_its_view_groups_by_variant_and_size(tmp_path):

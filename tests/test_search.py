@@ -76,6 +76,10 @@ def test_with_one_seed_the_answer_is_the_bracket_not_a_point_below_a_stable_lr(t
     assert r["basis"] == "bracket" and math.isnan(r["ratio"])
     assert (r["ratio_low"], r["ratio_high"]) == pytest.approx((0.2 / 0.0375, 0.28 / 0.0265))
     assert "between [5.33, 10.6] (bounds from the brackets)" in out.files["summary.md"]
+    # The same table is the parent run's description, the top of its page in MLflow.
+    note = out.tags[report.NOTE_TAG]
+    assert note.startswith("**tiny** (max_lr)\n\n") and "| baseline | in \\[0.0265, 0.0375\\] (bracket) |" in note
+    assert note.replace("\\[", "[").replace("\\]", "]").endswith(out.files["summary.md"])
     assert "max_stable_lr/baseline" not in out.metrics and out.metrics["largest_stable_lr/baseline"] == 0.0265
     assert out.metrics["smallest_divergent_lr/qk_norm"] == 0.28
     # The p_diverge plot draws the bracket, with no fitted point: it renders.
@@ -190,6 +194,9 @@ def test_end_to_end_search_writes_parent_and_child_runs_to_mlflow(tmp_path, caps
         f"http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning"
         f"&compareRunsMode=CHART&viewStateShareKey=tunestab-{parent.info.run_id}"
     ) in out
+    # ... and a link to the parent run, which holds the answer: its description is the summary.
+    assert f"http://127.0.0.1:5000/#/experiments/{exp}/runs/{parent.info.run_id}?workflowType=machine_learning" in out
+    assert "| baseline |" in parent.data.tags["mlflow.note.content"]
     view = mlflow_view.read_state(
         client.get_experiment(exp).tags[f"mlflow.sharedViewState.tunestab-{parent.info.run_id}"]
     )

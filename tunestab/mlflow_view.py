@@ -138,3 +138,9 @@ def runs_url(ui: str, experiment_id: str, parent_run_id: str) -> str:
         f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
         f"&compareRunsMode=CHART&viewStateShareKey={view_key(parent_run_id)}"
     )
+
+
+def run_url(ui: str, experiment_id: str, run_id: str) -> str:
+    """One run's page, kept in the model-training view (a run link without `workflowType`
+    switches MLflow 3's UI to its GenAI view)."""
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"

@@ -78,7 +78,23 @@ def build(space, grid) -> Report:
     every = trial_table(space, grid, strategy.table_columns(space))
     out = Report()
     strategy.report(space, every, list(grid), out)
+    summary = out.files.get(rd.SUMMARY_MD)
+    if isinstance(summary, str):
+        # MLflow shows this tag as the run's description, at the top of the parent run's page:
+        # the answer where a user who opens the search in the UI looks first.
+        out.tag(NOTE_TAG, description(space, summary))
     return out
+
+
+NOTE_TAG = "mlflow.note.content"
+"""The MLflow tag the UI renders, as markdown, as a run's description."""
+
+
+def description(space, summary_md: str) -> str:
+    """The parent run's description: the summary, its brackets escaped (MLflow's markdown reads
+    "[0.0168, 0.0208] (bracket)" as a link, as seen in Chromium)."""
+    escaped = summary_md.replace("[", "\\[").replace("]", "\\]")
+    return f"**{space.name}** ({space.strategy})\n\n{escaped}"
 
 
 def log_parent(out: Report, files: list[Path], tracking_uri: str, parent_run_id: str) -> str:
@@ -101,7 +117,7 @@ def log_parent(out: Report, files: list[Path], tracking_uri: str, parent_run_id:
 def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path):
     """Print the summary, write the tables and plots to run_dir, and log them on the parent run.
     Returns the summary table."""
-    from .mlflow_view import runs_url
+    from .mlflow_view import run_url, runs_url
 
     out = build(space, grid)
     files = out.write(run_dir)
@@ -119,16 +135,14 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path):
             f"complete. When it is back:\n  python -m tunestab.replay {run_dir}"
         )
         return summary
-    if tracking_uri.startswith(("http://", "https://")):
-        where = f"  {runs_url(tracking_uri, exp, parent_run_id)}"
-    else:
-        where = (
-            f"  mlflow ui --backend-store-uri {tracking_uri} --port 5000\n"
-            f"  then open {runs_url('http://127.0.0.1:5000', exp, parent_run_id)}"
-        )
+    remote = tracking_uri.startswith(("http://", "https://"))
+    ui = tracking_uri if remote else "http://127.0.0.1:5000"
+    start = "" if remote else f"  mlflow ui --backend-store-uri {tracking_uri} --port 5000\n  then open "
     print(
-        f"MLflow: experiment {space.name!r} (id {exp}), parent run {parent_run_id}; its trials' charts, "
-        f"stability first:\n{where}"
+        f"MLflow: experiment {space.name!r} (id {exp}), parent run {parent_run_id}.\n"
+        f"{start or '  '}{runs_url(ui, exp, parent_run_id)}\n"
+        f"  (its trials' charts, stability first); the answer, on the parent run's page:\n"
+        f"  {run_url(ui, exp, parent_run_id)}"
     )
     if (run_dir / rd.INCOMPLETE_FILE).exists():
         print(
