@@ -102,6 +102,14 @@ def is_fresh(report: Mapping, result: Mapping) -> bool:
     return report.get(STEP) == result.get(STEP)
 
 
+def reports(trial_path: str) -> list[dict]:
+    """A trial's results in order, as Tune wrote them to its result.json ([] before the first)."""
+    path = Path(trial_path) / "result.json"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def fresh_reports(results: list[dict], member_id: str) -> list[dict]:
     """A member's reports in order from its trial's results (result.json), each at the step it
     was made: not the copies of an ended member's last report that later results carry."""
@@ -125,11 +133,7 @@ class MemberResult:
 
     def history(self) -> list[dict]:
         """Its reports in order, from the trial's result.json (each at the step it was made)."""
-        file = Path(self.path) / "result.json" if self.path else None
-        if file is None or not file.is_file():
-            return []
-        results = [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
-        return fresh_reports(results, self.member_id)
+        return fresh_reports(reports(self.path), self.member_id) if self.path else []
 
     @property
     def metrics_dataframe(self):

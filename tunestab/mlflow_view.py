@@ -131,16 +131,21 @@ def save_view(
     )
 
 
+TRAINING_VIEW = "workflowType=machine_learning"
+"""The query that keeps MLflow 3's UI in its model-training view; without it, it opens GenAI's."""
+
+
+def _runs(ui: str, experiment_id: str) -> str:
+    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs"
+
+
 def runs_url(ui: str, experiment_id: str, parent_run_id: str) -> str:
-    """The experiment's runs in MLflow's model-training view (MLflow 3 opens its GenAI overview
-    unless told `workflowType=machine_learning`), with the search's saved view."""
+    """The experiment's runs in MLflow's model-training view, with the search's saved view."""
     return (
-        f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-        f"&compareRunsMode=CHART&viewStateShareKey={view_key(parent_run_id)}"
+        f"{_runs(ui, experiment_id)}?{TRAINING_VIEW}&compareRunsMode=CHART&viewStateShareKey={view_key(parent_run_id)}"
     )
 
 
 def run_url(ui: str, experiment_id: str, run_id: str) -> str:
-    """One run's page, kept in the model-training view (a run link without `workflowType`
-    switches MLflow 3's UI to its GenAI view)."""
-    return f"{ui.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+    """One run's page, in the model-training view."""
+    return f"{_runs(ui, experiment_id)}/{run_id}?{TRAINING_VIEW}"

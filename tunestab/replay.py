@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from . import run_dir as rd
+from .members import MEMBERS, RUNNER, fresh_reports, member_configs, reports
 
 # Tune's trial states -> MLflow's run states, for trials that ended.
 ENDED = {"TERMINATED": "FINISHED", "ERROR": "FAILED"}
@@ -35,18 +36,9 @@ def experiment(run_dir: Path):
     return ExperimentAnalysis(str(folders[0]))
 
 
-def reports(trial_path: str) -> list[dict]:
-    path = Path(trial_path) / "result.json"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def member_reports(trial) -> dict[str, tuple[dict, list[dict]]]:
     """member id -> (its config, its reports in order, each at the step it was made); a trial of
     one model (a search from before populations) is its one member, under its trial id."""
-    from .members import MEMBERS, RUNNER, fresh_reports, member_configs
-
     results = reports(trial.path)
     if MEMBERS not in trial.config:
         return {trial.trial_id: ({k: v for k, v in trial.config.items() if k != RUNNER}, results)}

@@ -137,10 +137,10 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path):
         return summary
     remote = tracking_uri.startswith(("http://", "https://"))
     ui = tracking_uri if remote else "http://127.0.0.1:5000"
-    start = "" if remote else f"  mlflow ui --backend-store-uri {tracking_uri} --port 5000\n  then open "
+    start = "  " if remote else f"  mlflow ui --backend-store-uri {tracking_uri} --port 5000\n  then open "
     print(
         f"MLflow: experiment {space.name!r} (id {exp}), parent run {parent_run_id}.\n"
-        f"{start or '  '}{runs_url(ui, exp, parent_run_id)}\n"
+        f"{start}{runs_url(ui, exp, parent_run_id)}\n"
         f"  (its trials' charts, stability first); the answer, on the parent run's page:\n"
         f"  {run_url(ui, exp, parent_run_id)}"
     )
