@@ -3,6 +3,7 @@
     python bench/gpu_check.py                          # every part, on the GPU
     python bench/gpu_check.py --parts a,c --nanogpt ~/nanoGPT   # some parts; nanoGPT's model beside ours
     python bench/gpu_check.py --tiny                   # the same code at a toy shape, on a CPU (CI runs it)
+    python bench/gpu_check.py --parts f --population-sizes 1,4,8   # (f) alone, at chosen sizes
 
 Needs torch, numpy and what the loop imports (tiktoken); not Ray, MLflow, Optuna or datasets.
 
@@ -21,9 +22,16 @@ Needs torch, numpy and what the loop imports (tiktoken); not Ray, MLflow, Optuna
     equal the uninterrupted run's.
 (e) tiny CPU-proxy-sized trials (the default search's shape) packed k to a GPU as k processes,
     k = 1, 2, 4, 8: the aggregate tokens/s, the figure behind fractional-GPU trials.
+(f) populations of K members of the default search's trial shape (`POPULATION`) on one GPU,
+    through `tunestab.loop.run_population` (what a Ray Train worker runs): the vectorised engine
+    against the interleaved one, and against K processes of one member each, as aggregate
+    model-steps/s at K = 1, 8, 32, 128 (processes up to 32: each holds a CUDA context of its
+    own). Also: a vectorised population's members report the losses the interleaved engine
+    gives them.
 
 Goals on one H100: baseline >= 40% MFU; softcap within 15% of baseline's tokens/s; every
-variant fits batch 16 x 1024 in 80 GB. Results and the command that made them: docs/gpu.md.
+variant fits batch 16 x 1024 in 80 GB; a vectorised population of 32 at >= 10x the
+model-steps/s of one member. Results and the command that made them: docs/gpu.md.
 """
 
 from __future__ import annotations
@@ -49,14 +57,16 @@ from throughput import GPT2_SMALL, Stepper, interleaved, sync  # noqa: E402
 from tunestab import compute  # noqa: E402
 from tunestab.config import VARIANTS, TrialConfig  # noqa: E402
 from tunestab.data import Batches  # noqa: E402
-from tunestab.loop import run, train_step  # noqa: E402
+from tunestab.loop import run, run_population, train_step  # noqa: E402
 from tunestab.model import attend, causal_block_mask, flex_capped_attention, plain_attention  # noqa: E402
 from tunestab.session import LocalSession  # noqa: E402
 
 THROUGHPUT_VARIANTS = ("baseline", "softcap", "qk_norm_cap", "mlra", "sigma_reparam")
 # The default search's trial shape (search_spaces/default.yaml): what (e) packs onto one GPU.
 PROXY = dict(n_layer=12, n_head=4, d_model=64, seq_len=128, batch_size=16, grad_clip=0.0, lr=0.3)
-GOAL_MFU, GOAL_SOFTCAP, GOAL_MEMORY = 0.40, 0.85, 80e9
+# The default search's trial now (search_spaces/default.yaml): what (f) trains in populations.
+POPULATION = dict(n_layer=2, n_head=2, d_model=128, seq_len=128, batch_size=16, grad_clip=1.0, lr=0.01)
+GOAL_MFU, GOAL_SOFTCAP, GOAL_MEMORY, GOAL_POPULATION = 0.40, 0.85, 80e9, 10.0
 
 
 @dataclasses.dataclass
@@ -299,12 +309,12 @@ def part_d(shape: dict, device: torch.device, variant: str = "qk_norm_cap") -> l
 # (e) k small trials on one GPU
 
 
-def packed_trial(rank: int, device_name: str, steps: int, barrier, results) -> None:
+def packed_trial(rank: int, device_name: str, steps: int, barrier, results, shape: dict) -> None:
     """One tiny trial in its own process: set up and warm up (compile), wait for the others,
     then time `steps` steps."""
     device = torch.device(device_name)
     torch.set_num_threads(1)
-    cfg = TrialConfig(**PROXY, seed=rank, vocab_size=257).resolved()
+    cfg = TrialConfig(**shape, seed=rank, vocab_size=257).resolved()
     s = compute.setup(cfg, device)
     tokens = torch.randint(
         0, 257, (cfg.batch_size * (cfg.seq_len + 1) * 64,), generator=torch.Generator().manual_seed(rank)
@@ -321,20 +331,25 @@ def packed_trial(rank: int, device_name: str, steps: int, barrier, results) -> N
     results.put((rank, t0, time.perf_counter(), steps * cfg.batch_size * cfg.seq_len))
 
 
+def packed(device: torch.device, k: int, steps: int, shape: dict) -> float:
+    """Aggregate tokens/s of k one-model trials of `shape`, each in its own process."""
+    ctx = mp.get_context("spawn")  # CUDA cannot be forked
+    barrier, results = ctx.Barrier(k), ctx.Queue()
+    procs = [ctx.Process(target=packed_trial, args=(r, str(device), steps, barrier, results, shape)) for r in range(k)]
+    for p in procs:
+        p.start()
+    done = [results.get(timeout=900) for _ in procs]
+    for p in procs:
+        p.join()
+    start, end = min(d[1] for d in done), max(d[2] for d in done)
+    return sum(d[3] for d in done) / (end - start)
+
+
 def part_e(device: torch.device, ks: list[int], steps: int) -> list[Row]:
     fresh(device)
-    ctx = mp.get_context("spawn")  # CUDA cannot be forked
     rows, one = [], None
     for k in ks:
-        barrier, results = ctx.Barrier(k), ctx.Queue()
-        procs = [ctx.Process(target=packed_trial, args=(r, str(device), steps, barrier, results)) for r in range(k)]
-        for p in procs:
-            p.start()
-        done = [results.get(timeout=900) for _ in procs]
-        for p in procs:
-            p.join()
-        start, end = min(d[1] for d in done), max(d[2] for d in done)
-        aggregate = sum(d[3] for d in done) / (end - start)
+        aggregate = packed(device, k, steps, PROXY)
         one = one or aggregate
         rows.append(
             Row(
@@ -348,14 +363,88 @@ def part_e(device: torch.device, ks: list[int], steps: int) -> list[Row]:
 
 
 # --------------------------------------------------------------------------------------------
+# (f) populations on one GPU
+
+
+def population(k: int, engine: str, shape: dict, steps: int) -> LocalSession:
+    """K members of one variant (seeds 0..K-1, LRs spread over 3x) trained by run_population."""
+    cfgs = {
+        str(i): TrialConfig(
+            **{
+                **POPULATION,
+                **shape,
+                "variant": "qk_norm",
+                "seed": i,
+                "lr": POPULATION["lr"] * 3 ** (i / max(1, k - 1)),
+                "engine": engine,
+                "steps": steps,
+                "warmup_steps": steps // 4,
+                "report_every": steps // 2,
+                "eval_every": steps,
+                "eval_batches": 1,
+                "tokenizer": "bytes",
+            }
+        )
+        for i in range(k)
+    }
+    session = LocalSession(out=io.StringIO())
+    run_population(cfgs, session)
+    return session
+
+
+def model_steps_per_s(session: LocalSession, tokens_per_step: int) -> float:
+    """Members x steps per second over the last report's window (compiling steps left out)."""
+    last = session.reports[-1]["members"]
+    return next(iter(last.values()))["tokens_per_s"] / tokens_per_step * len(last)
+
+
+def part_f(device: torch.device, ks: list[int], procs: list[int], steps: int, shape: dict) -> list[Row]:
+    rows, one = [], None
+    full = {**POPULATION, **shape}
+    per_step = full["batch_size"] * full["seq_len"]
+    for k in ks:
+        rates = {}
+        for engine in ("interleaved", "vectorised"):
+            fresh(device)
+            rates[engine] = model_steps_per_s(population(k, engine, shape, steps), per_step)
+        one = one or rates["interleaved"]
+        figures = (
+            f"interleaved {rates['interleaved']:,.1f}, vectorised {rates['vectorised']:,.1f} model-steps/s "
+            f"({rates['vectorised'] / one:.1f}x one member; vectorised/interleaved "
+            f"{rates['vectorised'] / rates['interleaved']:.2f})"
+        )
+        if k in procs:
+            fresh(device)
+            figures += f"; {k} processes {packed(device, k, steps, full) / per_step:,.1f}"
+        goal = device.type == "cuda" and k == 32
+        ok = rates["vectorised"] >= GOAL_POPULATION * one if goal else None
+        rows.append(Row("f", f"population of {k}", ok, figures))
+    # The two engines agree: 4 members, losses at the last report.
+    fresh(device)
+    a, b = (population(4, e, shape, steps).reports[-1]["members"] for e in ("interleaved", "vectorised"))
+    gap = max(abs(a[m]["loss"] - b[m]["loss"]) / abs(a[m]["loss"]) for m in a)
+    bf16 = shape.get("bf16", device.type == "cuda")
+    rows.append(
+        Row(
+            "f",
+            "vectorised = interleaved (4 members)",
+            gap < (2e-2 if bf16 else 1e-4),
+            f"largest loss gap {gap:.1e} relative",
+        )
+    )
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--parts", default="a,b,c,d,e", help="which parts to run, e.g. a,c")
+    ap.add_argument("--parts", default="a,b,c,d,e,f", help="which parts to run, e.g. a,c")
     ap.add_argument("--nanogpt", help="a checkout of github.com/karpathy/nanoGPT, to time its model beside ours")
     ap.add_argument("--steps", type=int, default=50, help="(a): training steps per variant")
     ap.add_argument("--tiny", action="store_true", help="a toy shape that runs on a CPU in a minute (CI)")
+    ap.add_argument("--population-sizes", help="(f): the K to time, e.g. 1,4,8 (default 1,8,32,128)")
     args = ap.parse_args(argv)
     parts = set(args.parts.split(","))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -371,9 +460,13 @@ def main(argv: list[str] | None = None) -> int:
             compile=device.type == "cuda",
         )
         steps, rounds, ks, pack_steps = min(args.steps, 10), 2, [1, 2], 20
+        # (f) at the tiny shape, eager, on whatever device there is: the code path, not a figure.
+        pop_shape = dict(n_layer=2, d_model=64, seq_len=64, batch_size=4, compile=False)
+        pop_ks, pop_procs, pop_steps = [1, 2], [2], 8
     else:
         shape = {**GPT2_SMALL, "batch_size": 16, "bf16": True, "compile": True}
         steps, rounds, ks, pack_steps = args.steps, 5, [1, 2, 4, 8], 300
+        pop_shape, pop_ks, pop_procs, pop_steps = {}, [1, 8, 32, 128], [8, 32], 60
     t0 = time.perf_counter()
     rows: list[Row] = []
     if "a" in parts:
@@ -386,6 +479,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += part_d(shape, device)
     if "e" in parts:
         rows += part_e(device, ks, pack_steps)
+    if args.population_sizes:
+        pop_ks = [int(k) for k in args.population_sizes.split(",")]
+    if "f" in parts:
+        rows += part_f(device, pop_ks, pop_procs, pop_steps, pop_shape)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(

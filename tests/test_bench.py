@@ -19,11 +19,22 @@ def test_the_gpu_check_runs_every_part_at_a_tiny_shape_on_the_cpu():
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     parts = {row[0].strip("| ") for row in rows}
-    assert parts == {"a", "b", "c", "d", "e"}
+    assert parts == {"a", "b", "c", "d", "e", "f"}
     assert sum(row[0] == "| a" for row in rows) == 8  # every variant trained
     assert all(row[2] in ("ok", "-") for row in rows)
     resumed = next(row for row in rows if row[0] == "| d")
     assert "largest relative difference 0.0e+00" in resumed[3]
+    # (f): both engines timed at each population size, processes beside them, and they agree.
+    populations = [row for row in rows if row[0] == "| f"]
+    assert [row[1] for row in populations] == [
+        "population of 1",
+        "population of 2",
+        "vectorised = interleaved (4 members)",
+    ]
+    assert (
+        "interleaved" in populations[1][3] and "vectorised" in populations[1][3] and "2 processes" in populations[1][3]
+    )
+    assert populations[2][2] == "ok"
 
 
 def test_collect_runs_tops_up_each_variant_where_its_seeds_disagree_or_else_either_side_of_its_boundary():

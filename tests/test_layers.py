@@ -22,6 +22,7 @@ WORKER = {
     "session",
     "compute",
     "loop",
+    "vectorised",  # the loop's second engine
     "ray_trial",
     "train",
     "metrics",

@@ -53,6 +53,7 @@ CHOICES = {
     "sigma_reparam_gamma": ("matched", "one"),
     "progress_floor": ("uniform", "unigram"),
     "lr_schedule": ("cosine", "range"),
+    "engine": ("auto", "interleaved", "vectorised"),
 }
 
 # Switches that variants set; None means "whatever the variant says", and off when it says nothing.
@@ -193,6 +194,12 @@ class TrialConfig:
     """torch.compile the training step (inductor); None: on for CUDA, off on CPU."""
     bf16: bool | None = None
     """bf16 autocast, weights and optimizer state in fp32; None: on for CUDA, off on CPU."""
+    engine: str = "auto"
+    """How a population's members are stepped (tunestab/loop.py): 'interleaved', each member's
+    model in turn; 'vectorised', all members as one model with a member dimension
+    (torch.func, tunestab/vectorised.py; no dropout); 'auto', vectorised for two members or
+    more on CUDA, interleaved on the CPU, where vectorising measured slower
+    (docs/overhead.md)."""
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -255,6 +262,11 @@ class TrialConfig:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 p.append(f"{name}: must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.engine == "vectorised" and self.dropout > 0:
+            p.append(
+                f"engine: the vectorised engine runs without dropout (under vmap a member would draw "
+                f"other numbers than alone), got dropout = {self.dropout}"
+            )
         if self.device not in ("auto", "cpu", "cuda"):
             p.append(f"device: must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         return p

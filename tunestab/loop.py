@@ -35,6 +35,7 @@ from .config import ConfigError, TrialConfig, batch_split_problem
 from .metrics import finite
 from .outcome import TEV_DISPERSION, TEV_MEAN, TEV_STD, StopReason, dispersion
 from .probes import model_probes, tev_rows
+from .vectorised import VectorisedEngine
 
 # How the divergence rule ends a trial (plain str values: they travel in every report).
 NONFINITE, BLOWUP, NO_PROGRESS, RANGE_END = (
@@ -255,6 +256,29 @@ def checkpoint_state(s: Setup, step: int, batches, divergence: Divergence, cfg: 
     }
 
 
+def own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors, each a view of a larger tensor copied out (once per tensor: tied weights
+    stay one). The vectorised engine's members hold views into tensors stacked over the whole
+    population, and torch.save writes a view's whole storage."""
+    copies: dict[tuple, torch.Tensor] = {}
+    out = {}
+    for k, t in tensors.items():
+        if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape)
+            t = copies.setdefault(key, t.clone())
+        out[k] = t
+    return out
+
+
+def engine_for(cfg: TrialConfig, device: torch.device, members: int) -> str:
+    """The engine a population runs on (TrialConfig.engine): 'auto' vectorises two members or
+    more on CUDA, where one proxy-sized model leaves the device idle, and steps them in turn on
+    the CPU, where vectorising measured 0.57-0.95x (docs/overhead.md)."""
+    if cfg.engine != "auto":
+        return cfg.engine
+    return "vectorised" if device.type == "cuda" and members > 1 and cfg.dropout == 0 else "interleaved"
+
+
 def member_states(state: dict) -> dict[str, dict]:
     """A checkpoint's members by id: a population's, or a one-trial checkpoint of an earlier
     version as member "0"."""
@@ -323,6 +347,7 @@ class Member:
 
     def state(self, step: int) -> dict:
         state = checkpoint_state(self.s, step, self.batches, self.divergence, self.cfg, self.rng)
+        state["model"] = own_storage(state["model"])
         if self.cuda_rng:  # this member's, not whichever member stepped last
             state["rng_cuda"] = [self.rng_cuda]
         return state
@@ -386,7 +411,17 @@ class Member:
 
 def check_population(cfgs: dict[str, TrialConfig]) -> None:
     """Members share the data and advance in lockstep: the same data, batch shape and steps."""
-    shared = ("data", "tokenizer", "max_tokens", "val_fraction", "batch_size", "seq_len", "steps", "eval_batches")
+    shared = (
+        "data",
+        "tokenizer",
+        "max_tokens",
+        "val_fraction",
+        "batch_size",
+        "seq_len",
+        "steps",
+        "eval_batches",
+        "engine",
+    )
     first = next(iter(cfgs.values()))
     bad = [
         f"member {mid}: {k} = {getattr(c, k)!r}, not {getattr(first, k)!r} as the first member"
@@ -438,6 +473,7 @@ def run_population(cfgs: dict[str, TrialConfig], session, nested: bool = True) -
             m.divergence = Divergence(m.cfg, loss0, unigram=unigram)
     active = dict(members)
     active = {mid: m for mid, m in active.items() if mid not in session.stopped(list(active))}
+    vector = VectorisedEngine() if engine_for(first, device, len(members)) == "vectorised" else None
 
     def sync():
         if cuda:
@@ -461,7 +497,10 @@ def run_population(cfgs: dict[str, TrialConfig], session, nested: bool = True) -
         if cold:
             sync()
             timed_s += time.perf_counter() - tick
-        probes = {mid: m.step(step, is_report) for mid, m in active.items()}
+        if vector is not None:
+            probes = vector.step(active, [lr_at(step, m.cfg) for m in active.values()], is_report, world)
+        else:
+            probes = {mid: m.step(step, is_report) for mid, m in active.items()}
         if cold:
             sync()
             warm.add(is_report)
@@ -508,6 +547,8 @@ def run_population(cfgs: dict[str, TrialConfig], session, nested: bool = True) -
         with tempfile.TemporaryDirectory(prefix="tunestab-ckpt-") as tmp:
             ckpt_dir = None
             if is_ckpt and rank == 0 and active:
+                if vector is not None:
+                    vector.before_checkpoint()
                 state = {"step": step + 1, "members": {mid: m.state(step + 1) for mid, m in active.items()}}
                 save_checkpoint(Path(tmp) / CHECKPOINT_FILE, state, step + 1)
                 ckpt_dir = tmp
@@ -517,4 +558,6 @@ def run_population(cfgs: dict[str, TrialConfig], session, nested: bool = True) -
             del active[mid]
         timed_steps, timed_s = 0, 0.0
         tick = time.perf_counter()
+    if vector is not None:
+        vector.close()
     return last

@@ -289,17 +289,21 @@ class LinearCrossEntropy(torch.autograd.Function):
     dh = dz W and dW = dz^T h: the three matmuls autograd would run), so only dh (N x d) and
     dW (V x d) are kept, and backward scales them by the incoming gradient. The matmuls run in
     `dtype` (the autocast dtype under autocast); the softmax and the sums in fp32 (or wider).
+
+    Written for torch.func.vmap too (the vectorised engine, tunestab/vectorised.py): forward
+    returns the gradients as outputs for `setup_context` to keep, and builds every tensor from
+    its inputs, out of place, so that under vmap each has the member dimension its inputs have.
     """
 
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, h, weight, targets, vocab: int, z_loss: float, cap: float, dtype, want: bool):
+    def forward(h, weight, targets, vocab: int, z_loss: float, cap: float, dtype, want: bool):
         n = h.size(0)
         rows = max(1, LOSS_CHUNK_ELEMENTS // weight.size(0))
         w = weight.to(dtype)
         acc = torch.promote_types(dtype, torch.float32)  # softmax and sums: fp32 at least
-        grad_h = torch.empty_like(h) if want else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want else None
-        total = torch.zeros((), dtype=acc, device=h.device)
+        losses, grad_hs, grad_w = [], [], None
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, n, rows):
                 hc, tc = h[s : s + rows].to(dtype), targets[s : s + rows]
@@ -308,38 +312,40 @@ class LinearCrossEntropy(torch.autograd.Function):
                     tanh = torch.tanh(z / cap)
                     z = cap * tanh
                 lse = torch.logsumexp(z, dim=-1)
-                total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+                chunk = (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
                 if z_loss:
-                    total += z_loss * lse.pow(2).sum()
+                    chunk = chunk + z_loss * lse.pow(2).sum()
+                losses.append(chunk)
                 if not want:
                     continue
                 dz = torch.exp(z - lse[:, None])  # softmax
                 if z_loss:
                     dz = dz * (1 + 2 * z_loss * lse)[:, None]
-                dz.scatter_add_(1, tc[:, None], dz.new_full((tc.numel(), 1), -1.0))
+                dz = dz.scatter_add(1, tc[:, None], -torch.ones_like(tc[:, None], dtype=dz.dtype))
                 if cap:
                     dz = dz * (1 - tanh * tanh)
                 dz = (dz / n).to(dtype)
-                grad_h[s : s + rows] = (dz @ w[:vocab]).to(h.dtype)
-                grad_w[:vocab] += dz.t() @ hc
-        if want:
-            ctx.save_for_backward(grad_h, grad_w)
-            ctx.weight_dtype = weight.dtype
-        return total / n
+                grad_hs.append((dz @ w[:vocab]).to(h.dtype))
+                part = (dz.t() @ hc).to(acc)
+                grad_w = part if grad_w is None else grad_w + part
+        loss = torch.stack(losses).sum() / n
+        if not want:
+            return loss, None, None
+        # The LM head's padding rows (padded_vocab) never enter the loss: their gradient is 0.
+        grad_w = F.pad(grad_w, (0, 0, 0, weight.size(0) - vocab)).to(weight.dtype)
+        return loss, torch.cat(grad_hs), grad_w
 
     @staticmethod
-    def backward(ctx, grad):
+    def setup_context(ctx, inputs, output):
+        _, grad_h, grad_w = output
+        if grad_h is not None:
+            ctx.mark_non_differentiable(grad_h, grad_w)
+            ctx.save_for_backward(grad_h, grad_w)
+
+    @staticmethod
+    def backward(ctx, grad, _grad_h, _grad_w):
         grad_h, grad_w = ctx.saved_tensors
-        return (
-            grad_h * grad.to(grad_h.dtype),
-            (grad_w * grad).to(ctx.weight_dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return grad_h * grad.to(grad_h.dtype), grad_w * grad.to(grad_w.dtype), None, None, None, None, None, None
 
 
 def linear_cross_entropy(h, weight, targets, vocab: int, z_loss: float = 0.0, cap: float = 0.0):
@@ -347,11 +353,13 @@ def linear_cross_entropy(h, weight, targets, vocab: int, z_loss: float = 0.0, ca
     LinearCrossEntropy. Under autocast its matmuls run in the autocast dtype, as lm_head's would."""
     device = h.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    # Inside a Function's forward, grad mode is always off and needs_input_grad says only what
-    # requires grad, also under no_grad: so whether backward will come is decided here, and an
-    # evaluation runs one matmul a chunk instead of three.
-    want = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
-    return LinearCrossEntropy.apply(h, weight, targets, vocab, float(z_loss), float(cap), dtype, want)
+    # Inside a Function's forward, grad mode is always off, so whether backward will come is
+    # decided here: with grad mode on (training) the gradients are computed with the loss, and
+    # an evaluation (under no_grad) runs one matmul a chunk instead of three. Grad mode, not
+    # `requires_grad`: under vmap an input's requires_grad reads False.
+    want = torch.is_grad_enabled()
+    loss, _, _ = LinearCrossEntropy.apply(h, weight, targets, vocab, float(z_loss), float(cap), dtype, want)
+    return loss
 
 
 # --------------------------------------------------------------------------------------------
