@@ -652,6 +652,11 @@ def test_scale_report_fits_each_variant_predicts_the_target_and_logs_it_on_the_p
         assert low <= edge[(v, "w64")] <= high and low <= measured <= high
         assert f"{v}: the target's measured max stable LR lies inside the prediction interval: yes" in out
     assert "baseline: max stable LR ~ N^-0.5" in out
+    # Three sizes: each predicted by the fit through the other two, in the table and the summary.
+    fitted = t[t.role == "fit"]
+    assert fitted["loso_predicted"].notna().all() and fitted["loso_inside"].all()
+    assert t[t.role == "target"]["loso_predicted"].isna().all()
+    assert "leave one size out, each predicted by the fit through the others: w16 " in out
     assert math.isnan(target.loc["qk_norm", "logit_predicted"])
     assert target.loc["baseline", "logit_predicted"] == pytest.approx(
         math.exp((math.log(1e4) - 0.5 * math.log(n["w64"]) - 5) / 2), rel=0.03

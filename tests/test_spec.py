@@ -304,6 +304,14 @@ def test_a_scale_space_brackets_each_variant_at_each_size_and_the_target_when_me
             "scale.logit_threshold: expected a number > 0",
         ),
         (
+            {
+                "sizes": {"a": {"d_model": 32}, "b": {"d_model": 48}},
+                "target": {"c": {"d_model": 64}},
+                "curvature_prior": -0.1,
+            },
+            "scale.curvature_prior: expected a number >= 0 (0: a straight line), got -0.1",
+        ),
+        (
             {"sizes": {"a": {"d_model": 32}, "b": {"d_model": 48}}, "target": {"c": {"d_model": 64}}, "size": 3},
             "scale.size: unknown key",
         ),

@@ -12,14 +12,18 @@ allow (chi^2 per degree of freedom above 1, with each size's sigma from its post
 interval is widened by the square root of that ratio (the Birge ratio), so that lack of fit is
 paid for in the interval rather than hidden. With two sizes there is no such check.
 
-**Second predictor (Wortsman et al. 2023).** They fitted the max attention logit against
-parameter count at a fixed LR, extrapolated it, and predicted that a 4.8B model would diverge
-where the logit passed 1e4. Here: at each size, ln(max attention logit) at the end of the
-completed trials is fitted linearly in ln LR; at each LR of a fine grid the sizes' values are
-fitted against ln N (a quadratic, as theirs, with three sizes or more; a line with two) and
-extrapolated to the target; the predicted max LR is the lowest LR at which that logit reaches the
-threshold. No interval: the quadratic through three sizes has no residual to read one from. A
-variant whose logits do not grow with the LR (QK-norm bounds them) gets none.
+**Model form.** A straight line in ln N is also a guess about the sizes not measured: the frontier
+may bend (docs/results.md: the w96 point sat about 12% above the line through w32-w64 in both
+scale runs). So the fit carries a curvature term, ln(max stable LR) = line + kappa * (ln N)^2,
+with its own prior kappa ~ N(0, tau^2) (`curvature_prior`, tau; 0.06 by default, the size of that
+bend). The term matters where (ln N)^2 departs from the line the fit puts through the sizes
+(`bend`): little among the measured sizes, more the farther an extrapolation goes. With three
+sizes or more the data speak to kappa too (the sizes' departure from their line along that
+shape, weighed against their posteriors' spread: a normal posterior for kappa); with two, kappa
+is its prior. Each draw of the line gets a draw of kappa, so the prediction's interval carries
+both. tau = 0 is the straight line alone. Every fit of three sizes or more also reports each size
+as predicted by the fit through the others (`leave_one_out`), and whether it lay inside. Coverage
+of a held-out larger size, with straight and bent frontiers: docs/results/scale_design_sim.py.
 
 Only numpy here, and torch to count parameters (`non_embedding_params`).
 """
@@ -70,14 +74,62 @@ class Frontier:
     """(N, median, low, high) along ln N, from the smallest size to the target, for the plot."""
     at: tuple[tuple[float, float, float], ...] = ()
     """(median, low, high) at each of the `others` sizes fit_frontier was asked about."""
+    curvature: float = 0.0
+    """kappa's posterior mean (0 with two sizes, or with no curvature prior)."""
+    curvature_sd: float = 0.0
+    """kappa's posterior sd (its prior's, tau, with two sizes)."""
+    loso: tuple[tuple[float, float, float, float, bool], ...] = ()
+    """Per fitted size, in order: (predicted by the fit through the other sizes, its low, high,
+    the size's measured median, whether that lay inside). Empty below three sizes."""
+
+
+# The prior sd of the curvature kappa in ln N (docs/results.md: the bend the scale runs saw);
+# the `scale` section's default (scale.curvature_prior).
+CURVATURE_PRIOR = 0.06
+
+
+def bend(x_fit, x_at) -> np.ndarray:
+    """How far (ln N)^2 lies at x_at from the least-squares line through it at x_fit: what a
+    curvature of 1 in ln N adds at x_at to a line fitted at x_fit."""
+    x_fit, x_at = np.asarray(x_fit, dtype=float), np.asarray(x_at, dtype=float)
+    return x_at**2 - np.polyval(np.polyfit(x_fit, x_fit**2, 1), x_at)
+
+
+def leave_one_out(x: np.ndarray, y: np.ndarray, curvature_prior: float, confidence: float, seed: int):
+    """Each size as the fit through the other sizes predicts it: (predicted, low, high, measured
+    median, inside) per size. x: ln N of the sizes; y: sizes x draws of ln(max stable LR)."""
+    rows = []
+    for i in range(len(x)):
+        keep = np.arange(len(x)) != i
+        f = fit_frontier(
+            x[keep],
+            list(y[keep]),
+            float(x[i]),
+            rng=np.random.default_rng(seed + i),
+            confidence=confidence,
+            curvature_prior=curvature_prior,
+            check=False,
+        )
+        measured = math.exp(float(np.median(y[i])))
+        rows.append((f.predicted, f.low, f.high, measured, bool(f.low <= measured <= f.high)))
+    return tuple(rows)
 
 
 def fit_frontier(
-    ln_n, samples, target_ln_n: float, others=(), rng: np.random.Generator | None = None, confidence: float = CONFIDENCE
+    ln_n,
+    samples,
+    target_ln_n: float,
+    others=(),
+    rng: np.random.Generator | None = None,
+    confidence: float = CONFIDENCE,
+    curvature_prior: float = CURVATURE_PRIOR,
+    check: bool = True,
 ) -> Frontier | None:
     """ln_n: each size's ln N; samples: each size's draws of ln(max stable LR) (the posterior of
-    boundary.fit); others: more ln N to read the line at (the measured sizes, for the table).
-    None with fewer than two distinct sizes."""
+    boundary.fit); others: more ln N to read the line at (the measured sizes, for the table);
+    curvature_prior: tau, the prior sd of the curvature term (0: a straight line); check: with
+    three sizes or more, predict each from the others (Frontier.loso). None with fewer than two
+    distinct sizes."""
     x = np.asarray(ln_n, dtype=float)
     if len(x) < 2 or len(set(x.tolist())) < 2:
         return None
@@ -99,8 +151,20 @@ def fit_frontier(
         birge = math.sqrt(chi2 / (len(x) - 2))
     widen = birge if birge > 1 else 1.0
 
+    # The curvature: kappa's posterior from its prior and the sizes' departure from their line
+    # along r = bend(x, x) (zero for two sizes), with the sizes' mean posterior variance as the
+    # noise of each. One variance for all keeps r orthogonal to every line: per-size weights
+    # would read a line's intercept and slope as curvature.
+    r = bend(x, x) if len(x) > 2 else np.zeros_like(x)  # two points lie on their line
+    noise = max(float(np.mean(sd**2)), 1e-24)
+    kappa, kappa_sd = 0.0, 0.0
+    if curvature_prior > 0:
+        kappa_sd = 1 / math.sqrt(1 / curvature_prior**2 + float((r**2).sum()) / noise)
+        kappa = kappa_sd**2 * float((r * med).sum()) / noise
+    kappas = kappa + kappa_sd * rng.standard_normal(k)
+
     def at(ln_point: float) -> tuple[float, float, float]:
-        pred = intercept + slope * ln_point
+        pred = intercept + slope * ln_point + kappas * float(bend(x, ln_point))
         lo, mid, hi = np.quantile(pred, [tail, 0.5, 1 - tail])
         return math.exp(mid), math.exp(mid - widen * (mid - lo)), math.exp(mid + widen * (hi - mid))
 
@@ -109,7 +173,19 @@ def fit_frontier(
     xs = np.linspace(min(x.min(), target_ln_n), max(x.max(), target_ln_n), 40)
     line = tuple((math.exp(p), *at(p)) for p in xs)
     return Frontier(
-        float(a_mid), float(a_lo), float(a_hi), pred, low, high, birge, len(x), line, tuple(at(o) for o in others)
+        float(a_mid),
+        float(a_lo),
+        float(a_hi),
+        pred,
+        low,
+        high,
+        birge,
+        len(x),
+        line,
+        tuple(at(o) for o in others),
+        kappa,
+        kappa_sd,
+        leave_one_out(x, y, curvature_prior, confidence, int(rng.integers(1 << 30))) if check and len(x) > 2 else (),
     )
 
 

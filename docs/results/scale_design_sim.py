@@ -14,9 +14,21 @@ Each design is simulated in 40 searches; printed: the interval's wider side as a
 point (median, 10-90%), the share within sqrt(2), and how often the interval covered the truth.
 
     python docs/results/scale_design_sim.py    # about 30 s
+
+**Coverage (issue 30, `coverage`).** The same measurement at the shipped design (8 seeds x 3 LRs,
+step 1.41), on frontiers that bend as well as a straight one: ln(10% point) = the line above +
+kappa * (ln N - ln N_w32)^2, with kappa 0, 0.06 (the bend the two scale runs saw: their w96 point
+sat about 12% above the line through w32-w64), 0.12, -0.06, and one drawn per search from the
+curvature prior N(0, 0.06^2). Printed per frontier and seed sd: how often the 90% interval at w96
+covered the truth with the straight line alone (the fit before issue 30) and with the curvature
+term (scaling.py, "Model form"), and how often each interval stayed within one sqrt(2) step
+either side of its point.
+
+    python docs/results/scale_design_sim.py coverage    # about 4 min
 """
 
 import math
+import sys
 
 import numpy as np
 
@@ -56,8 +68,56 @@ def simulate(seeds: int, points: int, step: float, sd: float, searches: int, rng
     )
 
 
+def measure(curve, sd: float, d: Design, rng) -> list[np.ndarray]:
+    """One search's posteriors of ln(max stable LR) at the three fitted sizes, on `curve` (ln N ->
+    ln of the 10% point): the boundary seeds' grid about a one-seed centre, as in simulate()."""
+    samples = []
+    for x in LN_N:
+        mu = curve(x) + 1.2816 * sd  # the seeds' median edge: the 10% point on the curve
+        centre = math.exp(mu + rng.normal(0, sd)) * rng.uniform(0.9, 1.1)
+        lrs, diverged, seed_of = [], [], []
+        for j in range(d.seeds):
+            edge = mu + rng.normal(0, sd)
+            for level in range(d.points):
+                lr = d.grid_lr(centre, level, j)
+                lrs.append(lr), diverged.append(math.log(lr) > edge), seed_of.append(j)
+        samples.append(boundary.fit(lrs, diverged, seed_of, rng=rng).samples)
+    return samples
+
+
+def coverage(kappa: float | None, sd: float, searches: int, rng) -> None:
+    """kappa None: each search's frontier bends by its own kappa, drawn from N(0, 0.06^2)."""
+    d = Design(lo=0.003, hi=3.0, seeds=8, points=3, step=1.41)
+    hits = {False: 0, True: 0}
+    narrow = {False: 0, True: 0}
+    for _ in range(searches):
+        bent = rng.normal(0, 0.06) if kappa is None else kappa
+
+        def curve(x, bent=bent):
+            return A0 + ALPHA * x + bent * (x - LN_N[0]) ** 2
+
+        truth = math.exp(curve(TARGET))
+        samples = measure(curve, sd, d, rng)
+        seed = int(rng.integers(1 << 30))
+        for form in (False, True):
+            tau = scaling.CURVATURE_PRIOR if form else 0.0
+            f = scaling.fit_frontier(LN_N, samples, TARGET, rng=np.random.default_rng(seed), curvature_prior=tau)
+            hits[form] += f.low <= truth <= f.high
+            narrow[form] += max(f.predicted / f.low, f.high / f.predicted) <= math.sqrt(2)
+    print(
+        f"kappa {'~N(0, 0.06^2)' if kappa is None else f'{kappa:.2f}'}, seed sd {sd}: straight-line interval covered {hits[False]}/{searches}, "
+        f"within sqrt(2) {narrow[False]}/{searches}; with the curvature term covered "
+        f"{hits[True]}/{searches}, within sqrt(2) {narrow[True]}/{searches}"
+    )
+
+
 if __name__ == "__main__":
     rng = np.random.default_rng(1)
-    for sd in (0.04, 0.08):
-        for seeds, points in ((3, 3), (8, 3), (6, 4), (12, 2)):
-            simulate(seeds, points, 1.41, sd, 40, rng)
+    if sys.argv[1:] == ["coverage"]:
+        for kappa in (0.0, 0.06, 0.12, -0.06, None):
+            for sd in (0.04, 0.08):
+                coverage(kappa, sd, 40, rng)
+    else:
+        for sd in (0.04, 0.08):
+            for seeds, points in ((3, 3), (8, 3), (6, 4), (12, 2)):
+                simulate(seeds, points, 1.41, sd, 40, rng)

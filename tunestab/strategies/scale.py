@@ -36,6 +36,11 @@ class Scale:
     logit_threshold: float = 1.0e4
     """Wortsman et al.'s second predictor: the largest LR at which the max attention logit,
     extrapolated to the target size, stays below this (their runs above 1e4 diverged)."""
+    # scaling.CURVATURE_PRIOR, written out: reading a space loads no numpy (tests/test_spec.py).
+    curvature_prior: float = 0.06
+    """The prior sd of a curvature term in ln N that the fit carries beside the line
+    (tunestab/scaling.py, "Model form"): how far the frontier may bend from a power law. 0.06 is
+    the bend the committed scale runs saw; 0 fits the straight line alone."""
 
     @property
     def every_size(self) -> dict:
@@ -64,7 +69,7 @@ class ScaleStrategy(MaxLR):
         if not isinstance(value, dict):
             problems.append(f"scale: expected a mapping, got {type(value).__name__}")
             return Scale()
-        known = ("sizes", "target", "measure_target", "logit_threshold")
+        known = ("sizes", "target", "measure_target", "logit_threshold", "curvature_prior")
         for k in value:
             if k not in known:
                 problems.append(f"scale.{k}: unknown key (known: {', '.join(known)})")
@@ -101,7 +106,11 @@ class ScaleStrategy(MaxLR):
         if not number(threshold) or threshold <= 0:
             problems.append(f"scale.logit_threshold: expected a number > 0, got {threshold!r}")
             threshold = Scale.logit_threshold
-        return Scale(out["sizes"], out["target"], measure, float(threshold))
+        tau = value.get("curvature_prior", Scale.curvature_prior)
+        if not number(tau) or not 0 <= tau < math.inf:
+            problems.append(f"scale.curvature_prior: expected a number >= 0 (0: a straight line), got {tau!r}")
+            tau = Scale.curvature_prior
+        return Scale(out["sizes"], out["target"], measure, float(threshold), float(tau))
 
     def check(self, draft, sections, problems):
         scale = sections["scale"]
@@ -174,7 +183,7 @@ class ScaleStrategy(MaxLR):
         table, grid, fits = shared_report(self, space, every, grid, out)
         st, frontiers = scale_table(space, table, fits)
         verdicts = scale_verdicts(st)
-        md = scale_markdown(st, frontiers, space.scale.logit_threshold)
+        md = scale_markdown(st, frontiers, space.scale.logit_threshold, space.scale.curvature_prior)
         out.table(run_dir.SCALE_CSV, st)
         out.text(run_dir.SCALE_MD, md + "\n")
         if st["max_stable_lr"].notna().any():
@@ -212,6 +221,10 @@ SCALE_TABLE_COLUMNS = [
     "predicted_low",
     "predicted_high",
     "logit_predicted",
+    "loso_predicted",
+    "loso_low",
+    "loso_high",
+    "loso_inside",
 ]
 
 
@@ -242,6 +255,7 @@ def scale_table(space, table, fits: dict):
             math.log(n[target]),
             others=[math.log(n[x]) for x in sizes],
             rng=np.random.default_rng(zlib.crc32(str(v).encode())),
+            curvature_prior=space.scale.curvature_prior,
         )
         frontiers[v] = fr
         completed = []
@@ -252,9 +266,12 @@ def scale_table(space, table, fits: dict):
                 (math.log(n[name]), t["lr"].astype(float).tolist(), t["attn_logit_max"].astype(float).tolist())
             )
         logit = scaling.logit_predictor(completed, math.log(n[target]), lo, hi, space.scale.logit_threshold)
+        # Each fitted size as the line through the other sizes predicted it (three sizes or more).
+        held_out = dict(zip(used, fr.loso)) if fr else {}
         for i, name in enumerate([*sizes, target]):
             f = fits.get(arm_label(v, name))
             pred = (fr.at[i] if name != target else (fr.predicted, fr.low, fr.high)) if fr else (math.nan,) * 3
+            loso = held_out.get(name, (math.nan,) * 3 + (None, None))
             rows.append(
                 {
                     "variant": v,
@@ -268,6 +285,10 @@ def scale_table(space, table, fits: dict):
                     "predicted_low": pred[1],
                     "predicted_high": pred[2],
                     "logit_predicted": logit if name == target else math.nan,
+                    "loso_predicted": loso[0],
+                    "loso_low": loso[1],
+                    "loso_high": loso[2],
+                    "loso_inside": loso[4],
                 }
             )
     return pd.DataFrame(rows, columns=SCALE_TABLE_COLUMNS), frontiers
@@ -292,12 +313,12 @@ def scale_verdicts(t) -> dict[str, dict]:
     return out
 
 
-def scale_markdown(t, frontiers: dict, threshold: float) -> str:
+def scale_markdown(t, frontiers: dict, threshold: float, curvature_prior: float) -> str:
     from ..tables import fmt, interval
 
     lines = [
         "| variant | size | parameters (no embeddings) | measured max stable LR | 90% interval | "
-        "line through the fitted sizes | 90% interval | logit predictor |",
+        "fit through the measured sizes | 90% interval | logit predictor |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for _, r in t.iterrows():
@@ -322,6 +343,19 @@ def scale_markdown(t, frontiers: dict, threshold: float) -> str:
             f"- {v}: max stable LR ~ N^{fr.alpha:.2f} [{fr.alpha_low:.2f}, {fr.alpha_high:.2f}] from "
             f"{fr.sizes} sizes; {fit}" + (" (interval widened by its square root)" if fr.birge > 1 else "")
         )
+        if curvature_prior:
+            lines.append(
+                f"  - a curvature term in ln N beside the line: kappa {fr.curvature:+.3f} +- {fr.curvature_sd:.3f} "
+                f"(prior sd {curvature_prior:g}; it widens the intervals the farther they extrapolate)"
+            )
+        if fr.loso:
+            held = t[(t["variant"] == v) & t["loso_predicted"].notna()]
+            checks = "; ".join(
+                f"{r['size']} {fmt(r['loso_predicted'])} {interval(r['loso_low'], r['loso_high'])} against "
+                f"{fmt(r['max_stable_lr'])}: {'inside' if r['loso_inside'] else 'OUTSIDE'}"
+                for _, r in held.iterrows()
+            )
+            lines.append(f"  - leave one size out, each predicted by the fit through the others: {checks}")
     lines.append(
         f"- logit predictor: the lowest LR at which the max attention logit, extrapolated to the target "
         f"size, reaches {threshold:g} ('-': it does not within the searched range)"
