@@ -12,7 +12,10 @@ def test_the_stability_charts_come_first_in_their_order_then_the_layers_in_numer
     state = mlflow_view.view_state("abc123", n_layer=12)
     sections = [s["name"] for s in state["compareRunSections"]]
     # MLflow would sort layer_10 before layer_2, and every layer before the model metrics.
-    assert sections == ["Stability", "Model metrics"] + [f"layer_{i}" for i in range(12)] + ["System metrics"]
+    assert sections == ["Stability", "Model metrics"] + [f"layer_{i}" for i in range(12)] + [
+        "bookkeeping",
+        "System metrics",
+    ]
     charts = state["compareRunCharts"]
     assert [c["metricKey"] for c in charts] == ["loss", "val_loss", "tev_mean", "tev_std", "tev_dispersion", "lr"]
     stability = state["compareRunSections"][0]["uuid"]

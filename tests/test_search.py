@@ -220,6 +220,10 @@ def test_end_to_end_search_writes_parent_and_child_runs_to_mlflow(tmp_path, caps
         assert tags["variant"] in ("baseline", "mlra")
         assert tags["stop_reason"] in ("completed", "blowup", "nonfinite", "no_progress", "tev", "range_end")
         assert tags["diverged"] in ("0", "1") and int(tags["stop_step"]) > 0
+        # The outcome tag and trials.csv say the same, for every member.
+        reason, stable = tags["stop_reason"], tags["stop_reason"] == "completed" and tags["diverged"] == "0"
+        assert tags["outcome"] == ("stopped_by_tev" if reason == "tev" else "stable" if stable else "diverged")
+        assert trials.set_index("trial_id").loc[tags["member_id"], "outcome"] == tags["outcome"]
         assert float(child.data.params["lr"]) > 0 and child.data.params["n_layer"] == "2"
         history = client.get_metric_history(child.info.run_id, "loss")
         assert [m.step for m in history][:1] == [10] and all(math.isfinite(m.value) for m in history)
@@ -440,7 +444,8 @@ def test_resume_after_sigkill_finishes_the_search_without_duplicate_mlflow_runs(
         assert steps == sorted(set(steps)), f"steps logged twice in {r.info.run_id}: {steps}"
     # The trial in flight continued from its checkpoint (step 100 or 200), not from scratch.
     resumed = next(r for r in children if r.data.tags["member_id"] == in_flight)
-    assert resumed.data.metrics["resumed_from"] in (100, 200)
+    assert resumed.data.metrics["bookkeeping/resumed_from"] in (100, 200)
+    assert "resumed_from" not in resumed.data.metrics  # bookkeeping apart from the science
 
     # The same trials, with the same outcomes, as a search that was never interrupted.
     run_search_in_process(space, tmp_path / "uninterrupted")

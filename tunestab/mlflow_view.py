@@ -9,7 +9,7 @@ link with `viewStateShareKey=<key>`. Each search saves one such view, keyed by i
 (`tunestab-<parent run id>`, so the link a search printed keeps showing that search after
 another one in the same experiment, and a resumed search keeps its own): a first section
 with loss, val_loss, tev_mean, tev_std, the TEV dispersion and lr, then the other model metrics,
-then the layers in numeric order; the search's trials listed by variant (and by size, for the
+then the layers in numeric order, then the search's bookkeeping; the search's trials listed by variant (and by size, for the
 scale strategy), every one plotted.
 The format is the MLflow UI's own (checked against MLflow 3.17 in a browser; docs/design.md): if
 a later UI cannot read it, the link says the view is invalid and the page falls back to its
@@ -22,6 +22,8 @@ import base64
 import json
 import time
 import zlib
+
+from .outcome import BOOKKEEPING_SECTION
 
 TAG_PREFIX = "mlflow.sharedViewState."
 MAIN_CHARTS = ("loss", "val_loss", "tev_mean", "tev_std", "tev_dispersion", "lr")
@@ -70,7 +72,9 @@ def _line_chart(metric: str, section: str) -> dict:
 def view_state(parent_run_id: str, n_layer: int, group_by: tuple[str, ...] = ("variant",)) -> dict:
     """The experiment page's state: the charts of the search's trials, every one shown, grouped
     in the table by the run tags `group_by`."""
-    sections = [MAIN_SECTION, MODEL_SECTION] + [f"layer_{i}" for i in range(n_layer)] + [SYSTEM_SECTION]
+    sections = (
+        [MAIN_SECTION, MODEL_SECTION] + [f"layer_{i}" for i in range(n_layer)] + [BOOKKEEPING_SECTION, SYSTEM_SECTION]
+    )
     return {
         # The search's trials alone, flat (a filter that leaves the parent out shows its children
         # as rows of their own), grouped in the table.

@@ -37,6 +37,16 @@ STABLE_LR = "stable_lr"
 """The `max_lr` searchers' objective: the trial's LR when it was stable, else 0."""
 OBJECTIVE = "objective"
 """The `tune` searchers' objective: the final val_loss when stable, else l0."""
+# Values a report carries for the search's own accounting, not as measurements of training:
+# MLflow logs them under `bookkeeping/`, which its UI shows as a chart section of its own, after
+# the science (stability, loss, per-layer probes) and the performance (tokens_per_s, mfu).
+BOOKKEEPING = ("resumed_from", OBJECTIVE, STABLE_LR, "tokens", "loop_s", "active", "population")
+BOOKKEEPING_SECTION = "bookkeeping"
+
+
+def metric_name(key: str) -> str:
+    """A report's key as MLflow logs it."""
+    return f"{BOOKKEEPING_SECTION}/{key}" if key in BOOKKEEPING else key
 
 
 class StopReason(str, Enum):
@@ -62,6 +72,41 @@ def is_stable(result: Mapping) -> bool:
     """Completed its budget without diverging. A TEV stop is not stable (predicted divergent),
     and neither is a final validation loss no better than the floor (`diverged` says so)."""
     return result.get(STOP_REASON) == StopReason.COMPLETED and not result.get(DIVERGED, 0)
+
+
+OUTCOME = "outcome"
+"""How a trial or member ended, in the words every table, plot and MLflow tag uses (`outcome`)."""
+
+
+class Outcome(str, Enum):
+    """`stop_reason` read as a result: one value per way a run can count."""
+
+    STABLE = "stable"
+    """Completed its budget without diverging (`is_stable`)."""
+    DIVERGED = "diverged"
+    """The loss rule failed it: a non-finite loss, a blow-up, no progress past the floor (or a
+    range test's end)."""
+    STOPPED_BY_TEV = "stopped_by_tev"
+    """Stopped by the TEV scheduler, predicted divergent; counts as a failure at its LR."""
+    ERROR = "error"
+    """An exception, not a divergence: says nothing about its LR."""
+    RUNNING = "running"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def outcome(result: Mapping) -> Outcome:
+    reason = result.get(STOP_REASON)
+    if reason == StopReason.ERROR:
+        return Outcome.ERROR
+    if reason == StopReason.TEV:
+        return Outcome.STOPPED_BY_TEV
+    if is_stable(result):
+        return Outcome.STABLE
+    if reason in (None, StopReason.RUNNING) and not result.get(DIVERGED, 0):
+        return Outcome.RUNNING
+    return Outcome.DIVERGED
 
 
 def objectives(result: Mapping, lr: float) -> dict[str, float]:

@@ -25,6 +25,7 @@ from .outcome import (
     LOSS,
     LOSS_INIT,
     LR,
+    OUTCOME,
     STEP,
     STOP_REASON,
     TEV_MEAN,
@@ -32,9 +33,11 @@ from .outcome import (
     TEV_STOP_STEP,
     TRIAL_ID,
     VAL_LOSS,
+    Outcome,
     StopReason,
     TrialKey,
     is_stable,
+    outcome,
 )
 
 COLUMNS = [
@@ -42,6 +45,7 @@ COLUMNS = [
     "variant",
     LR,
     "seed",
+    OUTCOME,
     STOP_REASON,
     DIVERGED,
     TEV_STOP_STEP,
@@ -73,6 +77,7 @@ def trial_table(space, grid, columns: dict | None = None) -> pd.DataFrame:
         row.update({name: f(c, m) for name, f in columns.items()})
         if r.error is not None:
             row["stop_reason"] = StopReason.ERROR.value
+        row[OUTCOME] = outcome(row).value
         rows.append(row)
     # Fixed columns, so that an empty search gives an empty table the summary can still read.
     return pd.DataFrame(rows, columns=COLUMNS[:FIXED] + extra + COLUMNS[FIXED:] + list(columns))
@@ -90,6 +95,14 @@ def split_range_tests(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 def stable_mask(table: pd.DataFrame) -> pd.Series:
     """outcome.is_stable of each row: completed its budget without diverging."""
     return pd.Series([is_stable(r) for r in table.to_dict("records")], index=table.index, dtype=bool)
+
+
+def outcomes(table: pd.DataFrame) -> pd.Series:
+    """Each row's `outcome`: the column trial_table writes, or read from the row where a table
+    was built without it (an older trials.csv, a study's own table)."""
+    if OUTCOME in table:
+        return table[OUTCOME]
+    return pd.Series([outcome(r).value for r in table.to_dict("records")], index=table.index, dtype=object)
 
 
 def ran(table: pd.DataFrame) -> pd.DataFrame:
@@ -150,8 +163,8 @@ def summary(table: pd.DataFrame, variants, fits: dict | None = None) -> pd.DataF
                 "largest_stable_lr": b.stable,
                 "smallest_divergent_lr": b.divergent,
                 "best_val_loss": done[stable]["val_loss"].min() if stable.any() else math.nan,
-                "diverged": int((done["diverged"] == 1).sum()),
-                "tev_stops": int((done[STOP_REASON] == StopReason.TEV).sum()),
+                "diverged": int((outcomes(done) == Outcome.DIVERGED).sum()),
+                "tev_stops": int((outcomes(done) == Outcome.STOPPED_BY_TEV).sum()),
             }
         )
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)

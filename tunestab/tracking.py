@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from ray.tune.callback import Callback
 
 from .members import MEMBER_ID, MEMBERS, ended, is_fresh, member_configs
-from .outcome import SIZE, STOP_REASON, StopReason, arm_label
+from .outcome import OUTCOME, SIZE, STOP_REASON, StopReason, arm_label, metric_name, outcome
 from .tracking_store import TrackingError, check_reachable
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -182,7 +182,7 @@ class MLflowTracking(Callback):
     def log_result(self, run_id: str, result: dict) -> None:
         step = int(result.get("step", result.get("training_iteration", 0)))
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in numeric(result).items()]
+        metrics = [Metric(metric_name(k), v, now, step) for k, v in numeric(result).items()]
         for i in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics per batch
             self.client.log_batch(run_id, metrics=metrics[i : i + 900])
         self.logged[run_id] = max(step, self.logged.get(run_id, -1))
@@ -193,6 +193,8 @@ class MLflowTracking(Callback):
         tags["stop_step"] = str(last.get("step", 0))
         if status == "FAILED":
             tags[STOP_REASON] = StopReason.ERROR.value
+        # stable | diverged | stopped_by_tev | error: what a TEV-stopped member's diverged=0 hides
+        tags[OUTCOME] = outcome({**last, STOP_REASON: tags.get(STOP_REASON)}).value
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         self.client.set_terminated(run_id, status)
 

@@ -375,8 +375,11 @@ def plot_frontier(t, frontiers: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 5))
     top = np.nanmax(t[["max_stable_lr_high", "predicted_high", "max_stable_lr"]].to_numpy(dtype=float)) * 3
-    for i, (v, g) in enumerate(t.groupby("variant", sort=False)):
-        c = f"C{i}"
+    from ..plots import variant_colours
+
+    colours = variant_colours(t["variant"])
+    for v, g in t.groupby("variant", sort=False):
+        c = colours[v]
         fit, target = g[g["role"] == "fit"], g[g["role"] == "target"]
         ax.errorbar(
             fit["n_params"],
