@@ -2,9 +2,9 @@
 (tunestab/ray_trial.py), and what `python -m tunestab.train` runs in this process.
 
 A trial trains a population (`run_population`): members of one variant and size, each a `Member`
-with its own model, optimizer, data order, random state and divergence rule, stepped in turn and
-reported together; `run` is a population of one that reports on its own (docs/design.md,
-"Populations").
+with its own model, optimizer, data order, random state and divergence rule, stepped in turn (or
+stacked and stepped as one: tunestab/vectorised.py, `engine_for`) and reported together; `run`
+is a population of one that reports on its own (docs/design.md, "Populations").
 
 One step: the worker's share of the global batch, in micro-batches -> forward (+ probes on
 report steps) -> backward (gradients accumulate; DDP all-reduces on the last micro-batch) ->

@@ -100,14 +100,15 @@ class Resources:
     """Members a trial trains at most (tunestab/members.py): `auto`, or a whole number >= 1. A
     trial's members share its variant and size and differ in LR and seed; each is a result of
     its own. Ray's start-up (about 22 CPU-s a trial on 2 cores, docs/overhead.md) is paid once
-    per trial, not once per member. `auto`: `AUTO_POPULATION` members, stepped in turn."""
+    per trial, not once per member. `auto`: `AUTO_POPULATION` members; how they are stepped is
+    the trial's `engine` (TrialConfig)."""
 
     def population_size(self) -> int:
         return AUTO_POPULATION if self.population == "auto" else int(self.population)
 
 
 # What `population: auto` means today: the members a round of the searcher proposes, up to 32,
-# stepped in turn on one worker (the only engine so far). On a 2-core CPU stepping members in
+# on one worker (not yet sized from a device's memory). On a 2-core CPU stepping members in
 # turn costs nothing against lone trials but Ray's start-up, saved once per member.
 AUTO_POPULATION = 32
 
