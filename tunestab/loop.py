@@ -273,7 +273,7 @@ def own_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def engine_for(cfg: TrialConfig, device: torch.device, members: int) -> str:
     """The engine a population runs on (TrialConfig.engine): 'auto' vectorises two members or
     more on CUDA, where one proxy-sized model leaves the device idle, and steps them in turn on
-    the CPU, where vectorising measured 0.57-0.95x (docs/overhead.md)."""
+    the CPU, where this engine measured 0.87-0.99x of interleaving at 1-8 members (docs/overhead.md)."""
     if cfg.engine != "auto":
         return cfg.engine
     return "vectorised" if device.type == "cuda" and members > 1 and cfg.dropout == 0 else "interleaved"

@@ -6,8 +6,9 @@ member first. One step is then one forward and one backward over all members at 
 `torch.func.vmap` of `functional_call` on the stacked tensors, followed by a per-member
 gradient clip and AdamW written on the stacked tensors, with each member's LR and weight decay.
 On a GPU this launches the kernels of one model for K models; a proxy-sized model alone leaves
-the device nearly idle. On a 2-core CPU it measured 0.57-0.95x of stepping the members in turn
-(docs/overhead.md), so there the interleaved engine is the default.
+the device nearly idle (not measured yet: bench/gpu_check.py part f). On a 2-core CPU it
+measured 0.87-0.99x of stepping the members in turn at 1-8 members (docs/overhead.md), so there
+the interleaved engine is the default.
 
 What a member sees is what it would see alone, up to float rounding: the same initialisation,
 data, clipping and AdamW (torch's single-tensor AdamW, reproduced per member), and every probe
