@@ -82,7 +82,8 @@ def bent_searches(kappa: float, tau: float, searches: int = 100, sd: float = 0.0
 
 
 def test_a_frontier_that_bends_as_the_scale_runs_saw_is_covered_with_the_curvature_term_not_without():
-    """kappa = 0.06 put the w96 point 12% above the line through w32-w64 (docs/results.md). The
+    """kappa = 0.06 puts the w96 point 12% above the line through w32-w64, the size of the scale
+    runs' misses there (docs/results.md). The
     straight line's 90% interval misses it more often than not; the curvature prior's covers it."""
     straight, curved = bent_searches(0.06, 0.0), bent_searches(0.06, scaling.CURVATURE_PRIOR)
     assert straight < 0.7 and curved >= 0.85, (straight, curved)  # seen: 0.57 and 0.89

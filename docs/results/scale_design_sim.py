@@ -17,8 +17,8 @@ point (median, 10-90%), the share within sqrt(2), and how often the interval cov
 
 **Coverage (issue 30, `coverage`).** The same measurement at the shipped design (8 seeds x 3 LRs,
 step 1.41), on frontiers that bend as well as a straight one: ln(10% point) = the line above +
-kappa * (ln N - ln N_w32)^2, with kappa 0, 0.06 (the bend the two scale runs saw: their w96 point
-sat about 12% above the line through w32-w64), 0.12, -0.06, and one drawn per search from the
+kappa * (ln N - ln N_w32)^2, with kappa 0, 0.06 (the size of the two QK-norm blow-up runs' misses:
+their w96 point lay about 12% off the line through w32-w64), 0.12, -0.06, and one drawn per search from the
 curvature prior N(0, 0.06^2). Printed per frontier and seed sd: how often the 90% interval at w96
 covered the truth with the straight line alone (the fit before issue 30) and with the curvature
 term (scaling.py, "Model form"), and how often each interval stayed within one sqrt(2) step
