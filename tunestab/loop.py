@@ -558,6 +558,4 @@ def run_population(cfgs: dict[str, TrialConfig], session, nested: bool = True) -
             del active[mid]
         timed_steps, timed_s = 0, 0.0
         tick = time.perf_counter()
-    if vector is not None:
-        vector.close()
     return last

@@ -49,9 +49,15 @@ def metric_name(key: str) -> str:
     return f"{BOOKKEEPING_SECTION}/{key}" if key in BOOKKEEPING else key
 
 
-class StopReason(str, Enum):
-    """How a trial ended (the `stop_reason` metric and MLflow tag). A str, so that it compares,
-    prints and serialises as its value."""
+class Named(str, Enum):
+    """A str enum that compares, prints and serialises as its value."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class StopReason(Named):
+    """How a trial ended (the `stop_reason` metric and MLflow tag)."""
 
     RUNNING = "running"
     COMPLETED = "completed"
@@ -64,9 +70,6 @@ class StopReason(str, Enum):
     ERROR = "error"
     """The trial failed (an exception, not a divergence): it says nothing about its LR."""
 
-    def __str__(self) -> str:
-        return self.value
-
 
 def is_stable(result: Mapping) -> bool:
     """Completed its budget without diverging. A TEV stop is not stable (predicted divergent),
@@ -78,7 +81,7 @@ OUTCOME = "outcome"
 """How a trial or member ended, in the words every table, plot and MLflow tag uses (`outcome`)."""
 
 
-class Outcome(str, Enum):
+class Outcome(Named):
     """`stop_reason` read as a result: one value per way a run can count."""
 
     STABLE = "stable"
@@ -91,9 +94,6 @@ class Outcome(str, Enum):
     ERROR = "error"
     """An exception, not a divergence: says nothing about its LR."""
     RUNNING = "running"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def outcome(result: Mapping) -> Outcome:

@@ -30,6 +30,12 @@ def variant_colours(variants) -> dict[str, str]:
     return {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(names)}
 
 
+def ran_with_outcomes(table: pd.DataFrame) -> pd.DataFrame:
+    """The runs that ran (tables.ran), each with its `outcome` column."""
+    t = ran(table)
+    return t.assign(**{OUTCOME: outcomes(t)})
+
+
 def log_lr_axis(ax) -> None:
     """A log LR axis labelled at 1, 2 and 5 of each decade, without the minor labels that
     overlap when the range spans less than a decade or two."""
@@ -52,8 +58,7 @@ def plot_loss_vs_lr(table: pd.DataFrame, path: Path) -> None:
 
     colours = variant_colours(table["variant"])
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for v, t in ran(table).groupby("variant"):
-        t = t.assign(**{OUTCOME: outcomes(t)})
+    for v, t in ran_with_outcomes(table).groupby("variant"):
         for o, g in t.sort_values("lr").groupby(OUTCOME, sort=False):
             o = Outcome(o)
             if o not in MARKERS:
@@ -90,8 +95,7 @@ def plot_p_diverge(table: pd.DataFrame, fits: dict, path: Path) -> None:
     colours = variant_colours(table["variant"])
     fig, axes = plt.subplots(len(found), 1, figsize=(7, 1.9 * len(found) + 0.6), sharex=True, squeeze=False)
     for ax, v in zip(axes[:, 0], found):
-        f, t = fits[v], ran(table[table["variant"] == v])
-        t = t.assign(**{OUTCOME: outcomes(t)})
+        f, t = fits[v], ran_with_outcomes(table[table["variant"] == v])
         div = (t[OUTCOME] != Outcome.STABLE).astype(float)
         jitter = np.random.default_rng(0).uniform(-0.04, 0.04, len(t))
         for o, marker in MARKERS.items():
@@ -145,8 +149,7 @@ def plot_params_vs_loss(table: pd.DataFrame, names: list[str], path: Path) -> No
     import matplotlib.pyplot as plt
 
     colours = variant_colours(table["variant"])
-    t = ran(table)
-    t = t.assign(**{OUTCOME: outcomes(t)})
+    t = ran_with_outcomes(table)
     ln_lr = np.log(t["lr"].astype(float))
     size = 20 + 80 * (ln_lr - ln_lr.min()) / max(float(ln_lr.max() - ln_lr.min()), 1e-12)
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 4.2), squeeze=False)

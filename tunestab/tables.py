@@ -151,6 +151,7 @@ def summary(table: pd.DataFrame, variants, fits: dict | None = None) -> pd.DataF
         b = bracket(list(zip(done["lr"], stable)))
         f = (fits or {}).get(v)
         fitted = f is not None and f.has_interval
+        ended = outcomes(done)
         rows.append(
             {
                 "variant": v,
@@ -163,8 +164,8 @@ def summary(table: pd.DataFrame, variants, fits: dict | None = None) -> pd.DataF
                 "largest_stable_lr": b.stable,
                 "smallest_divergent_lr": b.divergent,
                 "best_val_loss": done[stable]["val_loss"].min() if stable.any() else math.nan,
-                "diverged": int((outcomes(done) == Outcome.DIVERGED).sum()),
-                "tev_stops": int((outcomes(done) == Outcome.STOPPED_BY_TEV).sum()),
+                "diverged": int((ended == Outcome.DIVERGED).sum()),
+                "tev_stops": int((ended == Outcome.STOPPED_BY_TEV).sum()),
             }
         )
     return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)

@@ -110,10 +110,15 @@ class Stack:
             self.functions[probe] = torch.compile(fn) if self.compiled else fn
         return self.functions[probe]
 
-    def _per_member(self, values, like: torch.Tensor) -> torch.Tensor:
-        """A per-member float as a (K, 1, ...) tensor that broadcasts over `like`'s member rows.
-        The float is rounded to fp32 once, as a Python scalar is when it multiplies a tensor."""
-        return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, *[1] * (like.dim() - 1))
+    def _per_member(self, values) -> torch.Tensor:
+        """Per-member floats as one (K,) tensor, rounded to fp32 once, as a Python scalar is when
+        it multiplies a tensor. `rows` shapes it to broadcast over a stacked tensor."""
+        return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+    @staticmethod
+    def rows(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """(K,) values as (K, 1, ...): one per member row of `like`."""
+        return values.view(-1, *[1] * (like.dim() - 1))
 
     def step(
         self,
@@ -173,10 +178,9 @@ class Stack:
         by min(1, max_norm / (norm + 1e-6))."""
         per_param = torch.stack([torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1) for g in grads.values()], dim=1)
         norms = torch.linalg.vector_norm(per_param, dim=1)
-        max_norm = torch.tensor(clip, dtype=norms.dtype, device=norms.device)
-        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        coef = (self._per_member(clip) / (norms + 1e-6)).clamp(max=1.0)
         for g in grads.values():
-            g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
+            g.mul_(self.rows(coef, g))
         return norms
 
     @torch.no_grad()
@@ -185,16 +189,19 @@ class Stack:
         count; the coefficients in double per member, as torch computes them from Python floats."""
         self.steps = [s + 1 for s in self.steps]
         b1, b2 = self.beta1, self.beta2
-        step_size = [-lr / (1 - b1**s) for lr, s in zip(lrs, self.steps)]
-        bias2_sqrt = [(1 - b2**s) ** 0.5 for s in self.steps]
+        # Each member's coefficients, built once a step (not once a parameter: on a GPU each is
+        # a host-to-device copy).
+        decay = self._per_member([1 - lr * wd for lr, wd in zip(lrs, self.weight_decay)])
+        step_size = self._per_member([-lr / (1 - b1**s) for lr, s in zip(lrs, self.steps)])
+        bias2_sqrt = self._per_member([(1 - b2**s) ** 0.5 for s in self.steps])
         for name, g in grads.items():
             p, avg, sq = self.params[name], self.exp_avg[name], self.exp_avg_sq[name]
             if self.decays[name]:
-                p.mul_(self._per_member([1 - lr * wd for lr, wd in zip(lrs, self.weight_decay)], p))
+                p.mul_(self.rows(decay, p))
             avg.lerp_(g, 1 - b1)
             sq.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (sq.sqrt() / self._per_member(bias2_sqrt, sq)).add_(self.eps)
-            p.add_(self._per_member(step_size, p) * avg / denom)
+            denom = (sq.sqrt() / self.rows(bias2_sqrt, sq)).add_(self.eps)
+            p.add_(self.rows(step_size, p) * avg / denom)
 
     def sync_optimizers(self) -> None:
         """Write the stacked AdamW state into each member's own optimizer, in its format, so
@@ -209,8 +216,8 @@ class Stack:
                 }
 
     def release(self) -> None:
-        """Give every member back weights and optimizer state of its own (copies of its slices):
-        before the stack is rebuilt for fewer members, and at the end."""
+        """Give every member back weights and optimizer state of its own (copies of its slices),
+        before the stack is rebuilt for fewer members."""
         self.sync_optimizers()
         for m in self.members:
             for _, t in list(m.s.model.named_parameters()) + list(m.s.model.named_buffers()):
@@ -252,8 +259,3 @@ class VectorisedEngine:
     def before_checkpoint(self) -> None:
         if self.stack is not None:
             self.stack.sync_optimizers()
-
-    def close(self) -> None:
-        if self.stack is not None:
-            self.stack.release()
-            self.stack = None
