@@ -29,6 +29,7 @@ WORKER = {
     "outcome",
     "cluster",
     "members",  # a trial's config and reports as its members': pure, shared with the driver
+    "quiet_exit",  # Ray runs it in every worker process of the job
     "stop_board",  # the one channel from the driver's scheduler to a population's worker
 }
 # Pure design code: decisions and tables a reader can run without a cluster or a tracking store.

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 # drained (`ray.train.get_preemption_info()`), which the loop does not ask, so trials go without it.
 RAY_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
+# Run by Ray in every worker process of the search's job: a process Ray ends on purpose prints no
+# traceback (tunestab/quiet_exit.py).
+QUIET_EXIT = "tunestab.quiet_exit.install"
+
 # Written by `ray up` on the head node: the cluster's node types, with the resources the launcher
 # filled in for each instance type, and how many of each it may start.
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"
@@ -104,7 +108,7 @@ def start_ray() -> None:
         env = dict(RAY_TRAIN_ENV)
         if "://" not in address:
             env["RAY_ADDRESS"] = address
-        ray.init(runtime_env={"env_vars": env})
+        ray.init(runtime_env={"env_vars": env, "worker_process_setup_hook": QUIET_EXIT})
         return
     with socket.socket() as s:
         s.bind(("", 0))
@@ -113,7 +117,9 @@ def start_ray() -> None:
     address = f"{ray.util.get_node_ip_address()}:{port}"
     try:
         ray.init(
-            address="local", include_dashboard=True, runtime_env={"env_vars": {**RAY_TRAIN_ENV, "RAY_ADDRESS": address}}
+            address="local",
+            include_dashboard=True,
+            runtime_env={"env_vars": {**RAY_TRAIN_ENV, "RAY_ADDRESS": address}, "worker_process_setup_hook": QUIET_EXIT},
         )
     finally:
         del os.environ["RAY_GCS_SERVER_PORT"]
