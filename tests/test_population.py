@@ -193,7 +193,7 @@ def test_a_member_stopped_by_tev_keeps_its_verdict_report_as_a_lone_trial_would(
     from tunestab.tev_rule import TEVRule
 
     sched = TEVScheduler(TEVRule(signal="dispersion", threshold=0.5, patience=1, min_step=0))
-    outcome, _ = make_callbacks(sched, None)
+    _, outcome, _ = make_callbacks(sched, None)
     config = {"variant": "baseline", "members": {"t-0": {"lr": 0.01, "seed": 0}, "t-1": {"lr": 0.3, "seed": 0}}}
     trial = SimpleNamespace(trial_id="t", config=config, last_result=None)
 

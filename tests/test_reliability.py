@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,6 +17,8 @@ import pytest
 import torch
 import yaml
 from conftest import MlflowServer, descendants, process_title
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))  # bench/soak.py's storm and watch
 
 from tunestab import checkpoint, loop, replay, search, session, tracking
 from tunestab import run_dir as run_dir_mod
@@ -147,99 +148,17 @@ def trial_of(trial_dir: Path) -> dict:
     return {"trial_id": last["trial_id"], "config": last["config"]}
 
 
-class PendingWatch(threading.Thread):
-    """Polls the State API once a second while a search runs and records how long any placement
-    group stayed PENDING while the cluster's free resources could hold it: a deadlock, not a slow
-    start (a busy machine slows processes, not the logical resources Ray schedules by)."""
-
-    def __init__(self):
-        super().__init__(daemon=True)
-        self.stop, self.polls, self.longest, self.stuck = False, 0, 0.0, {}
-
-    def run(self):
-        import ray
-        from ray.util.state import list_placement_groups
-
-        since: dict[str, float] = {}
-        while not self.stop:
-            time.sleep(1)
-            if not ray.is_initialized():
-                continue
-            try:
-                free = ray.available_resources()
-                pending = list_placement_groups(
-                    filters=[("state", "=", "PENDING")], detail=True, raise_on_missing_output=False
-                )
-            except Exception:  # the cluster starting or stopping
-                continue
-            self.polls += 1
-            now, waiting = time.time(), set()
-            for g in pending:
-                need: dict[str, float] = {}
-                for b in g.bundles:
-                    for k, v in b["unit_resources"].items():
-                        need[k] = need.get(k, 0.0) + v
-                if all(free.get(k, 0.0) >= v for k, v in need.items()):
-                    waiting.add(g.placement_group_id)
-                    since.setdefault(g.placement_group_id, now)
-                    self.longest = max(self.longest, now - since[g.placement_group_id])
-                    self.stuck[g.placement_group_id] = round(now - since[g.placement_group_id])
-            since = {k: v for k, v in since.items() if k in waiting}
-
-
 @pytest.mark.slow
 def test_a_hundred_tev_stops_in_a_row_leave_no_actor_or_placement_group_behind(tmp_path):
     import ray
-    from ray.util.state import list_actors, list_placement_groups
+    from soak import PendingWatch, settle, stop_storm_space
 
     # A rule every trial meets at its first report: each of the 100 trials is stopped by the
     # scheduler at step 10, which is what ends its Train run (controller, workers, group). One
     # member a trial (`population: 1`): 100 Train runs start and end, as a search of 100
-    # populations would.
-    space = write_space(
-        tmp_path,
-        {
-            "name": "stops",
-            "strategy": "sweep",
-            "variants": ["baseline"],
-            "trial": {
-                **TRIAL,
-                "lr": 0.01,
-                "steps": 1000,
-                "report_every": 10,
-                "eval_every": 1000,
-                "checkpoint_every": 0,
-            },
-            "params": {"seed": {"grid": list(range(100))}},
-            "scheduler": {"type": "tev", "rule": {"signal": "dispersion", "threshold": 1e-9, "min_step": 0}},
-            "resources": {"population": 1},
-        },
-    )
+    # populations would. bench/soak.py runs the same storm at any length, under load.
+    space = write_space(tmp_path, {**stop_storm_space(100), "name": "stops"})
     storage = tmp_path / "results"
-    trial_actors = (
-        "ImplicitFunc",
-        "TrainController",
-        "RayTrainWorker",
-        "SynchronizationActor",
-        "_QueueActor",
-        "PlacementGroupCleaner",
-    )
-
-    leaked = []  # what a group left behind was: its bundles tell Tune's trial group from Train's workers'
-
-    def left_behind():
-        actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10000, raise_on_missing_output=False)
-        groups = [
-            g
-            for g in list_placement_groups(limit=10000, detail=True, raise_on_missing_output=False)
-            if g.state != "REMOVED"
-        ]
-        leaked[:] = [
-            {k: getattr(g, k, None) for k in ("placement_group_id", "name", "bundles", "is_detached", "stats")}
-            for g in groups
-        ]
-        return [a.class_name for a in actors if a.class_name in trial_actors], [g.state for g in groups]
-
     watch = PendingWatch()
     watch.start()
     try:
@@ -249,18 +168,16 @@ def test_a_hundred_tev_stops_in_a_row_leave_no_actor_or_placement_group_behind(t
         # Nothing of any trial is left: no trial driver, Train controller or worker, and every
         # placement group was removed. Train's PlacementGroupCleaner is detached by design and
         # exits on its next check (every second) after it sees its controller gone, so the last
-        # trial's cleaner gets a few seconds; a leak stays past them.
-        returned = time.time()
-        while (left := left_behind()) != ([], []) and time.time() - returned < 20:
-            time.sleep(1)
+        # trial's cleaner gets a few seconds; a leak stays past them. A leaked group's bundles
+        # say whose it was: Tune's trial group holds `node:__internal_head__`, Train's `CPU`.
+        actors, groups, waited = settle(20.0)
         print(
-            f"100 stops: the last trial's actors {'were gone' if left == ([], []) else 'were still there'} "
-            f"{time.time() - returned:.1f} s after the search"
+            f"100 stops: the last trial's actors {'were gone' if not actors and not groups else 'were still there'} {waited:.1f} s after the search"
         )
     finally:
         ray.shutdown()
 
-    assert left == ([], []), (left, leaked)
+    assert (actors, groups) == ([], []), (actors, groups)
     table = pd.read_csv(next(storage.glob("stops-*")) / "trials.csv")
     assert len(table) == 100 and set(table.stop_reason) == {"tev"} and set(table.step) == {10}
     # No trial waited on resources that were free (the Train V2 deadlock: a leaked group held the

@@ -284,13 +284,13 @@ def test_tune_run_stops_the_divergent_trial_by_tev_and_completes_the_stable_one(
     cluster.start_ray()
     try:
         board = open_board("test-stops")  # noqa: F841 - held while the search runs
-        outcome, _ = make_callbacks(sched, None)
+        sweep, outcome, _ = make_callbacks(sched, None)
         tuner = tune.Tuner(
             tune.with_resources(trial_driver, {"cpu": 0.01}),
             param_space=base,
             tune_config=tune.TuneConfig(scheduler=sched, max_concurrent_trials=1),
             run_config=tune.RunConfig(
-                storage_path=str(tmp_path / "results"), name="two", callbacks=[outcome], verbose=0
+                storage_path=str(tmp_path / "results"), name="two", callbacks=[sweep, outcome], verbose=0
             ),
         )
         grid = tuner.fit()

@@ -119,7 +119,10 @@ def start_ray() -> None:
         ray.init(
             address="local",
             include_dashboard=True,
-            runtime_env={"env_vars": {**RAY_TRAIN_ENV, "RAY_ADDRESS": address}, "worker_process_setup_hook": QUIET_EXIT},
+            runtime_env={
+                "env_vars": {**RAY_TRAIN_ENV, "RAY_ADDRESS": address},
+                "worker_process_setup_hook": QUIET_EXIT,
+            },
         )
     finally:
         del os.environ["RAY_GCS_SERVER_PORT"]

@@ -35,12 +35,14 @@ from .strategies import of
 
 
 def make_callbacks(scheduler, tracking):
-    """Tune's callbacks, in the order they must run: `TrialOutcome` completes each result (the
+    """Tune's callbacks, in the order they must run: the placement-group sweep
+    (tunestab/placement_sweep.py), then `TrialOutcome` completes each result (the
     TEV verdict, then the objectives decided from it, for every member) before MLflow logs it."""
     from ray.tune.callback import Callback
 
     from .members import MEMBERS, ended, keep, member_configs, reports_of, tally
     from .outcome import LR, objectives
+    from .placement_sweep import PlacementGroupSweep
 
     class TrialOutcome(Callback):
         """Writes into every result Tune keeps, in one place and in this order, for each member
@@ -65,7 +67,8 @@ def make_callbacks(scheduler, tracking):
                 if ended(report) and not ended(before.get(mid)):
                     print(ending_line(mid, configs.get(mid, {}), report), flush=True)
 
-    return [TrialOutcome(), tracking]
+    # The sweep first: a group it frees lets the next trial start.
+    return [PlacementGroupSweep(), TrialOutcome(), tracking]
 
 
 def ending_line(mid: str, config: dict, report: dict) -> str:

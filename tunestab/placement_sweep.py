@@ -1,0 +1,152 @@
+"""The search removes the placement groups its ended trials leave behind.
+
+A trial's Train run reserves its workers' CPUs or GPUs with a placement group that its
+`TrainController` creates. Ray Train V2 frees that group when the controller shuts down, or, when
+the controller dies first, from its detached `PlacementGroupCleaner`. Ray's GCS itself frees a
+group only once both its creator actor and its creator job are dead, and the job is the search,
+alive until it returns. So a group Train misses outlives its trial and holds its resources for
+the rest of the search: the next trial waits for them, and on a small cluster the search stalls
+(docs/reliability.md: seen once in CI; how Train can miss one is read there from Ray 2.60's
+source, `ray/train/v2/_internal/execution/worker_group/worker_group.py` and
+`controller/placement_group_cleaner.py`).
+
+`PlacementGroupSweep` is a Tune callback that owns the rest: every `interval_s` it reads Ray's
+placement-group table and removes each group of this job that is still held (not REMOVED, not
+detached) although the actor that created it is dead, once it has seen that two sweeps in a row,
+so that Train's cleaner, which checks once a second, always goes first. Tune's own trial groups
+are created by the search itself, not by an actor, and are never touched. Each removal prints one
+line.
+
+Ray's public State API does not say which actor created a group or whether it is dead; the GCS
+table does (`PlacementGroupTableData.creator_actor_id`, `creator_actor_dead`). It is read
+through the accessor that `ray.util.placement_group_table()` uses (`ray._private.state`), and
+parsed here, because that function keeps neither field. tests/test_placement_sweep.py checks
+both against a real cluster, so a Ray upgrade that moves them fails there.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from ray.tune.callback import Callback
+
+# A sweep every 10 s: a leaked group is freed within 20 s of its controller's death, while
+# reading the table (a few ms) stays negligible beside the trials.
+INTERVAL_S = 10.0
+# After the last trial, how long Train's cleaner gets before the final sweep looks again.
+SETTLE_S = 3.0
+
+
+@dataclass(frozen=True)
+class Group:
+    """One row of Ray's placement-group table, the fields a sweep decides by."""
+
+    id: str  # hex
+    state: str  # PENDING, PREPARED, CREATED, REMOVED or RESCHEDULING
+    job: str  # the creator job's id, hex
+    creator_actor: str  # hex; empty when a driver, not an actor, created the group
+    creator_actor_dead: bool
+    detached: bool
+    bundles: tuple[dict, ...]
+
+
+def orphans(groups: Iterable[Group], job: str) -> set[str]:
+    """The groups of `job` held by no live creator: not removed, not detached, made by an actor
+    that is dead."""
+    return {
+        g.id
+        for g in groups
+        if g.job == job and not g.detached and g.state != "REMOVED" and g.creator_actor and g.creator_actor_dead
+    }
+
+
+def describe(bundles: Iterable[dict]) -> str:
+    need: dict[str, float] = {}
+    for bundle in bundles:
+        for key, value in bundle.items():
+            need[key] = need.get(key, 0.0) + value
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(need.items())) or "no resources"
+
+
+def read_table() -> list[Group]:
+    """Ray's placement-group table for the connected cluster (see the module doc)."""
+    import ray
+    from ray._private.state import state
+    from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+
+    rows = [
+        PlacementGroupTableData.FromString(raw) for raw in state._connect_and_get_accessor().get_placement_group_table()
+    ]
+    return [
+        Group(
+            id=r.placement_group_id.hex(),
+            state=PlacementGroupTableData.PlacementGroupState.Name(r.state),
+            job=r.creator_job_id.hex(),
+            # Ray's nil id (all 0xff) when a driver, not an actor, created the group.
+            creator_actor="" if ray.ActorID(r.creator_actor_id).is_nil() else r.creator_actor_id.hex(),
+            creator_actor_dead=r.creator_actor_dead,
+            detached=r.is_detached,
+            bundles=tuple(dict(b.unit_resources) for b in r.bundles),
+        )
+        for r in rows
+    ]
+
+
+def remove(group_id: str) -> None:
+    import ray
+    from ray.util.placement_group import PlacementGroup
+
+    ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
+
+
+def current_job() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_job_id()
+
+
+class PlacementGroupSweep(Callback):
+    """A Tune callback: removes this job's orphaned placement groups (module doc), seen orphaned
+    in two sweeps `interval_s` apart, and prints one line for each."""
+
+    def __init__(self, interval_s: float = INTERVAL_S, settle_s: float = SETTLE_S):
+        self.interval_s, self.settle_s = interval_s, settle_s
+        self.suspects: set[str] = set()
+        self.removed: list[str] = []  # every group this search removed, for the soak and the tests
+        self._last = 0.0
+        # Where the table comes from and how a group is removed: Ray's by default, replaced in
+        # the unit tests.
+        self.read: Callable[[], list[Group]] = read_table
+        self.remove: Callable[[str], None] = remove
+        self.job: Callable[[], str] = current_job
+
+    def sweep(self) -> list[str]:
+        """One sweep: remove what the last sweep saw orphaned and this one still does."""
+        groups = {g.id: g for g in self.read()}
+        now = orphans(groups.values(), self.job())
+        gone = sorted(now & self.suspects)
+        for gid in gone:
+            self.remove(gid)
+            print(
+                f"tunestab: removed placement group {gid} ({describe(groups[gid].bundles)}): its trial's "
+                "Train controller is gone and Ray Train had not freed it",
+                flush=True,
+            )
+        self.removed += gone
+        self.suspects = now - set(gone)
+        return gone
+
+    def on_step_begin(self, iteration: int, trials: list, **info) -> None:
+        if time.monotonic() - self._last >= self.interval_s:
+            self._last = time.monotonic()
+            self.sweep()
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        # The last trials' groups: Train's cleaner gets `settle_s`, then whatever is still
+        # orphaned and was orphaned before is removed.
+        self.sweep()
+        if self.suspects:
+            time.sleep(self.settle_s)
+            self.sweep()
