@@ -8,21 +8,46 @@ from mlflow.tracking import MlflowClient
 from tunestab import mlflow_view
 
 
-def test_the_stability_charts_come_first_in_their_order_then_the_layers_in_numeric_order():
-    state = mlflow_view.view_state("abc123", n_layer=12)
+def test_the_answer_then_the_stability_charts_come_first_then_the_layers_in_numeric_order():
+    state = mlflow_view.view_state("abc123", n_layer=12, arms=["baseline", "qk_norm"])
     sections = [s["name"] for s in state["compareRunSections"]]
     # MLflow would sort layer_10 before layer_2, and every layer before the model metrics.
-    assert sections == ["Stability", "Model metrics"] + [f"layer_{i}" for i in range(12)] + [
+    assert sections == ["answer", "Stability", "Model metrics"] + [f"layer_{i}" for i in range(12)] + [
         "bookkeeping",
         "System metrics",
     ]
-    charts = state["compareRunCharts"]
-    assert [c["metricKey"] for c in charts] == ["loss", "val_loss", "tev_mean", "tev_std", "tev_dispersion", "lr"]
-    stability = state["compareRunSections"][0]["uuid"]
-    assert all(c["metricSectionId"] == stability and c["type"] == "LINE" for c in charts)
-    assert next(c for c in charts if c["metricKey"] == "lr")["scaleType"] == "log"
-    assert state["searchFilter"] == "tags.`mlflow.parentRunId` = 'abc123'" and state["runsHiddenMode"] == "SHOW_ALL"
+    answer_id, stability = (state["compareRunSections"][i]["uuid"] for i in (0, 1))
+    charts = [c for c in state["compareRunCharts"] if not c["deleted"]]
+    # Per arm, failed and val_loss against log10 LR: each chart shows that arm's runs alone.
+    scatter = [(c["xaxis"]["key"], c["yaxis"]["key"]) for c in charts if c["type"] == "SCATTER"]
+    assert scatter == [
+        ("answer/log10_lr", "answer/baseline failed"),
+        ("answer/log10_lr", "answer/baseline val_loss"),
+        ("answer/log10_lr", "answer/qk_norm failed"),
+        ("answer/log10_lr", "answer/qk_norm val_loss"),
+    ]
+    assert all(c["metricSectionId"] == answer_id for c in charts if c["type"] == "SCATTER")
+    # The UI would add a bar chart of each answer metric; a deleted card of each keeps it out.
+    gone = {c["metricKey"] for c in state["compareRunCharts"] if c["deleted"]}
+    assert gone == {"answer/log10_lr"} | {y for _, y in scatter}
+    lines = [c for c in charts if c["type"] == "LINE"]
+    assert [c["metricKey"] for c in lines] == ["loss", "val_loss", "tev_mean", "tev_std", "tev_dispersion", "lr"]
+    assert all(c["metricSectionId"] == stability for c in lines)
+    assert next(c for c in lines if c["metricKey"] == "lr")["scaleType"] == "log"
+    assert state["runsHiddenMode"] == "SHOW_ALL"
     assert state["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "variant"}]
+
+
+def test_the_table_lists_the_parent_first_with_its_answer_then_the_searchs_runs():
+    state = mlflow_view.view_state("abc123", n_layer=2)
+    # Parent and children share the search tag (MLflow's filter has no OR); oldest first puts
+    # the parent, the search's first run, at the top, in its own group.
+    assert state["searchFilter"] == "tags.`tunestab.search` = 'abc123'"
+    assert state["orderByKey"] == "attributes.start_time" and state["orderByAsc"] is True
+    assert state["runsPinned"] == ["abc123"]
+    cols = ["tags.`variant`", "tags.`outcome`", "params.`lr`", "metrics.`val_loss`", "tags.`answer`"]
+    assert state["selectedColumns"] == state["columnOrder"] == cols
+    assert state["columnWidths"]["tags.`answer`"] >= 500
 
 
 def test_a_saved_view_is_an_experiment_tag_in_the_uis_own_format(tmp_path):
@@ -108,4 +133,8 @@ def test_a_scale_searchs_runs_carry_their_size_and_its_view_groups_by_variant_an
         {"mode": "tag", "groupByData": "size"},
     ]
     assert state["selectedColumns"][:2] == ["tags.`variant`", "tags.`size`"]
-    assert [s["name"] for s in state["compareRunSections"]][2:6] == ["layer_0", "layer_1", "layer_2", "layer_3"]
+    assert [s["name"] for s in state["compareRunSections"]][3:7] == ["layer_0", "layer_1", "layer_2", "layer_3"]
+    # An arm is a variant at a size: its charts are named `<variant>/<size>`.
+    ys = [c["yaxis"]["key"] for c in state["compareRunCharts"] if c["type"] == "SCATTER"]
+    assert ys[:2] == ["answer/qk_norm/w32 failed", "answer/qk_norm/w32 val_loss"] and len(ys) == 2 * 3
+    assert all(run.data.tags["tunestab.search"] == parent for run in runs.values())

@@ -120,3 +120,53 @@ def test_trials_csv_and_the_summary_count_by_outcome():
     # baseline's no_progress runs are diverged; each variant's TEV stop is counted apart.
     assert s.loc["baseline", "diverged"] == 3 and s.loc["baseline", "tev_stops"] == 1
     assert s.loc["qk_norm", "diverged"] == 3 and s.loc["qk_norm", "tev_stops"] == 1
+
+
+def test_each_ended_run_gets_its_answer_points_under_its_arms_name():
+    from tunestab.metrics import FINITE_CAP
+    from tunestab.outcome import answer_metrics
+
+    stable = answer_metrics("qk_norm", 0.01, {"stop_reason": "completed", "diverged": 0, "val_loss": 3.25})
+    assert stable == {
+        "answer/log10_lr": pytest.approx(-2.0),
+        "answer/qk_norm failed": 0.0,
+        "answer/qk_norm val_loss": 3.25,
+    }
+    # A TEV stop fails at its LR, as the boundary fit counts it, and has no val_loss to plot.
+    tev = answer_metrics("baseline@w32", 0.1, {"stop_reason": "tev", "diverged": 0})
+    assert tev == {"answer/log10_lr": pytest.approx(-1.0), "answer/baseline/w32 failed": 1.0}
+    # No val_loss point from the stand-in for a non-finite one.
+    blown = answer_metrics("baseline", 1.0, {"stop_reason": "nonfinite", "diverged": 1, "val_loss": FINITE_CAP})
+    assert blown == {"answer/log10_lr": 0.0, "answer/baseline failed": 1.0}
+    # An error says nothing about its LR; neither does a range test's start; nor a run still going.
+    assert answer_metrics("baseline", 0.1, {"stop_reason": "error"}) == {}
+    assert answer_metrics("baseline", 30.0, {"stop_reason": "range_end", "diverged": 1, "range_lr": 0.2}) == {}
+    assert answer_metrics("baseline", 0.1, {"stop_reason": "running", "diverged": 0}) == {}
+
+
+def test_the_parent_runs_answer_line_and_outcome_counts_agree_with_the_summary():
+    from tunestab.tables import answer_line, outcome_counts, summary
+
+    s = summary(TABLE, ["baseline", "qk_norm"])
+    line = answer_line(s)
+    # Fewer than 3 seeds: each variant's answer is its bracket, the same numbers as summary.csv.
+    for r in s.to_dict("records"):
+        assert f"{r['variant']} in [{r['largest_stable_lr']:.3g}, {r['smallest_divergent_lr']:.3g}]" in line
+    fitted = s.assign(basis="fit", max_stable_lr=0.0123, max_stable_lr_low=0.01, max_stable_lr_high=0.015)
+    ratios = pd.DataFrame(
+        [
+            {
+                "variant": "qk_norm",
+                "reference": "baseline",
+                "basis": "fit",
+                "ratio": 2.5,
+                "ratio_low": 2.0,
+                "ratio_high": 3.1,
+            }
+        ]
+    )
+    assert answer_line(fitted, ratios) == (
+        "baseline 0.0123 [0.01, 0.015]; qk_norm 0.0123 [0.01, 0.015]; qk_norm/baseline 2.5x [2, 3.1]"
+    )
+    counts = dict(reversed(p.split(" ")) for p in outcome_counts(TABLE).split(", "))
+    assert {k: int(v) for k, v in counts.items()} == TABLE[OUTCOME].value_counts().to_dict()

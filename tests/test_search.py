@@ -200,10 +200,14 @@ def test_end_to_end_search_writes_parent_and_child_runs_to_mlflow(tmp_path, caps
     view = mlflow_view.read_state(
         client.get_experiment(exp).tags[f"mlflow.sharedViewState.tunestab-{parent.info.run_id}"]
     )
-    assert view["searchFilter"] == f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
-    assert [s["name"] for s in view["compareRunSections"]][:4] == ["Stability", "Model metrics", "layer_0", "layer_1"]
-    # What the filter selects is this search's trials, each of them.
-    assert len(client.search_runs([exp], filter_string=view["searchFilter"])) == len(children)
+    assert [s["name"] for s in view["compareRunSections"]][:4] == ["answer", "Stability", "Model metrics", "layer_0"]
+    # What the filter selects is this search's runs, each of them, and its parent, whose row in
+    # the table holds the answer in one line, in a group of its own.
+    listed = client.search_runs([exp], filter_string=view["searchFilter"])
+    assert {r.info.run_id for r in listed} == {parent.info.run_id} | {c.info.run_id for c in children}
+    assert parent.data.tags["variant"] == "(the answer)"
+    assert parent.data.tags["answer"].startswith("baseline ") and "; mlra " in parent.data.tags["answer"]
+    assert parent.data.tags["outcome"].split(", ")[0].split(" ")[1] in ("stable", "diverged", "stopped_by_tev")
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"space.yaml", "summary.md", "summary.csv", "trials.csv", "loss_vs_lr.png", "tev_curves.png"} <= artifacts
     # Artifacts sit beside the database in the storage folder, not in ./mlruns of the caller.
@@ -225,6 +229,16 @@ def test_end_to_end_search_writes_parent_and_child_runs_to_mlflow(tmp_path, caps
         assert tags["outcome"] == ("stopped_by_tev" if reason == "tev" else "stable" if stable else "diverged")
         assert trials.set_index("trial_id").loc[tags["member_id"], "outcome"] == tags["outcome"]
         assert float(child.data.params["lr"]) > 0 and child.data.params["n_layer"] == "2"
+        # The answer charts' points: log10 LR and, under the variant's name, failed and val_loss;
+        # a range test's LR is where its sweep began, so it has none.
+        answer = {k: v for k, v in child.data.metrics.items() if k.startswith("answer/")}
+        if tags["stop_reason"] == "range_end" or child.data.params.get("lr_schedule") == "range":
+            assert answer == {}
+        else:
+            lr, variant = float(child.data.params["lr"]), tags["variant"]
+            assert answer["answer/log10_lr"] == pytest.approx(math.log10(lr))
+            assert answer[f"answer/{variant} failed"] == float(tags["outcome"] != "stable")
+            assert set(answer) <= {"answer/log10_lr", f"answer/{variant} failed", f"answer/{variant} val_loss"}
         history = client.get_metric_history(child.info.run_id, "loss")
         assert [m.step for m in history][:1] == [10] and all(math.isfinite(m.value) for m in history)
     summary_csv = pd.read_csv(next(storage.glob("tiny-*")) / "summary.csv").set_index("variant")

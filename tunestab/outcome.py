@@ -9,9 +9,12 @@ is in tunestab/metrics.py, which the worker alone needs.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
+
+from .metrics import is_sentinel
 
 # -- metric names (reported by workers, read by the driver, logged to MLflow) -----------------
 STEP = "step"
@@ -120,6 +123,36 @@ def objectives(result: Mapping, lr: float) -> dict[str, float]:
         STABLE_LR: float(lr) if stable else 0.0,
         OBJECTIVE: float(result[VAL_LOSS]) if stable and VAL_LOSS in result else float(l0),
     }
+
+
+# -- the answer, per run: what the search's MLflow view plots (tunestab/mlflow_view.py) ----------
+# MLflow's scatter charts take metrics, on linear axes only (MLflow 3.17, checked in Chromium), and
+# colour each run on its own. So each member's run logs, when it ends, its LR on a log scale and,
+# under its arm's name, whether it failed and its val_loss: one chart per arm shows that arm alone.
+ANSWER_SECTION = "answer"
+LOG10_LR = f"{ANSWER_SECTION}/log10_lr"
+
+
+def answer_keys(arm: str) -> tuple[str, str]:
+    """The metrics an arm's charts plot against LOG10_LR: failed (1 diverged or stopped by the TEV
+    scheduler, as the boundary fit counts it; 0 stable) and val_loss."""
+    return f"{ANSWER_SECTION}/{metric_path(arm)} failed", f"{ANSWER_SECTION}/{metric_path(arm)} val_loss"
+
+
+def answer_metrics(arm: str, lr: float, result: Mapping) -> dict[str, float]:
+    """A member's answer metrics once it has ended. A run that erred says nothing about its LR
+    and gets none; a run with no finite val_loss (a TEV stop, a non-finite loss) gets no val_loss."""
+    how = outcome(result)
+    if RANGE_LR in result:  # a range test's LR is where its sweep began, not what it was judged at
+        return {}
+    if how not in (Outcome.STABLE, Outcome.DIVERGED, Outcome.STOPPED_BY_TEV) or not lr > 0:
+        return {}
+    failed_key, val_loss_key = answer_keys(arm)
+    out = {LOG10_LR: math.log10(lr), failed_key: float(how != Outcome.STABLE)}
+    val_loss = result.get(VAL_LOSS)
+    if val_loss is not None and not is_sentinel(val_loss):
+        out[val_loss_key] = float(val_loss)
+    return out
 
 
 def dispersion(mean: float, std: float) -> float:

@@ -83,7 +83,7 @@ def replay(run_dir: Path, uri: str) -> dict:
             status = "FINISHED" if member_ended(results[-1]) else ENDED.get(trial.status)
             ended = status is not None and client.get_run(run_id).info.status == "RUNNING"
             if ended:
-                tracking.finish(run_id, results[-1], status)
+                tracking.finish(run_id, results[-1], status, config)
             done["trials"] += bool(missing or ended)
             done["steps"] += len(missing)
             done["ended"] += ended

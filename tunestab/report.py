@@ -19,8 +19,10 @@ from pathlib import Path
 
 from . import run_dir as rd
 from .members import expand
+from .mlflow_view import ANSWER_TAG, PARENT_GROUP, PARENT_GROUP_TAG
+from .outcome import OUTCOME
 from .strategies import of
-from .tables import trial_table
+from .tables import answer_line, outcome_counts, trial_table
 
 
 @dataclass
@@ -83,6 +85,13 @@ def build(space, grid) -> Report:
         # MLflow shows this tag as the run's description, at the top of the parent run's page:
         # the answer where a user who opens the search in the UI looks first.
         out.tag(NOTE_TAG, description(space, summary))
+    # The parent's row in the search's view (tunestab/mlflow_view.py), first in its table: a
+    # group of its own, how every member ended, and the answer in one line.
+    out.tag(PARENT_GROUP_TAG, PARENT_GROUP)
+    out.tag(OUTCOME, outcome_counts(every))
+    table = out.files.get(rd.SUMMARY_CSV)
+    if hasattr(table, "columns") and {"basis", "largest_stable_lr"} <= set(table.columns):
+        out.tag(ANSWER_TAG, answer_line(table, out.files.get(rd.RATIOS_CSV)))
     return out
 
 

@@ -243,6 +243,7 @@ def save_chart_view(client, parent_run_id: str, space: spec_mod.Space, name: str
             deepest(space),
             name,
             of(space).group_by(space),
+            list(of(space).arms(space)),
         )
     except Exception as e:
         print(f"warning: could not save the MLflow chart view ({type(e).__name__}: {str(e)[:200]})", file=sys.stderr)

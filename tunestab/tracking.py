@@ -22,7 +22,8 @@ from mlflow.tracking import MlflowClient
 from ray.tune.callback import Callback
 
 from .members import MEMBER_ID, MEMBERS, ended, is_fresh, member_configs
-from .outcome import OUTCOME, SIZE, STOP_REASON, StopReason, arm_label, metric_name, outcome
+from .mlflow_view import SEARCH_TAG
+from .outcome import LR, OUTCOME, SIZE, STOP_REASON, StopReason, answer_metrics, arm_label, metric_name, outcome
 from .tracking_store import TrackingError, check_reachable
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -162,6 +163,7 @@ class MLflowTracking(Callback):
             if run_id is None:
                 tags = {
                     PARENT_TAG: self.parent_run_id,
+                    SEARCH_TAG: self.parent_run_id,
                     "tune_trial_id": trial_id,
                     MEMBER_ID: member_id,
                     "variant": str(config.get("variant", "")),
@@ -187,7 +189,9 @@ class MLflowTracking(Callback):
             self.client.log_batch(run_id, metrics=metrics[i : i + 900])
         self.logged[run_id] = max(step, self.logged.get(run_id, -1))
 
-    def finish(self, run_id: str, last: dict, status: str) -> None:
+    def finish(self, run_id: str, last: dict, status: str, config: dict) -> None:
+        """End a member's run: its outcome tags, then the answer metrics the view plots
+        (outcome.answer_metrics), at its last step."""
         tags = {k: str(last[k]) for k in TAGS if k in last}
         tags["diverged"] = str(int(last.get("diverged", 0)))
         tags["stop_step"] = str(last.get("step", 0))
@@ -195,14 +199,21 @@ class MLflowTracking(Callback):
             tags[STOP_REASON] = StopReason.ERROR.value
         # stable | diverged | stopped_by_tev | error: what a TEV-stopped member's diverged=0 hides
         tags[OUTCOME] = outcome({**last, STOP_REASON: tags.get(STOP_REASON)}).value
-        self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        arm = arm_label(str(config.get("variant", "")), config.get(SIZE))
+        answer = answer_metrics(arm, float(config.get(LR) or 0.0), {**last, STOP_REASON: tags.get(STOP_REASON)})
+        step, now = int(last.get("step", 0)), int(time.time() * 1000)
+        self.client.log_batch(
+            run_id,
+            metrics=[Metric(k, v, now, step) for k, v in answer.items()],
+            tags=[RunTag(k, v) for k, v in tags.items()],
+        )
         self.client.set_terminated(run_id, status)
 
     def end_member(self, member_id: str, trial, last: dict | None, status: str) -> None:
         if member_id in self.finished:
             return
         config = member_configs(trial.config).get(member_id, {})
-        self.finish(self.run_for(member_id, trial.trial_id, config), last or {}, status)
+        self.finish(self.run_for(member_id, trial.trial_id, config), last or {}, status, config)
         self.finished.add(member_id)
 
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -247,4 +258,6 @@ def start_parent(tracking_uri: str, experiment: str, run_name: str, tags: dict, 
     client = MlflowClient(tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else client.create_experiment(experiment, artifact_location=artifacts)
-    return client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    client.set_tag(run_id, SEARCH_TAG, run_id)
+    return run_id
