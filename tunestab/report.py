@@ -150,7 +150,7 @@ def report(space, grid, tracking_uri: str, parent_run_id: str, run_dir: Path):
     print(
         f"MLflow: experiment {space.name!r} (id {exp}), parent run {parent_run_id}.\n"
         f"{start}{runs_url(ui, exp, parent_run_id)}\n"
-        f"  (its trials' charts, stability first); the answer, on the parent run's page:\n"
+        f"  (the answer's charts first, then the stability charts); the answer, on the parent run's page:\n"
         f"  {run_url(ui, exp, parent_run_id)}"
     )
     if (run_dir / rd.INCOMPLETE_FILE).exists():

@@ -1,10 +1,11 @@
-"""How docs/img/mlflow_view.png and mlflow_parent.png were taken: the links a search prints,
-opened in Chromium by playwright (pip install playwright; Debian's chromium at /usr/bin/chromium),
+"""How docs/img/mlflow_view.png, mlflow_table.png and mlflow_parent.png were taken: the links a
+search prints, opened in Chromium by playwright (pip install playwright; Debian's chromium at /usr/bin/chromium),
 with MLflow's assistant panel closed and a run's description shown whole. Not a dependency of
 tunestab.
 
     mlflow ui --backend-store-uri sqlite:///RESULTS/mlflow.db --port 5057 &
     python docs/img/screenshot.py "http://127.0.0.1:5057/#/experiments/2/runs?workflowType=machine_learning&compareRunsMode=CHART&viewStateShareKey=tunestab-<parent run id>" docs/img/mlflow_view.png
+    python docs/img/screenshot.py "http://127.0.0.1:5057/#/experiments/2/runs?workflowType=machine_learning&compareRunsMode=TABLE&viewStateShareKey=tunestab-<parent run id>" docs/img/mlflow_table.png
     python docs/img/screenshot.py "http://127.0.0.1:5057/#/experiments/1/runs/<parent run id>?workflowType=machine_learning" docs/img/mlflow_parent.png
 """
 
