@@ -343,7 +343,7 @@ def test_bracket_search_runs_its_range_tests_and_boundary_seeds_under_tune(tmp_p
     design = Design(LO, HI, ratio=1.41, slots=2, max_trials=10, seeds=2, points=2, step=math.sqrt(2), range_test=True)
     storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'optuna.db'}")
     searcher = BracketSearch(list(arms), design, storage=storage, study_name="b", arms=arms)
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         results = tune.Tuner(
             trial,
@@ -379,7 +379,7 @@ def test_under_tune_a_search_at_concurrency_1_and_4_runs_the_same_trials(tmp_pat
 
     design = Design(LO, HI, ratio=1.41, slots=2, max_trials=10, seeds=2, points=2, step=math.sqrt(2))
     ran = {}
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
     try:
         for concurrency in (1, 4):
             storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / f'optuna{concurrency}.db'}")

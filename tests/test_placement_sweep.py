@@ -73,7 +73,7 @@ def test_on_a_real_cluster_it_removes_a_dead_actors_group_and_keeps_the_others()
             ray.get(pg.ready(), timeout=60)
             return pg.id.hex()
 
-    ray.init(num_cpus=4, include_dashboard=True)
+    ray.init(address="local", num_cpus=4, include_dashboard=True)  # its own cluster, whatever else runs here
     try:
         doomed, living, detacher = Creator.remote(), Creator.remote(), Creator.remote()
         leaked = ray.get(doomed.make.remote(False))

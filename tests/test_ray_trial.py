@@ -139,3 +139,46 @@ def test_a_ray_trial_falls_back_to_its_older_checkpoints_newest_first(tmp_path):
     (run_dir / "checkpoint_manager_snapshot.json").write_text("{}")
     older = session_mod.older_checkpoints(Checkpoint(str(run_dir / names[0])))
     assert [c.path.rsplit("/", 1)[1] for c in older] == [names[1]]
+
+
+RELAY_RACE = """
+import sys
+import ray
+from ray import tune
+
+def trial(config):
+    # What a trial driver's Train run does through TuneReportCallback: each report goes into the
+    # session's size-1 relay queue; the last one is still there when the training function ends.
+    from ray.train._internal.session import get_session
+    from tunestab.ray_trial import reports_relayed
+    relay = get_session()._get_or_create_inter_actor_queue()
+    for step in (1, 2, 3):
+        relay.put({"step": step})
+    if config["wait"]:
+        reports_relayed()
+
+ray.init(address="local", num_cpus=1, include_dashboard=False)
+grid = tune.Tuner(
+    trial, param_space={"wait": sys.argv[1] == "wait"},
+    run_config=tune.RunConfig(verbose=0, storage_path=sys.argv[2]),
+).fit()
+print("last step", grid[0].metrics["step"])
+"""
+
+
+@pytest.mark.slow
+def test_a_trial_whose_last_report_is_still_in_flight_when_its_train_run_ends_finishes(tmp_path):
+    """Ray 2.60's race (tunestab/ray_trial.py, reports_relayed): without the wait the trial's
+    actor blocks for good in Queue.put, so this run times out; with it, every report reaches Tune
+    and the trial ends. (Run without the wait, 2 of 2 runs hung here, 2026-12-07.)"""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", RELAY_RACE, "wait", str(tmp_path / "results")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "last step 3" in done.stdout

@@ -9,6 +9,7 @@ population (tunestab/members.py) and relays rank 0's reports to Tune.
 from __future__ import annotations
 
 import logging
+import time
 
 from .cluster import RAY_TRAIN_ENV
 from .config import TrialConfig, config_from
@@ -183,3 +184,42 @@ def trial_driver(config: dict) -> None:
         # trial in the console would bury them.
         log_level="WARNING",
     ).fit()
+    reports_relayed()
+
+
+# How long a trial's driver waits, after its Train run, for its last reports to reach Tune; and
+# for how long both queues must have stayed empty to count as drained.
+RELAY_TIMEOUT_S, RELAY_QUIET_S = 60.0, 0.5
+
+
+def reports_relayed(timeout_s: float = RELAY_TIMEOUT_S, quiet_s: float = RELAY_QUIET_S) -> bool:
+    """Return once every report of the finished Train run has reached Tune.
+
+    A race in Ray 2.60 deadlocks the trial otherwise (seen in CI, 2026-12-07, with py-spy: the
+    trial's actor blocked for good in `Queue.put`, `ray/train/_internal/session.py:410`).
+    TuneReportCallback hands each report to Tune's session through a size-1 queue actor, and the
+    session's main thread moves it into its own size-1 result queue. When the training function
+    returns, Tune's function trainable reports a last, empty result into that result queue from
+    the training thread (`function_trainable.py:255`). If the Train run's last report is still in
+    the queue actor then, the main thread takes it and puts it into a result queue that is already
+    full, and the only thread that would empty it is itself. So the training function returns
+    only once the queue actor and the result queue have both stayed empty for `quiet_s`."""
+    from ray.train._internal.session import get_session
+
+    session = get_session()
+    if session is None:  # not in a Tune trial: nothing to relay
+        return True
+    relay = getattr(session, "_inter_actor_queue", None)
+    results = getattr(session, "result_queue", None)
+    deadline = time.monotonic() + timeout_s
+    quiet_since = None
+    while time.monotonic() < deadline:
+        empty = (relay is None or relay.empty()) and (results is None or results.empty())
+        if not empty:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= quiet_s:
+            return True
+        time.sleep(0.05)
+    return False
