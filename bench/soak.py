@@ -95,7 +95,10 @@ class PendingWatch(threading.Thread):
             try:
                 free = ray.available_resources()
                 pending = list_placement_groups(
-                    filters=[("state", "=", "PENDING")], detail=True, raise_on_missing_output=False
+                    address=ray.get_runtime_context().gcs_address,
+                    filters=[("state", "=", "PENDING")],
+                    detail=True,
+                    raise_on_missing_output=False,
                 )
             except Exception:  # the cluster starting or stopping
                 continue
@@ -117,10 +120,13 @@ class PendingWatch(threading.Thread):
 def left_behind() -> tuple[list[str], list[dict]]:
     """Trial actors alive, and placement groups not REMOVED (each with its bundles: Tune's trial
     group holds `node:__internal_head__`, a Train worker group `CPU`)."""
+    import ray
     from ray.util.state import list_actors, list_placement_groups
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10000, raise_on_missing_output=False)
-    groups = list_placement_groups(limit=10000, detail=True, raise_on_missing_output=False)
+    # This search's cluster, whatever other Ray instance runs on the machine.
+    address = ray.get_runtime_context().gcs_address
+    actors = list_actors(address=address, filters=[("state", "=", "ALIVE")], limit=10000, raise_on_missing_output=False)
+    groups = list_placement_groups(address=address, limit=10000, detail=True, raise_on_missing_output=False)
     return (
         [a.class_name for a in actors if a.class_name in TRIAL_ACTORS],
         [{"id": g.placement_group_id, "state": g.state, "bundles": g.bundles} for g in groups if g.state != "REMOVED"],

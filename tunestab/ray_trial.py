@@ -214,7 +214,10 @@ def reports_relayed(timeout_s: float = RELAY_TIMEOUT_S, quiet_s: float = RELAY_Q
     deadline = time.monotonic() + timeout_s
     quiet_since = None
     while time.monotonic() < deadline:
-        empty = (relay is None or relay.empty()) and (results is None or results.empty())
+        try:
+            empty = (relay is None or relay.empty()) and (results is None or results.empty())
+        except Exception:  # the queue actor is gone: the trial is being torn down, nothing to relay
+            return False
         if not empty:
             quiet_since = None
         elif quiet_since is None:
