@@ -89,7 +89,7 @@ def test_an_actor_sigtermed_while_exiting_prints_nothing_and_other_errors_still_
 
             Broken()
 
-    def sigterm_while_exiting(actor, name: str, default_hook: bool) -> None:
+    def sigterm_while_exiting(actor, name: str, default_hook: bool) -> int:
         marker = tmp_path / name
         pid = ray.get(actor.start.remote(str(marker), default_hook))
         actor.__ray_terminate__.remote()
@@ -101,6 +101,7 @@ def test_an_actor_sigtermed_while_exiting_prints_nothing_and_other_errors_still_
         while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
             time.sleep(0.1)
         time.sleep(3)  # Ray forwards a worker's stderr to the driver about once a second
+        return pid
 
     cluster.start_ray()
     try:
@@ -108,7 +109,7 @@ def test_an_actor_sigtermed_while_exiting_prints_nothing_and_other_errors_still_
         ray.get([quiet.__ray_ready__.remote(), loud.__ray_ready__.remote()])
         capfd.readouterr()
         ray.get(quiet.unraisable.remote())
-        sigterm_while_exiting(quiet, "quiet", default_hook=False)
+        quiet_pid = sigterm_while_exiting(quiet, "quiet", default_hook=False)
         ours = "".join(capfd.readouterr())
         sigterm_while_exiting(loud, "loud", default_hook=True)
         # The control's traceback reaches the console through Ray's log forwarding, which lags on
@@ -122,3 +123,5 @@ def test_an_actor_sigtermed_while_exiting_prints_nothing_and_other_errors_still_
     assert "RuntimeError: an unrelated unraisable error" in ours, ours
     assert "SystemExit" not in ours, ours
     assert "Exception ignored in: <module 'threading'" in default and "SystemExit: 1" in default, default
+    # Nothing from the quiet actor arrived late either.
+    assert not [line for line in default.splitlines() if f"pid={quiet_pid}" in line and "SystemExit" in line]
