@@ -105,10 +105,7 @@ class PendingWatch(threading.Thread):
             self.polls += 1
             now, waiting = time.time(), set()
             for g in pending:
-                need: dict[str, float] = {}
-                for b in g.bundles:
-                    for k, v in b["unit_resources"].items():
-                        need[k] = need.get(k, 0.0) + v
+                need = placement_sweep.total(b["unit_resources"] for b in g.bundles)
                 if all(free.get(k, 0.0) >= v for k, v in need.items()):
                     waiting.add(g.placement_group_id)
                     since.setdefault(g.placement_group_id, now)

@@ -142,9 +142,9 @@ def answer_keys(arm: str) -> tuple[str, str]:
 def answer_metrics(arm: str, lr: float, result: Mapping) -> dict[str, float]:
     """A member's answer metrics once it has ended. A run that erred says nothing about its LR
     and gets none; a run with no finite val_loss (a TEV stop, a non-finite loss) gets no val_loss."""
-    how = outcome(result)
     if RANGE_LR in result:  # a range test's LR is where its sweep began, not what it was judged at
         return {}
+    how = outcome(result)
     if how not in (Outcome.STABLE, Outcome.DIVERGED, Outcome.STOPPED_BY_TEV) or not lr > 0:
         return {}
     failed_key, val_loss_key = answer_keys(arm)

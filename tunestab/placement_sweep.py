@@ -62,12 +62,17 @@ def orphans(groups: Iterable[Group], job: str) -> set[str]:
     }
 
 
-def describe(bundles: Iterable[dict]) -> str:
+def total(bundles: Iterable[dict]) -> dict[str, float]:
+    """What a group's bundles hold in all: resource -> amount."""
     need: dict[str, float] = {}
     for bundle in bundles:
         for key, value in bundle.items():
             need[key] = need.get(key, 0.0) + value
-    return ", ".join(f"{k} {v:g}" for k, v in sorted(need.items())) or "no resources"
+    return need
+
+
+def describe(bundles: Iterable[dict]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(total(bundles).items())) or "no resources"
 
 
 def read_table() -> list[Group]:

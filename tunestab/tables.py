@@ -258,10 +258,6 @@ def ratios_markdown(r: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def _lr(x) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3g}"
-
-
 def answer_line(summary: pd.DataFrame, ratio_table: pd.DataFrame | None = None) -> str:
     """The summary in one line, for the parent run's `answer` column in the MLflow view: each
     variant's max stable LR (a fitted point and its 90% interval, or its bracket below 3 seeds),
@@ -270,13 +266,13 @@ def answer_line(summary: pd.DataFrame, ratio_table: pd.DataFrame | None = None) 
     for r in summary.to_dict("records"):
         if r["basis"] == "fit":
             parts.append(
-                f"{r['variant']} {_lr(r['max_stable_lr'])} [{_lr(r['max_stable_lr_low'])}, {_lr(r['max_stable_lr_high'])}]"
+                f"{r['variant']} {fmt(r['max_stable_lr'])} [{fmt(r['max_stable_lr_low'])}, {fmt(r['max_stable_lr_high'])}]"
             )
         else:
-            parts.append(f"{r['variant']} in [{_lr(r['largest_stable_lr'])}, {_lr(r['smallest_divergent_lr'])}]")
+            parts.append(f"{r['variant']} in [{fmt(r['largest_stable_lr'])}, {fmt(r['smallest_divergent_lr'])}]")
     for r in [] if ratio_table is None else ratio_table.to_dict("records"):
-        bounds = f"[{_lr(r['ratio_low'])}, {_lr(r['ratio_high'])}]"
-        head = f"{_lr(r['ratio'])}x {bounds}" if r["basis"] == "fit" else f"in {bounds}x"
+        bounds = f"[{fmt(r['ratio_low'])}, {fmt(r['ratio_high'])}]"
+        head = f"{fmt(r['ratio'])}x {bounds}" if r["basis"] == "fit" else f"in {bounds}x"
         parts.append(f"{r['variant']}/{r['reference']} {head}")
     return "; ".join(parts)
 

@@ -198,9 +198,10 @@ class MLflowTracking(Callback):
         if status == "FAILED":
             tags[STOP_REASON] = StopReason.ERROR.value
         # stable | diverged | stopped_by_tev | error: what a TEV-stopped member's diverged=0 hides
-        tags[OUTCOME] = outcome({**last, STOP_REASON: tags.get(STOP_REASON)}).value
+        ended = {**last, STOP_REASON: tags.get(STOP_REASON)}
+        tags[OUTCOME] = outcome(ended).value
         arm = arm_label(str(config.get("variant", "")), config.get(SIZE))
-        answer = answer_metrics(arm, float(config.get(LR) or 0.0), {**last, STOP_REASON: tags.get(STOP_REASON)})
+        answer = answer_metrics(arm, float(config.get(LR) or 0.0), ended)
         step, now = int(last.get("step", 0)), int(time.time() * 1000)
         self.client.log_batch(
             run_id,
