@@ -57,7 +57,6 @@ TRIAL_ACTORS = (
     "RayTrainWorker",
     "SynchronizationActor",
     "_QueueActor",
-    "PlacementGroupCleaner",
 )
 
 

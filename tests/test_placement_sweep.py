@@ -1,12 +1,12 @@
-"""The search removes placement groups whose creator actor is dead and that Ray Train did not
-free, after two sightings, and nothing else (tunestab/placement_sweep.py)."""
+"""The search removes the placement groups of this job whose creator actor is dead, and nothing
+else (tunestab/placement_sweep.py)."""
 
 import sys
 import time
 
 import pytest
 
-from tunestab.placement_sweep import Group, PlacementGroupSweep, orphans
+from tunestab.placement_sweep import Group, PlacementGroupSweep, held_by_actors, orphans
 
 JOB = "01000000"
 
@@ -28,21 +28,51 @@ def test_only_held_groups_of_this_job_whose_creator_actor_died_are_orphans():
     assert orphans(groups, JOB) == {"orphan", "pending-orphan"}
 
 
-def test_a_group_is_removed_on_its_second_sighting_and_only_then(capsys):
+def test_actor_made_groups_still_held_are_what_the_last_sweep_waits_for():
+    groups = [group("orphan"), group("alive", dead=False), group("removed", state="REMOVED"), group("tune", creator_actor="")]
+    assert held_by_actors(groups, JOB) == {"orphan", "alive"}
+
+
+def test_an_orphan_is_removed_on_first_sighting_with_one_line_and_a_live_group_is_kept(capsys):
     table = [group("g1"), group("live", dead=False)]
     removed = []
     sweep = PlacementGroupSweep(interval_s=0.0)
     sweep.read, sweep.remove, sweep.job = (lambda: list(table)), removed.append, (lambda: JOB)
-    assert sweep.sweep() == [] and removed == []  # first sighting: Train's cleaner may be on it
-    table.append(group("g2"))
-    assert sweep.sweep() == ["g1"] and removed == ["g1"]
-    table[:] = [g for g in table if g.id != "g1"]
-    # g2 was freed by Train between sweeps: nothing to do, and no stale suspect is kept.
-    table[:] = [g for g in table if g.id != "g2"]
-    assert sweep.sweep() == [] and sweep.suspects == set()
+    left = sweep.sweep()
+    assert removed == ["g1"] and [g.id for g in left] == ["live"]
+    table[:] = [g for g in table if g.id != "g1"] + [group("g2")]
+    sweep.sweep()
+    assert removed == ["g1", "g2"] and sweep.removed == ["g1", "g2"]
     out = capsys.readouterr().out
-    assert out.count("tunestab: removed placement group") == 1 and "g1 (CPU 1)" in out
-    assert sweep.removed == ["g1"]
+    assert out.count("tunestab: removed placement group") == 2 and "g1 (CPU 1)" in out
+
+
+def test_the_last_sweep_waits_for_ending_train_runs_and_removes_what_they_leave():
+    """At the end of the search a Train controller may still be ending: the final sweep polls
+    until its group is freed or orphaned (then removed), within `settle_s`."""
+    table = [group("ending", dead=False)]
+    reads = []
+
+    def read():
+        reads.append(1)
+        if len(reads) == 3:  # the controller dies without freeing its group
+            table[:] = [group("ending")]
+        return list(table)
+
+    removed = []
+    sweep = PlacementGroupSweep(settle_s=30.0)
+    sweep.read, sweep.job = read, (lambda: JOB)
+    sweep.remove = lambda gid: (removed.append(gid), table.clear())
+    sweep.on_experiment_end([])
+    assert removed == ["ending"] and len(reads) == 3
+
+    # A group whose controller never ends is left after settle_s (the job's end frees it).
+    table[:] = [group("stuck", dead=False)]
+    sweep = PlacementGroupSweep(settle_s=0.5)
+    sweep.read, sweep.remove, sweep.job = (lambda: list(table)), removed.append, (lambda: JOB)
+    start = time.monotonic()
+    sweep.on_experiment_end([])
+    assert 0.5 <= time.monotonic() - start < 5 and removed == ["ending"]
 
 
 def test_the_sweep_runs_once_an_interval_from_tunes_loop():
@@ -57,8 +87,8 @@ def test_the_sweep_runs_once_an_interval_from_tunes_loop():
 @pytest.mark.slow
 def test_on_a_real_cluster_it_removes_a_dead_actors_group_and_keeps_the_others():
     """An actor creates a group and is killed without removing it: the group stays CREATED,
-    holding its CPU, as a leaked Train worker group would. The sweep removes it on its second
-    sighting; a live actor's group, a detached group and the driver's own group stay."""
+    holding its CPU, as a Train worker group does when its controller dies. The sweep removes it;
+    a live actor's group, a detached group and the driver's own group stay."""
     import ray
     import ray.cloudpickle
     from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -86,9 +116,8 @@ def test_on_a_real_cluster_it_removes_a_dead_actors_group_and_keeps_the_others()
         time.sleep(2)  # the GCS hears of the deaths
 
         sweep = PlacementGroupSweep()
-        assert sweep.sweep() == []
-        assert sweep.suspects == {leaked}
-        assert sweep.sweep() == [leaked]
+        left = {g.id for g in sweep.sweep()}
+        assert sweep.removed == [leaked] and leaked not in left and {kept, detached, ours.id.hex()} <= left
 
         states = {g.placement_group_id: g.state for g in list_placement_groups(limit=1000)}
         assert states[leaked] == "REMOVED"
@@ -102,3 +131,55 @@ def test_on_a_real_cluster_it_removes_a_dead_actors_group_and_keeps_the_others()
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(detached))))  # detached: ours to free
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_trial_that_tune_stops_mid_run_frees_its_workers_cpu_for_the_next_trial(tmp_path, capfd):
+    """The case Train's own PlacementGroupCleaner covered, which trials start without
+    (ray_trial.trainer_class): Tune stops a trial while its Train run is going, its driver dies,
+    and the Train controller dies with it without freeing its worker group. On a 1-CPU cluster
+    the next trial's worker needs that CPU; the sweep frees it, and the next trial trains to the
+    end. Without a sweep the second trial never starts (its controller waits for the CPU and
+    retries), and the time budget ends the run with it unfinished."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+
+    from tunestab.cluster import RAY_TRAIN_ENV
+    from tunestab.ray_trial import trial_driver
+
+    class StopTheFirstTrial(FIFOScheduler):
+        def on_trial_result(self, tune_controller, trial, result):
+            return TrialScheduler.STOP if trial.config["members"].get("first") else TrialScheduler.CONTINUE
+
+    tiny = {"n_layer": 2, "n_head": 2, "d_model": 32, "seq_len": 32, "batch_size": 4, "warmup_steps": 5}
+    base = {
+        **tiny,
+        "eval_batches": 2,
+        "lr": 0.01,
+        "steps": 30,
+        "report_every": 10,
+        "eval_every": 30,
+        "checkpoint_every": 0,
+        "data_cache": str(tmp_path / "cache"),
+        "runner": {"workers": 1, "storage": str(tmp_path / "train")},
+    }
+    ray.init(address="local", num_cpus=1, include_dashboard=False, runtime_env={"env_vars": RAY_TRAIN_ENV})
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(trial_driver, tune.PlacementGroupFactory([{"node:__internal_head__": 0.001}])),
+            param_space={**base, "members": tune.grid_search([{"first": {"seed": 0}}, {"second": {"seed": 1}}])},
+            tune_config=tune.TuneConfig(scheduler=StopTheFirstTrial(), max_concurrent_trials=1, time_budget_s=240),
+            run_config=tune.RunConfig(
+                storage_path=str(tmp_path / "results"), name="freed", callbacks=[PlacementGroupSweep()], verbose=0
+            ),
+        )
+        grid = tuner.fit()
+    finally:
+        ray.shutdown()
+    steps = {next(iter(r.config["members"])): r.metrics["members"] for r in grid}
+    assert steps["first"]["first"]["step"] == 10
+    assert steps["second"]["second"]["step"] == 30 and steps["second"]["second"]["stop_reason"] == "completed"
+    console = "".join(capfd.readouterr())
+    assert console.count("tunestab: removed placement group") == 1, console[-3000:]
+    assert "(CPU 1)" in console

@@ -166,10 +166,9 @@ def test_a_hundred_tev_stops_in_a_row_leave_no_actor_or_placement_group_behind(t
         watch.stop = True
         watch.join()
         # Nothing of any trial is left: no trial driver, Train controller or worker, and every
-        # placement group was removed. Train's PlacementGroupCleaner is detached by design and
-        # exits on its next check (every second) after it sees its controller gone, so the last
-        # trial's cleaner gets a few seconds; a leak stays past them. A leaked group's bundles
-        # say whose it was: Tune's trial group holds `node:__internal_head__`, Train's `CPU`.
+        # placement group was removed. The last trial's processes get a few seconds to exit; a
+        # leak stays past them. A leaked group's bundles say whose it was: Tune's trial group
+        # holds `node:__internal_head__`, Train's `CPU`.
         actors, groups, waited = settle(20.0)
         print(
             f"100 stops: the last trial's actors {'were gone' if not actors and not groups else 'were still there'} {waited:.1f} s after the search"

@@ -1,21 +1,23 @@
-"""The search removes the placement groups its ended trials leave behind.
+"""The search frees the placement groups of Train runs whose controller died.
 
 A trial's Train run reserves its workers' CPUs or GPUs with a placement group that its
-`TrainController` creates. Ray Train V2 frees that group when the controller shuts down, or, when
-the controller dies first, from its detached `PlacementGroupCleaner`. Ray's GCS itself frees a
-group only once both its creator actor and its creator job are dead, and the job is the search,
-alive until it returns. So a group Train misses outlives its trial and holds its resources for
+`TrainController` creates, and frees it when the controller shuts down: at the end of every
+trial, a TEV stop included (a stopped population returns from its loop like a completed one).
+Ray's GCS itself frees a group only once both its creator actor and its creator job are dead, and
+the job is the search, alive until it returns. So when a controller dies instead of shutting down
+(its trial's actor killed, a node lost), its group outlives the trial and holds its resources for
 the rest of the search: the next trial waits for them, and on a small cluster the search stalls
-(docs/reliability.md: seen once in CI; how Train can miss one is read there from Ray 2.60's
-source, `ray/train/v2/_internal/execution/worker_group/worker_group.py` and
-`controller/placement_group_cleaner.py`).
+(docs/reliability.md).
 
-`PlacementGroupSweep` is a Tune callback that owns the rest: every `interval_s` it reads Ray's
-placement-group table and removes each group of this job that is still held (not REMOVED, not
-detached) although the actor that created it is dead, once it has seen that two sweeps in a row,
-so that Train's cleaner, which checks once a second, always goes first. Tune's own trial groups
-are created by the search itself, not by an actor, and are never touched. Each removal prints one
-line.
+Ray Train V2 covers that with a detached `PlacementGroupCleaner` actor per Train run, one more
+Python process per trial that imports Ray Train (about 2.6 CPU-s a trial on 2 cores,
+docs/overhead.md). The search starts its Train runs without it (ray_trial.trainer_class) and
+sweeps instead, once for the whole search: `PlacementGroupSweep` is a Tune callback that every
+`interval_s` reads Ray's placement-group table and removes each group of this job that is still
+held (not REMOVED, not detached) although the actor that created it is dead. A dead actor does
+not come back, so one sighting is enough. Tune's own trial groups are created by the search
+itself, not by an actor, and are never touched. Each removal prints one line: it only happens
+when a trial's Train run ended abnormally.
 
 Ray's public State API does not say which actor created a group or whether it is dead; the GCS
 table does (`PlacementGroupTableData.creator_actor_id`, `creator_actor_dead`). It is read
@@ -32,11 +34,12 @@ from dataclasses import dataclass
 
 from ray.tune.callback import Callback
 
-# A sweep every 10 s: a leaked group is freed within 20 s of its controller's death, while
-# reading the table (a few ms) stays negligible beside the trials.
-INTERVAL_S = 10.0
-# After the last trial, how long Train's cleaner gets before the final sweep looks again.
-SETTLE_S = 3.0
+# A sweep every second, as often as Train's own cleaner checked: a group is freed within about a
+# second of its controller's death. Reading the table is one GCS call of a few ms.
+INTERVAL_S = 1.0
+# After the last trial, how long the final sweep waits for the Train runs still ending to free
+# their groups or die.
+SETTLE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,11 @@ def orphans(groups: Iterable[Group], job: str) -> set[str]:
         for g in groups
         if g.job == job and not g.detached and g.state != "REMOVED" and g.creator_actor and g.creator_actor_dead
     }
+
+
+def held_by_actors(groups: Iterable[Group], job: str) -> set[str]:
+    """The groups of `job` still held that an actor created, dead or alive: Train worker groups."""
+    return {g.id for g in groups if g.job == job and not g.detached and g.state != "REMOVED" and g.creator_actor}
 
 
 def total(bundles: Iterable[dict]) -> dict[str, float]:
@@ -113,12 +121,11 @@ def current_job() -> str:
 
 
 class PlacementGroupSweep(Callback):
-    """A Tune callback: removes this job's orphaned placement groups (module doc), seen orphaned
-    in two sweeps `interval_s` apart, and prints one line for each."""
+    """A Tune callback: removes this job's orphaned placement groups (module doc) once an
+    interval, and prints one line for each."""
 
     def __init__(self, interval_s: float = INTERVAL_S, settle_s: float = SETTLE_S):
         self.interval_s, self.settle_s = interval_s, settle_s
-        self.suspects: set[str] = set()
         self.removed: list[str] = []  # every group this search removed, for the soak and the tests
         self._last = 0.0
         # Where the table comes from and how a group is removed: Ray's by default, replaced in
@@ -127,21 +134,20 @@ class PlacementGroupSweep(Callback):
         self.remove: Callable[[str], None] = remove
         self.job: Callable[[], str] = current_job
 
-    def sweep(self) -> list[str]:
-        """One sweep: remove what the last sweep saw orphaned and this one still does."""
-        groups = {g.id: g for g in self.read()}
-        now = orphans(groups.values(), self.job())
-        gone = sorted(now & self.suspects)
+    def sweep(self) -> list[Group]:
+        """One sweep: remove every orphan; returns the table it read."""
+        groups = self.read()
+        gone = sorted(orphans(groups, self.job()))
+        by_id = {g.id: g for g in groups}
         for gid in gone:
             self.remove(gid)
             print(
-                f"tunestab: removed placement group {gid} ({describe(groups[gid].bundles)}): its trial's "
-                "Train controller is gone and Ray Train had not freed it",
+                f"tunestab: removed placement group {gid} ({describe(by_id[gid].bundles)}): the Train "
+                "controller that held it ended without freeing it",
                 flush=True,
             )
         self.removed += gone
-        self.suspects = now - set(gone)
-        return gone
+        return [g for g in groups if g.id not in gone]
 
     def on_step_begin(self, iteration: int, trials: list, **info) -> None:
         if time.monotonic() - self._last >= self.interval_s:
@@ -149,9 +155,8 @@ class PlacementGroupSweep(Callback):
             self.sweep()
 
     def on_experiment_end(self, trials: list, **info) -> None:
-        # The last trials' groups: Train's cleaner gets `settle_s`, then whatever is still
-        # orphaned and was orphaned before is removed.
-        self.sweep()
-        if self.suspects:
-            time.sleep(self.settle_s)
-            self.sweep()
+        # The last trials' Train runs may still be ending: sweep until none holds a group or
+        # `settle_s` has passed.
+        deadline = time.monotonic() + self.settle_s
+        while held_by_actors(self.sweep(), self.job()) and time.monotonic() < deadline:
+            time.sleep(0.2)

@@ -126,24 +126,28 @@ def torch_trainer(
 
 
 def trainer_class():
-    """TorchTrainer without the Ray Data actor it starts for every run, datasets or not.
+    """TorchTrainer without two helper actors that Ray Train V2 (2.60) starts for every run, each
+    one more Python process per trial importing Ray Train (docs/overhead.md):
 
-    Ray Train V2 (2.60) adds a DatasetsCallback to every run, and it starts a DatasetManager
-    actor, one more process per trial importing Ray Data, even when the trainer has no
-    datasets. The loop reads its own token batches, so a trial without datasets drops that
-    callback. The callback list is Ray's private API: if it changes, the filter finds nothing and
-    the trial runs as before (tests/test_scheduler.py checks which actors trials start).
+    - a DatasetsCallback's DatasetManager, started even when the trainer has no datasets. The
+      loop reads its own token batches, so a trial without datasets drops that callback.
+    - a PlacementGroupCleanerCallback's detached PlacementGroupCleaner, which frees the worker
+      group's placement group if the controller dies instead of shutting down. A search frees
+      such groups itself, once for all its trials (placement_sweep.PlacementGroupSweep, a Tune
+      callback). Outside Tune (`run_with_ray`) the script is the group's job, and Ray frees the
+      group when the script ends.
+
+    The callback list is Ray's private API: if it changes, the filter finds nothing and the trial
+    runs as before (tests/test_scheduler.py checks which actors trials start).
     """
     from ray.train.torch import TorchTrainer
 
-    class TorchTrainerWithoutData(TorchTrainer):
+    class TorchTrainerWithoutHelpers(TorchTrainer):
         def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            if self.datasets:
-                return callbacks
-            return [c for c in callbacks if type(c).__name__ != "DatasetsCallback"]
+            dropped = {"PlacementGroupCleanerCallback"} | (set() if self.datasets else {"DatasetsCallback"})
+            return [c for c in super()._create_default_callbacks() if type(c).__name__ not in dropped]
 
-    return TorchTrainerWithoutData
+    return TorchTrainerWithoutHelpers
 
 
 def trial_driver(config: dict) -> None:
