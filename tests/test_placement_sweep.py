@@ -29,7 +29,12 @@ def test_only_held_groups_of_this_job_whose_creator_actor_died_are_orphans():
 
 
 def test_actor_made_groups_still_held_are_what_the_last_sweep_waits_for():
-    groups = [group("orphan"), group("alive", dead=False), group("removed", state="REMOVED"), group("tune", creator_actor="")]
+    groups = [
+        group("orphan"),
+        group("alive", dead=False),
+        group("removed", state="REMOVED"),
+        group("tune", creator_actor=""),
+    ]
     assert held_by_actors(groups, JOB) == {"orphan", "alive"}
 
 
