@@ -90,12 +90,12 @@ def max_concurrent(space: Space, nodes: list[dict], bootstrap_config: str = BOOT
 def start_ray() -> None:
     """Join the cluster in RAY_ADDRESS, or start a local one for this search.
 
-    A local cluster gets a GCS port chosen here, and its workers get RAY_ADDRESS pointing at it.
-    Train V2 frees a stopped trial's placement group from a helper actor that finds its cluster
-    through the State API; with no address it looks for "the" Ray instance on the machine, and
-    with two (two searches at once, or one left by a killed process) it fails on every poll, the
-    group is never freed and the next trial waits forever. The dashboard serves the State API
-    (docs/scheduler.md); it listens on 127.0.0.1 only.
+    A local cluster gets a GCS port chosen here, and its workers get RAY_ADDRESS pointing at it:
+    Ray code in a worker that looks for "the" Ray instance on the machine with no address fails
+    when there are two (two searches at once, or one left by a killed process). Train V2's
+    placement-group cleaner did, leaving a stopped trial's group held forever (docs/scheduler.md);
+    trials now start without it, but the address stays pinned. The dashboard serves the State API
+    and the Ray dashboard; it listens on 127.0.0.1 only.
     """
     import socket
 
