@@ -99,7 +99,7 @@ class Resources:
     population: str = "auto"
     """Members a trial trains at most (tunestab/members.py): `auto`, or a whole number >= 1. A
     trial's members share its variant and size and differ in LR and seed; each is a result of
-    its own. Ray's start-up (about 22 CPU-s a trial on 2 cores, docs/overhead.md) is paid once
+    its own. Ray's start-up (about 14 CPU-s a trial on 2 cores, docs/overhead.md) is paid once
     per trial, not once per member. `auto`: `AUTO_POPULATION` members; how they are stepped is
     the trial's `engine` (TrialConfig)."""
 
