@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from tunestab import placement_sweep
 from tunestab.placement_sweep import Group, PlacementGroupSweep, held_by_actors, orphans
 
 JOB = "01000000"
@@ -80,13 +81,21 @@ def test_the_last_sweep_waits_for_ending_train_runs_and_removes_what_they_leave(
     assert 0.5 <= time.monotonic() - start < 5 and removed == ["ending"]
 
 
-def test_the_sweep_runs_once_an_interval_from_tunes_loop():
+def test_the_sweep_runs_once_an_interval_from_tunes_loop(monkeypatch):
+    # time.monotonic() counts from boot: on a machine up for 10 s the first step still sweeps
+    # (CI once ran minutes after a restart, and a sweep that waited for its first interval failed).
+    clock = [10.0]
+    monkeypatch.setattr(placement_sweep.time, "monotonic", lambda: clock[0])
     reads = []
     sweep = PlacementGroupSweep(interval_s=3600.0)
     sweep.read, sweep.remove, sweep.job = (lambda: reads.append(1) or []), (lambda gid: None), (lambda: JOB)
     for i in range(5):
         sweep.on_step_begin(i, [])
+        clock[0] += 60.0
     assert len(reads) == 1
+    clock[0] = 10.0 + 3600.0
+    sweep.on_step_begin(5, [])
+    assert len(reads) == 2
 
 
 @pytest.mark.slow

@@ -28,6 +28,7 @@ both against a real cluster, so a Ray upgrade that moves them fails there.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -127,7 +128,10 @@ class PlacementGroupSweep(Callback):
     def __init__(self, interval_s: float = INTERVAL_S, settle_s: float = SETTLE_S):
         self.interval_s, self.settle_s = interval_s, settle_s
         self.removed: list[str] = []  # every group this search removed, for the soak and the tests
-        self._last = 0.0
+        # time.monotonic() of the last sweep. Not 0.0: monotonic counts from the machine's boot,
+        # so on a machine up for less than an interval the first sweep would wait (seen in CI
+        # minutes after a restart).
+        self._last = -math.inf
         # Where the table comes from and how a group is removed: Ray's by default, replaced in
         # the unit tests.
         self.read: Callable[[], list[Group]] = read_table
