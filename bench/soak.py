@@ -142,6 +142,27 @@ def spin() -> None:
         pass
 
 
+def patch_sweep(off: bool) -> list[str]:
+    """Patches the search's sweep (every PlacementGroupSweep) for this process: with `off`, a sweep
+    that never removes anything; otherwise the real sweep, counted. Returns the list that collects
+    the ids of the groups it removes."""
+    removed: list[str] = []
+    sweep = placement_sweep.PlacementGroupSweep.sweep
+    if off:
+        placement_sweep.PlacementGroupSweep.sweep = lambda self: []
+        return removed
+
+    def counted(self):
+        # sweep() returns the table it read; what it removed is appended to self.removed.
+        before = len(self.removed)
+        table = sweep(self)
+        removed.extend(self.removed[before:])
+        return table
+
+    placement_sweep.PlacementGroupSweep.sweep = counted
+    return removed
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=300)
@@ -152,18 +173,7 @@ def main() -> int:
     import pandas as pd
     import ray
 
-    removed: list[str] = []
-    sweep = placement_sweep.PlacementGroupSweep.sweep
-    if args.no_sweep:
-        placement_sweep.PlacementGroupSweep.sweep = lambda self: []
-    else:
-
-        def counted(self):
-            gone = sweep(self)
-            removed.extend(gone)
-            return gone
-
-        placement_sweep.PlacementGroupSweep.sweep = counted
+    removed = patch_sweep(args.no_sweep)
 
     stress = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.stress)]
     for p in stress:

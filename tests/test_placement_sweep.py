@@ -3,6 +3,7 @@ else (tunestab/placement_sweep.py)."""
 
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -51,6 +52,30 @@ def test_an_orphan_is_removed_on_first_sighting_with_one_line_and_a_live_group_i
     assert removed == ["g1", "g2"] and sweep.removed == ["g1", "g2"]
     out = capsys.readouterr().out
     assert out.count("tunestab: removed placement group") == 2 and "g1 (CPU 1)" in out
+
+
+def test_the_soak_counts_what_the_sweep_removed_and_its_no_sweep_removes_nothing(monkeypatch):
+    """bench/soak.py reports the groups the search's sweep removed; with --no-sweep nothing is."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import soak
+
+    monkeypatch.setattr(PlacementGroupSweep, "sweep", PlacementGroupSweep.sweep)  # undone after the test
+    table = [group("g1"), group("live", dead=False)]
+    counted = soak.patch_sweep(off=False)
+    sweep = PlacementGroupSweep()
+
+    def remove(gid):
+        table[:] = [g for g in table if g.id != gid]
+
+    sweep.read, sweep.remove, sweep.job = (lambda: list(table)), remove, (lambda: JOB)
+    assert [g.id for g in sweep.sweep()] == ["live"]
+    table.append(group("g2"))
+    sweep.sweep()
+    sweep.sweep()
+    assert counted == ["g1", "g2"]
+
+    off = soak.patch_sweep(off=True)
+    assert sweep.sweep() == [] and off == []
 
 
 def test_the_last_sweep_waits_for_ending_train_runs_and_removes_what_they_leave():
