@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from ray.tune.callback import Callback
 
 # A sweep every second, as often as Train's own cleaner checked: a group is freed within about a
-# second of its controller's death. Reading the table is one GCS call of a few ms.
+# second of its controller's death. Reading the table is one GCS call: 0.2 ms empty, 5.6 ms once
+# 300 groups were made and removed (Ray keeps removed ones in it; measured 2026-12-07, 2 cores).
 INTERVAL_S = 1.0
 # After the last trial, how long the final sweep waits for the Train runs still ending to free
 # their groups or die.
