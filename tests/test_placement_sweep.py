@@ -56,7 +56,7 @@ def test_an_orphan_is_removed_on_first_sighting_with_one_line_and_a_live_group_i
 
 def test_the_soak_counts_what_the_sweep_removed_and_its_no_sweep_removes_nothing(monkeypatch):
     """bench/soak.py reports the groups the search's sweep removed; with --no-sweep nothing is."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
     import soak
 
     monkeypatch.setattr(PlacementGroupSweep, "sweep", PlacementGroupSweep.sweep)  # undone after the test
