@@ -36,8 +36,8 @@ def clone(rev: str, into: Path) -> Path:
     return into
 
 
-def run_once(code: Path, space: Path, storage: Path) -> tuple[float, float, str]:
-    """(wall s, CPU s a trial, output) of one search_overhead run of `space` with `code`."""
+def run_once(code: Path, space: Path, storage: Path) -> tuple[float, float]:
+    """(wall s, CPU s a trial) of one search_overhead run of `space` with `code`."""
     subprocess.run(["ray", "stop", "--force"], capture_output=True)
     env = {**os.environ, "PYTHONPATH": str(code)}
     out = subprocess.run(
@@ -51,7 +51,7 @@ def run_once(code: Path, space: Path, storage: Path) -> tuple[float, float, str]
     wall, cpu = WALL.search(text), CPU.search(text)
     if out.returncode != 0 or not wall or not cpu:
         raise SystemExit(f"commit at {code}: search_overhead failed (exit {out.returncode}):\n{text[-3000:]}")
-    return float(wall.group(1)), float(cpu.group(1)), text
+    return float(wall.group(1)), float(cpu.group(1))
 
 
 def main() -> int:
@@ -80,7 +80,7 @@ def main() -> int:
         print("| round | commit | wall s | CPU s a trial |\n|---|---|---|---|", flush=True)
         for r in range(args.rounds):
             for i, code in enumerate(codes):
-                wall, cpu, _ = run_once(code, space, work / f"runs{i}-{r}")
+                wall, cpu = run_once(code, space, work / f"runs{i}-{r}")
                 runs[i].append((wall, cpu))
                 print(f"| {r + 1} | {names[i]} | {wall:.1f} | {cpu:.2f} |", flush=True)
         ref_wall = statistics.median(w for w, _ in runs[0])

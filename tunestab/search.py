@@ -337,9 +337,10 @@ def run_search(space: spec_mod.Space, uri: str, resume: bool) -> int:
                 max_concurrent_trials=max_concurrent(space, live_nodes()),
                 # A finished trial's driver process runs the next trial instead of a new one being
                 # started: one Python process importing torch and Ray Train fewer per trial
-                # (docs/overhead.md). Tune resets a driver only once its function has returned;
-                # the TEV scheduler never stops a population's trial (its worker drops the
-                # stopped members), so every trial that ends normally has.
+                # (docs/overhead.md). Tune resets a driver whether or not its function has
+                # returned, and one still in TorchTrainer.fit() fails the reset and errors the next
+                # trial; the TEV scheduler never stops a population's trial (its worker drops the
+                # stopped members), so every driver Tune resets has returned.
                 reuse_actors=True,
             ),
             run_config=tune.RunConfig(
