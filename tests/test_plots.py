@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import matplotlib
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 
@@ -170,3 +171,31 @@ def test_the_parent_runs_answer_line_and_outcome_counts_agree_with_the_summary()
     )
     counts = dict(reversed(p.split(" ")) for p in outcome_counts(TABLE).split(", "))
     assert {k: int(v) for k, v in counts.items()} == TABLE[OUTCOME].value_counts().to_dict()
+
+
+def outside(fig):
+    """The texts of a figure (its title, each plot's title) that do not fit inside it."""
+    canvas = FigureCanvasAgg(fig)  # the plot closed its figure, which left it without a canvas
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    boxes = {t.get_text(): t.get_window_extent(renderer) for t in list(fig.texts) + [ax.title for ax in fig.axes]}
+    return [text for text, b in boxes.items() if text and not (b.x0 >= -1 and b.x1 <= fig.bbox.width + 1)]
+
+
+def test_every_title_fits_inside_its_figure(figures, tmp_path):
+    """The longest variant name with a real-sized answer: a title cut at the figure's edge hides
+    the number a reader came for."""
+    table = TABLE.assign(variant=TABLE["variant"].replace({"baseline": "sigma_reparam"}), softcap=30.0)
+    fits = {v: boundary.fit(t["lr"], t[OUTCOME] != "stable", t["seed"]) for v, t in table.groupby("variant")}
+    plots.plot_p_diverge(table, fits, tmp_path / "p.png")
+    plots.plot_loss_vs_lr(table, tmp_path / "l.png")
+    plots.plot_params_vs_loss(table, ["softcap"], tmp_path / "c.png")
+    steps = pd.DataFrame({"step": [10, 20], "tev_mean": [0.02, 0.03], "tev_std": [0.001, 0.002]})
+    grid = [
+        SimpleNamespace(config={"variant": r["variant"]}, metrics=r, metrics_dataframe=steps)
+        for r in table.to_dict("records")
+    ]
+    plots.plot_tev_curves(grid, tmp_path / "t.png")
+    assert len(figures) == 4
+    for fig in figures:
+        assert outside(fig) == []

@@ -130,8 +130,8 @@ def plot_p_diverge(table: pd.DataFrame, fits: dict, path: Path) -> None:
         ax.set_title(f"{v}: {answer} from {f.trials} trials, {f.seeds} seeds", fontsize=9)
         log_lr_axis(ax)
     fig.suptitle(
-        "P(diverge | LR): posterior median (line), 90% band (grey), the answer (green); runs at 1 "
-        "(x diverged, ^ stopped by TEV) or 0 (o stable)",
+        "P(diverge | LR): posterior median (line), 90% band (grey), the answer (green);\n"
+        "runs at 1 (x diverged, ^ stopped by TEV) or 0 (o stable)",
         fontsize=8,
     )
     fig.tight_layout()
@@ -163,7 +163,8 @@ def plot_params_vs_loss(table: pd.DataFrame, names: list[str], path: Path) -> No
         ax.set_xlabel(name)
         ax.set_ylabel("final validation loss")
         ax.legend(fontsize=7)
-    fig.suptitle(f"final loss against {', '.join(names)}; {FAILED_AT}; a larger marker is a higher LR", fontsize=9)
+    fig.suptitle(f"final loss against {', '.join(names)}; a larger marker is a higher LR;\n{FAILED_AT}", fontsize=9)
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
