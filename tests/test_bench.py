@@ -181,3 +181,53 @@ def test_search_overhead_counts_the_cpu_of_the_processes_it_starts_by_what_they_
     assert burner[0] == 1 and 0.5 <= burner[1] <= 1.5, used
     assert used.get("sleep", (1, 0.0))[1] < 0.1, used  # seen (or too short to see), but idle
     assert 0 < sampler.busy() <= 1
+
+
+def fake_run_folder(root: Path) -> Path:
+    """A search's run folder with two trials: loop_s 30 and 10, members that trained 300 steps."""
+    import json
+
+    root.mkdir(exist_ok=True)
+    (root / "trials.csv").write_text("trial_id,variant,step\na-0,baseline,100\na-1,baseline,100\nb-0,baseline,100\n")
+    for trial, loop_s in (("trial_driver_a", 30.0), ("trial_driver_b", 10.0)):
+        d = root / "tune" / "space" / trial
+        d.mkdir(parents=True)
+        reports = [{"loop_s": loop_s / 2, "step": 50}, {"loop_s": loop_s, "step": 100}]
+        (d / "result.json").write_text("\n".join(json.dumps(r) for r in reports) + "\n")
+    return root
+
+
+def test_cores_shared_reads_a_searchs_loop_time_per_member_step_from_its_last_reports(tmp_path):
+    sys.path.insert(0, str(BENCH))
+    try:
+        import cores_shared
+    finally:
+        sys.path.remove(str(BENCH))
+    assert cores_shared.in_search(fake_run_folder(tmp_path)) == (40.0 / 300, 300, 2)
+
+
+@pytest.mark.slow
+def test_cores_shared_times_a_member_alone_and_two_at_once_beside_the_search(tmp_path):
+    space = tmp_path / "tiny.yaml"
+    space.write_text(
+        "name: tiny\nstrategy: max_lr\nvariants: [baseline]\n"
+        "trial: {n_layer: 1, n_head: 2, d_model: 16, seq_len: 16, batch_size: 2, steps: 10}\n"
+        "params:\n  lr: {loguniform: [0.001, 0.1]}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, str(BENCH / "cores_shared.py"), "--space", str(space), "--steps", "3", "--rounds", "1"]
+        + ["--run-dir", str(fake_run_folder(tmp_path / "run"))],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {
+        line.split(" | ")[0].strip("| "): line.split(" | ")[1:]
+        for line in done.stdout.splitlines()
+        if line.startswith("| ")
+    }
+    assert float(rows["one process alone"][0]) > 0 and rows["one process alone"][1] == "1.00 |"
+    assert float(rows["two processes at once"][0]) > 0
+    inside = next(v for k, v in rows.items() if k.startswith("inside the search (300 member-steps, 2 trials"))
+    assert float(inside[0]) == pytest.approx(40.0 / 300, abs=1e-4)
