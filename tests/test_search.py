@@ -12,7 +12,7 @@ from conftest import edge_results
 
 from tunestab import mlflow_view, report, run_dir, search, spec, tables
 from tunestab.outcome import objectives
-from tunestab.strategies.tune import config_scores, separated
+from tunestab.strategies.tune import SHOWN, config_scores, scores_text, separated
 from tunestab.tables import summary
 
 
@@ -560,6 +560,18 @@ def test_tune_over_seeds_scores_each_configuration_by_its_mean_and_spread():
             {**TINY, "strategy": "tune", "tune": {"seeds": 3}, "params": {"seed": {"choice": [0, 1]}}}
         )
     )
+
+
+def test_the_console_says_when_it_lists_only_the_best_configurations():
+    scores = pd.DataFrame({"softcap": range(SHOWN + 2), "objective_mean": [2.0 + i / 10 for i in range(SHOWN + 2)]})
+    head, *rows = scores_text(scores, 3).strip().splitlines()
+    assert (
+        head
+        == f"Configurations over 3 seeds, best mean objective first (the best {SHOWN} of {SHOWN + 2}; all in configs.csv):"
+    )
+    assert len(rows) == 1 + SHOWN  # the column names, then the best SHOWN
+    head, *rows = scores_text(scores.head(3), 3).strip().splitlines()
+    assert head == "Configurations over 3 seeds, best mean objective first:" and len(rows) == 4
 
 
 def problems_of_space(raw) -> list[str]:

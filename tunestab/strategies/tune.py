@@ -105,11 +105,25 @@ class TuneStrategy(Strategy):
         out.say(f"Best configuration: {best}\nLargest stable LR per configuration:\n{per.to_string(index=False)}\n")
         if scores is not None:
             out.say(
-                f"Configurations over {space.tune.seeds} seeds, best mean objective first:\n"
-                f"{scores.head(10).to_string(index=False)}\n"
-                f"The best stands outside the runner-up's seed spread (mean +- sd): "
+                scores_text(scores, space.tune.seeds)
+                + f"The best stands outside the runner-up's seed spread (mean +- sd): "
                 f"{'yes' if verdict else 'no' if verdict is not None else 'not enough configurations'}\n"
             )
+
+
+# Configurations the console lists; configs.csv holds every one.
+SHOWN = 10
+
+
+def scores_text(scores, seeds: int) -> str:
+    """The console's table of configurations over seeds, saying so when it lists only the best."""
+    from ..run_dir import CONFIGS_CSV
+
+    more = f" (the best {SHOWN} of {len(scores)}; all in {CONFIGS_CSV})" if len(scores) > SHOWN else ""
+    return (
+        f"Configurations over {seeds} seeds, best mean objective first{more}:\n"
+        f"{scores.head(SHOWN).to_string(index=False)}\n"
+    )
 
 
 def best_configs(table, space):
