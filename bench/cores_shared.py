@@ -17,7 +17,6 @@ the slowdown two processes sharing the cores explain, and how much is left.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import statistics
 import sys
@@ -64,15 +63,11 @@ def in_search(run_dir: Path) -> tuple[float, int, int]:
     import pandas as pd
 
     from tunestab import run_dir as rd
+    from tunestab.members import reports
 
     steps = int(pd.read_csv(run_dir / rd.TRIALS_CSV)["step"].sum())
-    loop_s, trials = 0.0, 0
-    for result in (run_dir / rd.TUNE_DIR).glob("*/*/result.json"):
-        lines = result.read_text().splitlines()
-        if lines:
-            loop_s += float(json.loads(lines[-1])["loop_s"])
-            trials += 1
-    return loop_s / steps, steps, trials
+    trials = [rows for path in (run_dir / rd.TUNE_DIR).glob("*/*/result.json") if (rows := reports(path.parent))]
+    return sum(float(rows[-1]["loop_s"]) for rows in trials) / steps, steps, len(trials)
 
 
 def main() -> int:

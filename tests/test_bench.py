@@ -197,12 +197,10 @@ def fake_run_folder(root: Path) -> Path:
     return root
 
 
-def test_cores_shared_reads_a_searchs_loop_time_per_member_step_from_its_last_reports(tmp_path):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import cores_shared
-    finally:
-        sys.path.remove(str(BENCH))
+def test_cores_shared_reads_a_searchs_loop_time_per_member_step_from_its_last_reports(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import cores_shared
+
     assert cores_shared.in_search(fake_run_folder(tmp_path)) == (40.0 / 300, 300, 2)
 
 

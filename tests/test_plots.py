@@ -97,13 +97,17 @@ def test_p_diverge_uses_the_same_colours_and_markers_and_green_only_for_the_answ
     assert to_hex(plots.ANSWER) not in {to_hex(c) for c in plots.PALETTE}
 
 
-def test_tev_curves_colour_by_variant_and_style_by_outcome(figures, tmp_path):
+def tev_grid(table):
+    """Tune results for the table's runs, each with the same two TEV reports."""
     steps = pd.DataFrame({"step": [10, 20], "tev_mean": [0.02, 0.03], "tev_std": [0.001, 0.002]})
-    grid = [
+    return [
         SimpleNamespace(config={"variant": r["variant"]}, metrics=r, metrics_dataframe=steps)
-        for r in TABLE.to_dict("records")
+        for r in table.to_dict("records")
     ]
-    plots.plot_tev_curves(grid, tmp_path / "t.png")
+
+
+def test_tev_curves_colour_by_variant_and_style_by_outcome(figures, tmp_path):
+    plots.plot_tev_curves(tev_grid(TABLE), tmp_path / "t.png")
     (fig,) = figures
     lines = labelled_lines(fig)
     assert len(lines) == 2 * len(TABLE)  # mu_TEV and sigma/mu for every run
@@ -190,12 +194,7 @@ def test_every_title_fits_inside_its_figure(figures, tmp_path):
     plots.plot_p_diverge(table, fits, tmp_path / "p.png")
     plots.plot_loss_vs_lr(table, tmp_path / "l.png")
     plots.plot_params_vs_loss(table, ["softcap"], tmp_path / "c.png")
-    steps = pd.DataFrame({"step": [10, 20], "tev_mean": [0.02, 0.03], "tev_std": [0.001, 0.002]})
-    grid = [
-        SimpleNamespace(config={"variant": r["variant"]}, metrics=r, metrics_dataframe=steps)
-        for r in table.to_dict("records")
-    ]
-    plots.plot_tev_curves(grid, tmp_path / "t.png")
+    plots.plot_tev_curves(tev_grid(table), tmp_path / "t.png")
     assert len(figures) == 4
     for fig in figures:
         assert outside(fig) == []
